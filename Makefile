@@ -1,0 +1,47 @@
+# kvrouter — one place for every routine command.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test check lint format typecheck lock bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+## make run: the embedded default — gateway + 4 simulated workers on loopback.
+run: $(STAMP)
+	$(BIN)/kvrouter run
+
+## make test: create the environment, install everything, run the whole suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kvrouter tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format kvrouter tests benchmarks
+	$(BIN)/ruff check --fix kvrouter tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## make check: lint, format check, strict types, tests.
+check: $(STAMP)
+	$(BIN)/ruff check kvrouter tests benchmarks
+	$(BIN)/ruff format --check kvrouter tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+## make lock: re-pin every dependency after changing pyproject.toml.
+lock: $(STAMP)
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev -o requirements.lock --python-version 3.11 -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,17 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRACE_PATH = DATA_DIR / "mooncake_conversation_trace.jsonl"
+
+
+@pytest.fixture
+def trace_path() -> Path:
+    if not TRACE_PATH.exists():
+        pytest.fail(f"shared trace not found at {TRACE_PATH}")
+    return TRACE_PATH
