@@ -27,6 +27,7 @@ app.add_typer(bench, name="bench")
 _COMMAND_MODULES = (
     "kvrouter.events.cli",  # bench hashing
     "kvrouter.index.cli",  # bench indexer
+    "kvrouter.routing.cli",  # bench decision
     "kvrouter.gateway.cli",  # run, serve, explain
     "kvrouter.engine.cli",  # mocker, bench engine
     "kvrouter.bench.cli",  # demo, bench hashing/indexer/simulate/replay/report

@@ -47,6 +47,8 @@ class Stored:
     parent_engine_hash: int | None
     blocks: tuple[StoredBlock, ...]
     lora_name: str | None = None
+    # The engine's block size when the source knew it; the indexer rejects a mismatch.
+    block_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
