@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from kvrouter.errors import NoWorkerAvailable, UpstreamError
+from kvrouter.runtime import InprocRuntime, endpoint, service
+from kvrouter.runtime.component import endpoints_of, service_spec
+
+
+@service(namespace="demo")
+class Worker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+
+    @endpoint
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        self.calls += 1
+        for i in range(request["n"]):
+            yield {"worker": self.name, "i": i}
+
+    @endpoint
+    async def ping(self, request: str) -> str:
+        if request == "boom":
+            raise RuntimeError("exploded")
+        return f"pong {self.name} {request}"
+
+
+def test_decorators_record_names() -> None:
+    spec = service_spec(Worker("a"))
+    assert (spec.namespace, spec.component) == ("demo", "Worker")
+    assert sorted(endpoints_of(Worker("a"))) == ["generate", "ping"]
+
+
+def test_bad_declarations_are_rejected() -> None:
+    with pytest.raises(ValueError, match="not decorated"):
+        service_spec(object())
+    with pytest.raises(ValueError, match="namespace name"):
+        service(namespace="a.b")
+    with pytest.raises(TypeError, match="async function"):
+        endpoint(lambda x: x)
+
+
+async def collect(stream: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in stream]
+
+
+async def test_round_robin_random_and_direct() -> None:
+    async with InprocRuntime(rng=random.Random(1)) as rt:
+        workers = [Worker(n) for n in "abc"]
+        served = [await rt.serve(w) for w in workers]
+        client = await rt.client("demo", "Worker", "generate")
+        assert await client.wait_for_instances(minimum=3) == sorted(s.instance_id for s in served)
+
+        names = [(await collect(client.round_robin({"n": 1})))[0]["worker"] for _ in range(6)]
+        assert sorted(names) == ["a", "a", "b", "b", "c", "c"]
+        assert names[:3] == names[3:]
+
+        target = served[1]
+        out = await collect(client.direct({"n": 2}, target.instance_id))
+        assert out == [{"worker": "b", "i": 0}, {"worker": "b", "i": 1}]
+
+        for _ in range(30):
+            await collect(client.random({"n": 1}))
+        assert all(w.calls > 2 for w in workers)
+
+
+async def test_plain_coroutine_endpoint_streams_one_item_and_errors_are_upstream() -> None:
+    async with InprocRuntime() as rt:
+        served = await rt.serve(Worker("a"))
+        client = await rt.client("demo", "Worker", "ping")
+        assert await collect(client.generate("x")) == ["pong a x"]
+        with pytest.raises(UpstreamError, match="exploded"):
+            await collect(client.direct("boom", served.instance_id))
+
+
+async def test_withdrawn_instances_are_not_called() -> None:
+    async with InprocRuntime() as rt:
+        served = await rt.serve(Worker("a"))
+        client = await rt.client("demo", "Worker", "generate")
+        await served.aclose()
+        await served.aclose()  # idempotent
+        assert client.instance_ids() == []
+        with pytest.raises(NoWorkerAvailable):
+            await collect(client.generate({"n": 1}))
+        with pytest.raises(NoWorkerAvailable):
+            client.direct({"n": 1}, served.instance_id)
+
+
+async def test_kv_mode_uses_the_selector() -> None:
+    async with InprocRuntime() as rt:
+        served = [await rt.serve(Worker(n)) for n in "ab"]
+        wanted = served[1].instance_id
+
+        def selector(request: Any, ids: list[int]) -> int:
+            assert sorted(ids) == sorted(s.instance_id for s in served)
+            return wanted
+
+        client = await rt.client("demo", "Worker", "generate", router_mode="kv", selector=selector)
+        out = await collect(client.generate({"n": 1}))
+        assert out == [{"worker": "b", "i": 0}]
+    with pytest.raises(ValueError, match="needs a selector"):
+        await InprocRuntime().client("demo", "Worker", "generate", router_mode="kv")
