@@ -13,12 +13,13 @@ A **salt** (LoRA adapter name, a tenant's cache salt, multimodal content hashes;
 ``xxh3_64(salt, seed=1337)``. With no salt the hashes equal Dynamo's exactly.
 
 >>> compute_block_hashes([1, 2, 3, 4, 5], block_size=2)   # the 5th token is ignored
-[..., ...]
+[10773075109927122010, 2662118915037317746]
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -39,6 +40,9 @@ HASH_SEED = 1337
 _U64 = 0xFFFFFFFFFFFFFFFF
 _xxh3 = xxhash.xxh3_64_intdigest
 _pack_pair = struct.Struct("<QQ").pack
+_LE_U32 = np.dtype("<u4")
+# array("I") is the fastest list -> bytes path, but only where it is a little-endian u32.
+_NATIVE_LE_U32 = array("I").itemsize == 4 and sys.byteorder == "little"
 
 Tokens = Sequence[int] | np.ndarray[Any, Any]
 Salt = str | bytes | None
@@ -46,7 +50,7 @@ Salt = str | bytes | None
 
 def salt_seed(salt: Salt) -> int:
     """The xxh3 seed used for local hashes under ``salt`` (``1337`` when there is none)."""
-    if salt is None or salt == b"" or salt == "":
+    if not salt:  # None, b"" and "" all mean "no salt"
         return HASH_SEED
     data = salt.encode() if isinstance(salt, str) else bytes(salt)
     return _xxh3(data, HASH_SEED)
@@ -77,47 +81,72 @@ def make_salt(
     return "\x1f".join(parts).encode()
 
 
-def _token_bytes(tokens: Tokens, num_tokens: int) -> bytes | memoryview:
+def _token_bytes(tokens: Tokens, num_tokens: int) -> bytes:
+    """The first ``num_tokens`` token ids as little-endian u32 bytes."""
     if isinstance(tokens, np.ndarray):
-        arr = tokens[:num_tokens]
-        if arr.dtype != np.dtype("<u4"):
-            if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
-                raise ValueError("token ids must fit in an unsigned 32-bit integer")
-            arr = arr.astype("<u4")
-        return memoryview(np.ascontiguousarray(arr)).cast("B")
+        return _array_token_bytes(tokens[:num_tokens])
+    if not _NATIVE_LE_U32:
+        return _array_token_bytes(np.asarray(tokens[:num_tokens], dtype=np.int64))
+    # Slicing a list copies it; skip that when every token is used (the common case
+    # once the caller trims, and always for event payloads).
+    head = tokens if len(tokens) == num_tokens else tokens[:num_tokens]
     try:
-        # array('I') is 32-bit unsigned in native order; every supported platform is
-        # little-endian, which matches Dynamo's le_u32 encoding.
-        return memoryview(array("I", tokens[:num_tokens])).cast("B")
+        return array("I", head).tobytes()
     except OverflowError as exc:
         raise ValueError("token ids must fit in an unsigned 32-bit integer") from exc
 
 
+def _array_token_bytes(arr: np.ndarray[Any, Any]) -> bytes:
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got an array of dtype {arr.dtype}")
+    if arr.dtype != _LE_U32:
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
+            raise ValueError("token ids must fit in an unsigned 32-bit integer")
+        arr = arr.astype(_LE_U32)
+    return arr.tobytes()
+
+
 def compute_block_hashes(tokens: Tokens, block_size: int, *, salt: Salt = None) -> list[int]:
-    """Local hashes of every full block of ``tokens`` (a list of ints or a numpy array)."""
+    """Local hashes of every full block of ``tokens`` (a list of ints or a numpy array).
+
+    Raises ``ValueError`` for a non-positive ``block_size`` or a token id outside u32.
+    """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     num_blocks = len(tokens) // block_size
     if num_blocks == 0:
         return []
+    # Slicing bytes is faster than slicing a memoryview for blocks this small.
     data = _token_bytes(tokens, num_blocks * block_size)
     step = block_size * 4
     seed = salt_seed(salt)
     xxh3 = _xxh3
-    return [xxh3(data[i : i + step], seed) for i in range(0, num_blocks * step, step)]
+    return [xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
 
 
 def compute_sequence_hashes(local_hashes: Sequence[int]) -> list[int]:
-    """Chain local hashes into sequence (prefix) hashes."""
+    """Chain local hashes into sequence (prefix) hashes.
+
+    Values outside u64 (e.g. int64 hashes) are taken modulo 2**64.
+    """
     if not local_hashes:
         return []
+    try:
+        return _chain(local_hashes)
+    except struct.error:
+        # Rare: a negative or oversized value; masking every value costs ~20 %.
+        return _chain([h & _U64 for h in local_hashes])
+
+
+def _chain(local_hashes: Sequence[int]) -> list[int]:
     xxh3 = _xxh3
     pack = _pack_pair
-    prev = local_hashes[0] & _U64
+    it = iter(local_hashes)
+    prev = next(it) & _U64
     out = [prev]
     append = out.append
-    for local in local_hashes[1:]:
-        prev = xxh3(pack(prev, local & _U64), HASH_SEED)
+    for local in it:
+        prev = xxh3(pack(prev, local), HASH_SEED)
         append(prev)
     return out
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-DATA_DIR = Path(os.environ.get("KVROUTER_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_DIR = Path(
+    os.environ.get("KVROUTER_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 TRACE_PATH = DATA_DIR / "mooncake_conversation_trace.jsonl"
 
 

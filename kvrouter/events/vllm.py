@@ -1,17 +1,65 @@
 """vLLM / SGLang KV events on the wire (DESIGN 3.2): msgspec structs and codecs.
 
-These structs are what an *engine* publishes (engine block hashes, token ids), in
-vLLM's tagged-array form: ``["BlockStored", block_hashes, parent_block_hash, ...]``.
+The structs below are what an *engine* publishes (engine block hashes, token ids), in
+vLLM's tagged-array form::
+
+    batch  = [ts, [event, ...], dp_rank]             # dp_rank optional (older senders)
+    event  = ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size,
+              lora_id, medium, lora_name, extra_keys, group_idx,
+              kv_cache_spec_kind, kv_cache_spec_sliding_window]
+           | ["BlockRemoved", block_hashes, medium, group_idx]
+           | ["AllBlocksCleared"]
+
+Newer senders (vLLM >= 0.24, newer SGLang) send each event as a map with a ``"type"``
+key and the same field names instead. :class:`VllmEventDecoder` accepts both, ignores
+unknown keys and extra trailing array items, and turns each event into the router's
+model (:mod:`kvrouter.events.model`), recomputing local hashes from ``token_ids``.
+
+>>> payload = encode_batch(KVEventBatch(1.0, [AllBlocksCleared()]))
+>>> VllmEventDecoder(block_size=16).decode(payload).events
+[Cleared()]
 """
 
 from __future__ import annotations
 
-import msgspec
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
+from typing import Annotated, Any, Literal, cast
 
-__all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "KVCacheEvent", "KVEventBatch"]
+import msgspec
+from msgspec.msgpack import Decoder
+
+from kvrouter.errors import DecodeError
+from kvrouter.events.model import DEFAULT_MEDIUM, Cleared, Removed, Stored, StoredBlock
+from kvrouter.hashing import compute_block_hashes, make_salt
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "DecodedBatch",
+    "DecoderStats",
+    "KVCacheEvent",
+    "KVEventBatch",
+    "VllmEventDecoder",
+    "encode_batch",
+]
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+# StoredBlock(...) runs a Python-level __new__; building the tuples in C is ~35 % faster
+# for a long prefill. zip() always yields exactly the three fields.
+_new_stored_block = partial(tuple.__new__, StoredBlock)
+
+# --------------------------------------------------------------------------------------
+# Engine-side wire structs (what a publisher encodes).
+# --------------------------------------------------------------------------------------
 
 
 class BlockStored(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Blocks stored as a chain; ``token_ids`` holds ``len(block_hashes) * block_size`` ids."""
+
     block_hashes: list[int]
     parent_block_hash: int | None
     token_ids: list[int]
@@ -19,21 +67,303 @@ class BlockStored(msgspec.Struct, array_like=True, omit_defaults=True, gc=False,
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
 
 
 class BlockRemoved(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Blocks evicted from ``medium`` (``None`` means the GPU)."""
+
     block_hashes: list[int]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class AllBlocksCleared(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    pass
+    """Every block is gone (cache reset)."""
 
 
 KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One published message: ``[ts, events, data_parallel_rank]``."""
+
     ts: float
     events: list[KVCacheEvent]
     data_parallel_rank: int | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_batch(batch: KVEventBatch, *, form: Literal["array", "map"] = "array") -> bytes:
+    """Encode ``batch`` as vLLM does: events as tagged arrays, or as maps with ``"type"``.
+
+    Both forms carry every field (``None`` where unset), as vLLM's encoder does; the
+    batch itself is always the array ``[ts, events, data_parallel_rank]``.
+    """
+    if form == "array":
+        return _encoder.encode(batch)
+    if form != "map":
+        raise ValueError(f"unknown event form {form!r}; expected 'array' or 'map'")
+    events = [_event_as_map(event) for event in batch.events]
+    return _encoder.encode([batch.ts, events, batch.data_parallel_rank])
+
+
+def _event_as_map(event: KVCacheEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(event).__name__}
+    out.update(msgspec.structs.asdict(event))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Router-side decoding.
+#
+# The decode structs are lenient versions of the wire structs: hashes may be ints or
+# bytes, fields the router does not use are typed Any so that odd values there do not
+# cost an event, and anything after ``lora_name`` is ignored (msgspec skips extra
+# trailing array items and unknown map keys). The array forms subclass the map forms,
+# so one isinstance check covers both.
+# --------------------------------------------------------------------------------------
+
+_Hash = int | bytes
+_Rank = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _MapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
+    block_hashes: list[_Hash]
+    parent_block_hash: _Hash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: Any = None
+    medium: str | None = None
+    lora_name: str | None = None
+
+
+class _MapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
+    block_hashes: list[_Hash]
+    medium: str | None = None
+
+
+class _MapCleared(msgspec.Struct, tag_field="type", tag="AllBlocksCleared", gc=False):
+    pass
+
+
+class _ArrStored(_MapStored, array_like=True):
+    pass
+
+
+class _ArrRemoved(_MapRemoved, array_like=True):
+    pass
+
+
+class _ArrCleared(_MapCleared, array_like=True):
+    pass
+
+
+_ArrEvent = _ArrStored | _ArrRemoved | _ArrCleared
+_MapEvent = _MapStored | _MapRemoved | _MapCleared
+
+
+class _ArrBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_ArrEvent]
+    dp_rank: _Rank | None = None
+
+
+class _MapBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_MapEvent]
+    dp_rank: _Rank | None = None
+
+
+class _RawBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[msgspec.Raw]
+    dp_rank: _Rank | None = None
+
+
+# What msgspec raises on bad input: its own DecodeError (ValidationError is one), a
+# RecursionError past its nesting limit, and UnicodeError for a str that is not
+# UTF-8.
+_MSGSPEC_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeError)
+
+# First byte of a msgpack map: fixmap, map16, map32.
+_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """One decoded message: the events that made sense and an error for each that did not."""
+
+    ts: float
+    dp_rank: int
+    events: list[Stored | Removed | Cleared]
+    errors: list[DecodeError]
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderStats:
+    num_batches: int
+    num_bad_batches: int
+    num_events: int
+    num_bad_events: int
+
+
+class VllmEventDecoder:
+    """Decode vLLM / SGLang KV event batches into the router's event model.
+
+    ``block_size`` is the router's; a ``BlockStored`` of another size is reported as an
+    error. A batch that is not ``[ts, events, dp_rank?]`` raises :class:`DecodeError`;
+    a bad event inside a good batch lands in ``errors`` and the rest are kept.
+
+    >>> decoder = VllmEventDecoder(block_size=2)
+    >>> payload = encode_batch(KVEventBatch(0.5, [BlockStored([7], None, [1, 2], 2)], 3))
+    >>> batch = decoder.decode(payload)
+    >>> batch.dp_rank, batch.events[0].blocks[0].engine_hash
+    (3, 7)
+    """
+
+    def __init__(self, block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        # A publisher sticks to one form; the one that worked last is tried first.
+        self._batch_decoders: list[Decoder[_ArrBatch] | Decoder[_MapBatch]] = [
+            Decoder(_ArrBatch),
+            Decoder(_MapBatch),
+        ]
+        self._raw_decoder = Decoder(_RawBatch)
+        self._array_event_decoder = Decoder(_ArrEvent)
+        self._map_event_decoder = Decoder(_MapEvent)
+        self._num_batches = 0
+        self._num_bad_batches = 0
+        self._num_events = 0
+        self._num_bad_events = 0
+
+    def stats(self) -> DecoderStats:
+        """Counts since construction."""
+        return DecoderStats(
+            self._num_batches, self._num_bad_batches, self._num_events, self._num_bad_events
+        )
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> DecodedBatch:
+        """Decode one msgpack payload; raises :class:`DecodeError` if the batch is malformed."""
+        self._num_batches += 1
+        raw_events: Sequence[_MapEvent | None]
+        parsed = self._decode_typed(payload)
+        if parsed is None:
+            ts, dp_rank, raw_events, errors = self._decode_per_event(payload)
+        else:
+            ts, dp_rank, raw_events, errors = parsed.ts, parsed.dp_rank, parsed.events, []
+        events: list[Stored | Removed | Cleared] = []
+        append = events.append
+        for index, raw in enumerate(raw_events):
+            if raw is None:
+                continue
+            try:
+                append(self._convert(raw))
+            except DecodeError as exc:
+                errors.append(DecodeError(f"event {index}: {exc}"))
+        self._num_events += len(events)
+        self._num_bad_events += len(errors)
+        return DecodedBatch(ts, dp_rank or 0, events, errors)
+
+    def _decode_typed(
+        self, payload: bytes | bytearray | memoryview
+    ) -> _ArrBatch | _MapBatch | None:
+        """The fast path: the whole batch in one go, in the form the sender last used."""
+        decoders = self._batch_decoders
+        for position, decoder in enumerate(decoders):
+            try:
+                batch = decoder.decode(payload)
+            except _MSGSPEC_ERRORS:
+                continue
+            if position:
+                decoders.reverse()
+            return batch
+        return None
+
+    def _decode_per_event(
+        self, payload: bytes | bytearray | memoryview
+    ) -> tuple[float, int | None, list[_MapEvent | None], list[DecodeError]]:
+        """The slow path: keep every event that decodes, report the others."""
+        try:
+            batch = self._raw_decoder.decode(payload)
+        except _MSGSPEC_ERRORS as exc:
+            self._num_bad_batches += 1
+            raise DecodeError(
+                f"malformed KV event batch, expected [ts, events, dp_rank]: {exc}"
+            ) from exc
+        events: list[_MapEvent | None] = []
+        errors: list[DecodeError] = []
+        for index, raw in enumerate(batch.events):
+            try:
+                events.append(self._decode_event(raw))
+            except _MSGSPEC_ERRORS as exc:
+                events.append(None)
+                errors.append(DecodeError(f"event {index}: malformed event: {exc}"))
+        return batch.ts, batch.dp_rank, events, errors
+
+    def _decode_event(self, raw: msgspec.Raw) -> _MapEvent:
+        data = memoryview(raw)
+        if data and data[0] in _MAP_MARKERS:
+            return cast(_MapEvent, self._map_event_decoder.decode(data))
+        return cast(_ArrEvent, self._array_event_decoder.decode(data))
+
+    def _convert(self, event: _MapEvent) -> Stored | Removed | Cleared:
+        if isinstance(event, _MapStored):
+            return self._convert_stored(event)
+        if isinstance(event, _MapRemoved):
+            if not event.block_hashes:
+                raise DecodeError("BlockRemoved has no block hashes")
+            return Removed(_engine_hashes(event.block_hashes), event.medium or DEFAULT_MEDIUM)
+        return Cleared()
+
+    def _convert_stored(self, event: _MapStored) -> Stored:
+        block_size = self.block_size
+        if event.block_size != block_size:
+            raise DecodeError(
+                f"BlockStored block_size {event.block_size} does not match "
+                f"the router's block_size {block_size}"
+            )
+        num_blocks = len(event.block_hashes)
+        if num_blocks == 0:
+            raise DecodeError("BlockStored has no block hashes")
+        num_tokens = len(event.token_ids)
+        if num_tokens != num_blocks * block_size:
+            raise DecodeError(
+                f"BlockStored has {num_tokens} token ids for {num_blocks} blocks of "
+                f"{block_size} tokens; expected {num_blocks * block_size}"
+            )
+        lora_name = event.lora_name or None
+        salt = make_salt(lora_name=lora_name) if lora_name else None
+        try:
+            local = compute_block_hashes(event.token_ids, block_size, salt=salt)
+        except ValueError as exc:
+            raise DecodeError(f"BlockStored token ids: {exc}") from exc
+        parent = event.parent_block_hash
+        medium = event.medium or DEFAULT_MEDIUM
+        blocks = tuple(
+            map(_new_stored_block, zip(_engine_hashes(event.block_hashes), local, repeat(medium)))
+        )
+        return Stored(
+            None if parent is None else _engine_hash(parent), blocks, lora_name, block_size
+        )
+
+
+def _engine_hashes(hashes: Sequence[int | bytes]) -> tuple[int, ...]:
+    """Engine block hashes as u64: int64 is taken as two's complement, bytes by their
+    last 8 bytes, big-endian (vLLM's sha256 hashes)."""
+    return tuple(h & _U64 if type(h) is int else _engine_hash(h) for h in hashes)
+
+
+def _engine_hash(value: int | bytes) -> int:
+    if isinstance(value, int):
+        return value & _U64
+    if not value:
+        raise DecodeError("empty bytes block hash")
+    return int.from_bytes(value[-8:], "big")

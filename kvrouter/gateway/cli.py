@@ -1,9 +1,184 @@
-"""Commands of this area; see :mod:`kvrouter.cli`."""
+"""Commands of the gateway: ``kvrouter serve``, ``kvrouter run``, ``kvrouter bench gateway``.
+
+``kvrouter serve --port 8000 --workers http://127.0.0.1:8001 http://127.0.0.1:8002``
+runs the router in front of existing workers; every flag also comes from
+``KVROUTER_*`` environment variables and a YAML file (``--config``), flags first.
+``kvrouter run`` is the embedded default behind ``make run``: the gateway plus
+simulated workers on loopback. Heavy imports happen inside the command bodies.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
 import typer
+
+__all__ = ["register"]
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this area's commands to the top-level ``app`` and the ``bench`` group."""
+    app.command(
+        "serve",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(serve)
+    app.command("run")(run)
+    bench.command("gateway")(bench_gateway)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _workers_from_args(workers: list[str] | None, extra: list[str]) -> list[str] | None:
+    """``--workers a b c``: click gives ``a`` to the option and ``b c`` as extra args."""
+    unknown = [arg for arg in extra if arg.startswith("-")]
+    if unknown:
+        _fail(f"unknown option(s): {' '.join(unknown)} (see kvrouter serve --help)")
+    merged = list(workers or []) + list(extra)
+    return merged or None
+
+
+def serve(
+    ctx: typer.Context,
+    *,
+    config: Path | None = typer.Option(None, help="YAML file of settings (also KVROUTER_CONFIG)."),
+    host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
+    port: int | None = typer.Option(None, help="Port to listen on [8000]; 0: any free port."),
+    workers: list[str] | None = typer.Option(
+        None,
+        help="Worker URLs, space separated, each optionally "
+        "'URL,kv_events=tcp://h:5557,replay=tcp://h:5558,dp_rank=0,worker_id=3'.",
+    ),
+    router_mode: str | None = typer.Option(
+        None, help="kv | score | random | round_robin | power_of_two | least_loaded [kv]."
+    ),
+    router_policy: str | None = typer.Option(
+        None, help="A policy name or a user policy 'pkg.mod:func' (overrides --router-mode)."
+    ),
+    overlap_weight: float | None = typer.Option(None, help="kv policy: weight of prefill [1.0]."),
+    temperature: float | None = typer.Option(None, help="kv policy: softmax temperature [0]."),
+    weight_cache: float | None = typer.Option(None, help="score policy: cache weight [1.0]."),
+    weight_load: float | None = typer.Option(None, help="score policy: load weight [1.0]."),
+    block_size: int | None = typer.Option(
+        None, help="Tokens per KV block; must match workers [16]."
+    ),
+    tokenizer: str | None = typer.Option(
+        None, help="'builtin' (byte level), a tokenizer.json path, or 'worker' [builtin]."
+    ),
+    chat_template: str | None = typer.Option(None, help="Chat template file or text."),
+    busy_kv_usage: float | None = typer.Option(None, help="A worker over this KV usage is busy."),
+    busy_queue_depth: int | None = typer.Option(None, help="A worker with more waiting is busy."),
+    max_body_bytes: int | None = typer.Option(None, help="Largest request body [16 MiB]."),
+    max_prompt_tokens: int | None = typer.Option(None, help="Longest prompt in tokens [131072]."),
+    metrics_scrape_interval_s: float | None = typer.Option(None, help="Worker /metrics period."),
+    health_check_interval_s: float | None = typer.Option(None, help="Worker /health period."),
+    request_timeout_s: float | None = typer.Option(None, help="Whole-request timeout [300]."),
+    max_retries: int | None = typer.Option(None, help="Retries before the first byte [2]."),
+    predicted_ttl_s: float | None = typer.Option(None, help="Life of predicted entries [120]."),
+    decision_log_sample_rate: float | None = typer.Option(
+        None, help="Fraction of decisions logged as one JSON line [0]."
+    ),
+    log_level: str = typer.Option("INFO", help="Logging level."),
+) -> None:
+    """Run the KV-aware router in front of existing workers (vLLM, SGLang, mocker)."""
+    # Every parameter but these three is a setting of the same name (None: not given).
+    flags: dict[str, Any] = {
+        name: value
+        for name, value in locals().items()
+        if name not in ("ctx", "config", "log_level")
+    }
+    from kvrouter.errors import ConfigError
+    from kvrouter.gateway.config import build_config
+
+    flags["workers"] = _workers_from_args(workers, list(ctx.args))
+    try:
+        cfg = build_config(flags=flags, file=config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _run_async(cfg, log_level)
+
+
+def _run_async(cfg: Any, log_level: str) -> None:
+    import asyncio
+    import logging
+
+    from kvrouter.errors import ConfigError
+    from kvrouter.gateway.server import install_uvloop, serve_forever
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    install_uvloop()
+    try:
+        asyncio.run(serve_forever(cfg))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def run(
+    *,
+    num_workers: int = typer.Option(4, help="Simulated workers to start."),
+    port: int = typer.Option(8000, help="Gateway port (0: any free port)."),
+    router_mode: str = typer.Option("kv", help="Routing policy."),
+    speedup_ratio: float = typer.Option(10.0, help="Simulated engine speed-up."),
+    block_size: int = typer.Option(64, help="Tokens per KV block (workers and router)."),
+    log_level: str = typer.Option("WARNING", help="Logging level."),
+) -> None:
+    """The embedded default: the gateway with simulated workers on loopback."""
+    import asyncio
+    import logging
+
+    from kvrouter.errors import ConfigError
+    from kvrouter.gateway.embedded import EmbeddedOptions, run_embedded
+    from kvrouter.gateway.server import install_uvloop
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    install_uvloop()
+    options = EmbeddedOptions(
+        num_workers=num_workers,
+        port=port,
+        router_mode=router_mode,
+        speedup_ratio=speedup_ratio,
+        block_size=block_size,
+    )
+    try:
+        asyncio.run(run_embedded(options))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def bench_gateway(
+    *,
+    num_requests: int = typer.Option(4000, help="Requests per measured run."),
+    concurrency: int = typer.Option(32, help="Requests in flight."),
+    num_groups: int = typer.Option(16, help="Prompt groups (shared prefixes)."),
+    prompt_chars: int = typer.Option(4000, help="Characters per prompt."),
+    stream: bool = typer.Option(False, help="Ask for SSE streams."),
+    router_mode: str = typer.Option("kv", help="Routing policy of the gateway."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Gateway overhead: requests/s and added latency vs. straight to a trivial backend."""
+    from kvrouter.gateway.bench import BenchOptions, run_gateway_bench
+
+    result = run_gateway_bench(
+        BenchOptions(
+            num_requests=num_requests,
+            concurrency=concurrency,
+            num_groups=num_groups,
+            prompt_chars=prompt_chars,
+            stream=stream,
+            router_mode=router_mode,
+        )
+    )
+    if as_json:
+        print(json.dumps(asdict(result)))
+        return
+    result.print_table(sys.stdout)

@@ -1,0 +1,539 @@
+"""Continuous batching for the simulated engine (vLLM v1's scheduling rules, simplified).
+
+Each step has a budget of ``max_num_batched_tokens`` tokens:
+
+1. **Running requests first**, oldest first. A decoding request takes 1 token; a request
+   still prefilling takes the rest of its prompt, cut to the remaining budget (chunked
+   prefill). When a running request cannot get the blocks it needs, the *newest* running
+   request is preempted (recompute: its blocks are freed and it goes back to the head of
+   the waiting queue, to be prefilled again, prompt and output so far); this repeats
+   until the blocks are found or the request preempted itself.
+2. **Then waiting requests**, strictly first come first served, while there is budget, a
+   free slot (``max_num_seqs``) and no preemption happened in this step. On admission the
+   longest prefix of full cached blocks is reused (at least one token is always
+   computed), and a request is admitted only if the free blocks left afterwards stay at
+   or above the watermark (``watermark * num_gpu_blocks``); the watermark is waived when
+   nothing is running, so the head of the queue can always make progress.
+
+After the forward pass (:meth:`Scheduler.update`), every scheduled request's computed
+tokens advance; blocks that became full are cached; a request whose tokens are all
+computed samples one output token. Output tokens are synthetic: a deterministic function
+of the request id and position, below ``vocab_size``. The engine never emits EOS, so
+``min_tokens`` and ``ignore_eos`` hold trivially and a request finishes by ``length``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, overload
+
+import xxhash
+
+from kvrouter.engine.block_manager import (
+    ROOT_PARENT_HASH,
+    BlockManager,
+    Tokens,
+    engine_hash_seed,
+    hash_token_blocks,
+    token_bytes,
+    token_list,
+)
+from kvrouter.errors import ConfigError
+
+__all__ = [
+    "EngineConfig",
+    "EngineRequest",
+    "Request",
+    "RequestOutput",
+    "ScheduledBatch",
+    "Scheduler",
+    "synthetic_token",
+]
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: consecutive positions spread out
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Settings of one simulated engine (vLLM's names; defaults from DESIGN 5)."""
+
+    block_size: int = 64
+    num_gpu_blocks: int = 16384
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    watermark: float = 0.01
+    speedup_ratio: float = 1.0
+    dp_rank: int = 0
+    vocab_size: int = 32000
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.speedup_ratio <= 0:
+            raise ConfigError(f"speedup_ratio must be positive, got {self.speedup_ratio}")
+        if self.vocab_size <= 1:
+            raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}")
+
+    @property
+    def watermark_blocks(self) -> int:
+        """Free blocks an admission must leave behind."""
+        return int(self.watermark * self.num_gpu_blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A request as the engine receives it: token ids in, up to ``max_tokens`` out."""
+
+    request_id: str
+    prompt_token_ids: Tokens  # a list of ints, an array("I") or a numpy array; not copied
+    max_tokens: int
+    lora_name: str | None = None
+    # The engine never samples EOS, so these are satisfied by construction; they are
+    # accepted so callers can pass vLLM's sampling parameters through unchanged.
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+class RequestOutput(NamedTuple):
+    """What one request produced in one step (or its end: ``finished`` is set)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+def synthetic_token(seed: int, position: int, vocab_size: int) -> int:
+    """The output token at ``position`` (1-based) of the request whose seed is ``seed``.
+
+    A Weyl sequence: deterministic, spread over the vocabulary, one multiply per token.
+    """
+    return (seed + position * _GOLDEN) % vocab_size
+
+
+class Request:
+    """The engine's mutable state of one request.
+
+    The prompt is kept as given (never copied or changed); output tokens go to their own
+    list; :attr:`tokens` shows both as one sequence.
+    """
+
+    __slots__ = (
+        "block_hashes",
+        "block_ids",
+        "hash_seed",
+        "lora_name",
+        "max_tokens",
+        "num_cached_blocks",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_output_tokens",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "num_tokens",
+        "output_token_ids",
+        "prompt",
+        "request_id",
+        "token_seed",
+        "tokens",
+    )
+
+    def __init__(self, request: EngineRequest, block_size: int, hash_prompt: bool) -> None:
+        self.request_id = request.request_id
+        self.prompt = request.prompt_token_ids
+        self.num_prompt_tokens = len(self.prompt)
+        self.num_tokens = self.num_prompt_tokens  # prompt + output tokens so far
+        self.output_token_ids: list[int] = []
+        self.tokens = _RequestTokens(self)
+        self.max_tokens = request.max_tokens
+        self.lora_name = request.lora_name
+        self.hash_seed = engine_hash_seed(request.lora_name)
+        self.token_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
+        self.num_computed_tokens = 0
+        self.num_output_tokens = 0
+        self.num_cached_tokens = -1  # set on first admission
+        self.num_preemptions = 0
+        self.block_ids: list[int] = []
+        self.num_cached_blocks = 0  # leading block_ids registered in the cache
+        self.block_hashes: list[int] = []
+        if hash_prompt:
+            # Hashing checks the token ids of full blocks (it raises); then the tail.
+            num_full = self.num_prompt_tokens // block_size
+            self.ensure_hashes(num_full, block_size)
+            token_bytes(self.prompt[num_full * block_size :])
+        else:
+            token_bytes(self.prompt)
+
+    def ensure_hashes(self, num_blocks: int, block_size: int) -> list[int]:
+        """Engine hashes of the first ``num_blocks`` full blocks, computed once each."""
+        hashes = self.block_hashes
+        have = len(hashes)
+        if num_blocks > have:
+            parent = hashes[-1] if hashes else ROOT_PARENT_HASH
+            # Blocks past the prompt include output tokens: read them through the view.
+            within_prompt = num_blocks * block_size <= self.num_prompt_tokens
+            source: Tokens = self.prompt if within_prompt else self.tokens
+            hashes.extend(
+                hash_token_blocks(
+                    source,
+                    have,
+                    num_blocks,
+                    block_size=block_size,
+                    parent_hash=parent,
+                    seed=self.hash_seed,
+                )
+            )
+        return hashes
+
+
+class _RequestTokens(Sequence[int]):
+    """Prompt and output tokens of a request as one read-only sequence (slices are lists)."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def __len__(self) -> int:
+        return self._request.num_tokens
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        request = self._request
+        if isinstance(index, int):
+            return self[index : index + 1 or None][0]
+        start, stop, stride = index.indices(request.num_tokens)
+        assert stride == 1, "token views support contiguous slices only"
+        split = request.num_prompt_tokens
+        out: list[int] = []
+        if start < split:
+            out = token_list(request.prompt[start : min(stop, split)])
+        if stop > split:
+            out.extend(request.output_token_ids[max(start - split, 0) : stop - split])
+        return out
+
+
+class ScheduledBatch(NamedTuple):
+    """One step's plan: who runs and how many tokens each computes."""
+
+    requests: list[Request]
+    num_new_tokens: list[int]
+    num_prefill_tokens: int
+    num_decodes: int
+    num_preempted: int
+
+
+class Scheduler:
+    """Decides each step's batch and applies its results (see the module docstring)."""
+
+    __slots__ = (
+        "_block_manager",
+        "_config",
+        "num_preemptions",
+        "num_prefix_hit_tokens",
+        "num_prefix_query_tokens",
+        "running",
+        "waiting",
+    )
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self._config = config
+        self._block_manager = block_manager
+        self.running: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a new request at the back (FCFS)."""
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues and release its blocks (abort)."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
+        self._release(request)
+
+    # -- scheduling --------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        """Plan one step: running requests first, then admissions (FCFS)."""
+        requests: list[Request] = []
+        num_new: list[int] = []
+        budget = self._config.max_num_batched_tokens
+        budget, num_prefill, num_decodes, num_preempted = self._schedule_running(
+            requests, num_new, budget
+        )
+        if num_preempted == 0:
+            num_prefill += self._schedule_waiting(requests, num_new, budget)
+        return ScheduledBatch(requests, num_new, num_prefill, num_decodes, num_preempted)
+
+    def _schedule_running(
+        self, requests: list[Request], num_new: list[int], budget: int
+    ) -> tuple[int, int, int, int]:
+        """Schedule running requests; returns (budget left, prefill tokens, decodes, preempted)."""
+        running = self.running
+        block_size = self._config.block_size
+        allocate = self._block_manager.allocate
+        num_prefill = num_decodes = num_preempted = 0
+        index = 0
+        while index < len(running) and budget > 0:
+            request = running[index]
+            computed = request.num_computed_tokens
+            count = request.num_tokens - computed
+            if count == 1 and request.num_output_tokens:
+                # A decode: the hot path, one token, a new block only at a boundary.
+                needed = 1 if computed >= len(request.block_ids) * block_size else 0
+                num_decodes += 1
+            else:
+                count = min(count, budget)
+                needed = (computed + count + block_size - 1) // block_size - len(request.block_ids)
+                num_prefill += count
+            if needed > 0:
+                new_blocks = allocate(needed)
+                while new_blocks is None:
+                    victim = running.pop()
+                    self._preempt(victim)
+                    num_preempted += 1
+                    if victim is request:
+                        break
+                    new_blocks = allocate(needed)
+                if new_blocks is None:
+                    # The request preempted itself and was the last one left to schedule.
+                    if count == 1 and request.num_output_tokens:
+                        num_decodes -= 1
+                    else:
+                        num_prefill -= count
+                    break
+                request.block_ids.extend(new_blocks)
+            requests.append(request)
+            num_new.append(count)
+            budget -= count
+            index += 1
+        return budget, num_prefill, num_decodes, num_preempted
+
+    def _schedule_waiting(self, requests: list[Request], num_new: list[int], budget: int) -> int:
+        """Admit waiting requests in order; returns the prefill tokens scheduled."""
+        config = self._config
+        num_prefill = 0
+        waiting = self.waiting
+        running = self.running
+        while waiting and budget > 0 and len(running) < config.max_num_seqs:
+            request = waiting[0]
+            count = self._admit(request, budget, waive_watermark=not running)
+            if count == 0:
+                break
+            waiting.popleft()
+            running.append(request)
+            requests.append(request)
+            num_new.append(count)
+            budget -= count
+            num_prefill += count
+        return num_prefill
+
+    def _admit(self, request: Request, budget: int, waive_watermark: bool) -> int:
+        """Reserve blocks for a waiting request's first chunk; 0 when it must wait."""
+        manager = self._block_manager
+        block_size = self._config.block_size
+        num_tokens = request.num_tokens
+        # At least one token is computed, so only blocks entirely before the last token count.
+        max_hit_blocks = (num_tokens - 1) // block_size
+        hits: list[int] = []
+        if manager.enable_prefix_caching and max_hit_blocks:
+            hashes = request.ensure_hashes(max_hit_blocks, block_size)
+            hits = manager.find_cached_prefix(hashes, max_hit_blocks)
+        num_hit_tokens = len(hits) * block_size
+        count = min(num_tokens - num_hit_tokens, budget)
+        num_needed = (num_hit_tokens + count + block_size - 1) // block_size - len(hits)
+        taken = num_needed + manager.count_unreferenced(hits)
+        floor = 0 if waive_watermark else self._config.watermark_blocks
+        if manager.num_free_blocks - taken < floor:
+            return 0
+        manager.touch(hits)
+        new_blocks = manager.allocate(num_needed)
+        assert new_blocks is not None, "free blocks were counted before allocating"
+        request.block_ids = hits + new_blocks
+        request.num_cached_blocks = len(hits)
+        request.num_computed_tokens = num_hit_tokens
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+            self.num_prefix_query_tokens += num_tokens
+            self.num_prefix_hit_tokens += num_hit_tokens
+        return count
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self._block_manager.free(request.block_ids)
+        request.block_ids = []
+        request.num_cached_blocks = 0
+
+    # -- results -----------------------------------------------------------------------
+
+    def update(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Apply a step's forward pass: advance, cache full blocks, sample, finish."""
+        block_size = self._config.block_size
+        vocab_size = self._config.vocab_size
+        outputs: list[RequestOutput] = []
+        append_output = outputs.append
+        any_finished = False
+        for request, count in zip(batch.requests, batch.num_new_tokens, strict=True):
+            computed = request.num_computed_tokens + count
+            request.num_computed_tokens = computed
+            if computed // block_size > request.num_cached_blocks:
+                self._cache_blocks(request, computed // block_size)
+            if computed < request.num_tokens:
+                continue  # a prefill chunk that did not reach the end
+            num_output = request.num_output_tokens + 1
+            request.num_output_tokens = num_output
+            # Synthetic, deterministic in (request id, position): a splitmix-style mix.
+            token = synthetic_token(request.token_seed, num_output, vocab_size)
+            request.output_token_ids.append(token)
+            request.num_tokens += 1
+            finished = num_output >= request.max_tokens
+            if finished:
+                any_finished = True
+                self._release(request)
+            append_output(
+                RequestOutput(
+                    request.request_id,
+                    [token],
+                    finished,
+                    "length" if finished else None,
+                    request.num_prompt_tokens,
+                    request.num_cached_tokens,
+                    num_output,
+                )
+            )
+        if any_finished:
+            self.running = [r for r in self.running if r.num_output_tokens < r.max_tokens]
+        return outputs
+
+    # -- decode windows -----------------------------------------------------------------
+
+    def plan_decode_window(self, max_steps: int) -> list[int] | None:
+        """New blocks needed at each of up to ``max_steps`` pure-decode steps, or ``None``.
+
+        A window is possible only when every step in it would be the same decode-only
+        batch: nothing could be admitted (no request waits, or every slot is taken until
+        a request finishes), every running request decoding and within the token budget,
+        no request finishing before the window's last step, and enough free blocks that
+        no step would preempt. Its length is the returned list's length.
+        """
+        running = self.running
+        config = self._config
+        if not running or len(running) > config.max_num_batched_tokens:
+            return None
+        if self.waiting and len(running) < config.max_num_seqs:
+            return None
+        block_size = config.block_size
+        steps = max_steps
+        for request in running:
+            if request.num_tokens - request.num_computed_tokens != 1 or not (
+                request.num_output_tokens
+            ):
+                return None
+            steps = min(steps, request.max_tokens - request.num_output_tokens)
+        new_blocks = [0] * steps
+        for request in running:
+            # Step i computes slot num_computed + i; a new block starts at each boundary.
+            first = len(request.block_ids) * block_size - request.num_computed_tokens
+            for step in range(max(first, 0), steps, block_size):
+                new_blocks[step] += 1
+        free = self._block_manager.num_free_blocks
+        total = 0
+        for step, count in enumerate(new_blocks):
+            total += count
+            if total > free:
+                return new_blocks[:step] or None
+        return new_blocks
+
+    def run_decode_window(self, num_steps: int) -> list[RequestOutput]:
+        """Advance every running request by ``num_steps`` decode steps at once.
+
+        Only after :meth:`plan_decode_window` allowed at least ``num_steps``. The end state
+        equals ``num_steps`` single steps; each request reports one output carrying all
+        its new tokens.
+        """
+        block_size = self._config.block_size
+        vocab_size = self._config.vocab_size
+        allocate = self._block_manager.allocate
+        outputs: list[RequestOutput] = []
+        any_finished = False
+        for request in self.running:
+            computed = request.num_computed_tokens + num_steps
+            needed = (computed + block_size - 1) // block_size - len(request.block_ids)
+            if needed > 0:
+                new_blocks = allocate(needed)
+                assert new_blocks is not None, "the window was planned within the free blocks"
+                request.block_ids.extend(new_blocks)
+            request.num_computed_tokens = computed
+            first = request.num_output_tokens + 1
+            seed = request.token_seed
+            # synthetic_token(), inlined: this runs once per generated token.
+            tokens = [
+                (seed + position * _GOLDEN) % vocab_size
+                for position in range(first, first + num_steps)
+            ]
+            request.output_token_ids.extend(tokens)
+            request.num_tokens += num_steps
+            num_output = request.num_output_tokens = first + num_steps - 1
+            # Tokens sampled inside the window are computed by its later steps, so blocks
+            # are cached once they are all known.
+            if computed // block_size > request.num_cached_blocks:
+                self._cache_blocks(request, computed // block_size)
+            finished = num_output >= request.max_tokens
+            if finished:
+                any_finished = True
+                self._release(request)
+            outputs.append(
+                RequestOutput(
+                    request.request_id,
+                    tokens,
+                    finished,
+                    "length" if finished else None,
+                    request.num_prompt_tokens,
+                    request.num_cached_tokens,
+                    num_output,
+                )
+            )
+        if any_finished:
+            self.running = [r for r in self.running if r.num_output_tokens < r.max_tokens]
+        return outputs
+
+    def _cache_blocks(self, request: Request, num_full: int) -> None:
+        manager = self._block_manager
+        start = request.num_cached_blocks
+        if manager.enable_prefix_caching:
+            hashes = request.ensure_hashes(num_full, self._config.block_size)
+            manager.cache_full_blocks(
+                request.block_ids,
+                start,
+                num_full,
+                block_hashes=hashes,
+                token_ids=request.tokens,
+                lora_name=request.lora_name,
+            )
+        request.num_cached_blocks = num_full

@@ -1,0 +1,641 @@
+"""The simulated engine's HTTP server: one :class:`EngineCore` driven in real time.
+
+::
+
+    HTTP handler ──add_request──▶ EngineCore ◀──step()── engine loop (one task)
+         ▲                                                  │ sleep(duration_s)
+         └──────── queue per HTTP request ◀── outputs ──────┤
+                                   KvEventPublisher ◀── kv_events (one batch per step)
+                              WorkerMetricsPublisher ◀── core.metrics()
+
+Endpoints (vLLM's): ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when
+``stream`` is true), ``GET /v1/models``, ``GET /health``, ``GET /metrics``,
+``POST /tokenize``, ``POST /v1/completions/render``, ``POST /v1/chat/completions/render``.
+
+The output text is synthetic but deterministic: the tokenizer's decoding of the token
+ids the core generates. A client that disconnects has its request aborted in the core.
+
+Usage::
+
+    core = EngineCore(EngineConfig(speedup_ratio=10.0))
+    async with EngineServer(core, load_tokenizer(None), ServerConfig(port=8001)) as server:
+        ...  # serve until cancelled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from aiohttp import web
+
+from kvrouter.engine import EngineCore, EngineRequest, RequestOutput
+from kvrouter.errors import InvalidRequest, RequestError, RequestTooLarge
+from kvrouter.events.vllm import KVCacheEvent
+from kvrouter.load.metrics import ForwardPassMetrics
+from kvrouter.protocol import (
+    ChatCompletionRequest,
+    ChatFormat,
+    CompletionFormat,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    RenderedRequest,
+    ResponseFormat,
+    TokenizeResponse,
+    Usage,
+    decode_chat_request,
+    decode_completion_request,
+    decode_tokenize_request,
+    encode,
+    error_body,
+)
+from kvrouter.tokenizer import Tokenizer
+
+__all__ = ["EngineServer", "ServerConfig", "ServerStats", "render_engine_metrics"]
+
+logger = logging.getLogger(__name__)
+
+# Prompts longer than this are tokenized in a thread, shorter ones inline: a thread hop
+# costs more than encoding a few kilobytes.
+_INLINE_TOKENIZE_CHARS = 4096
+# A step that did nothing (every request blocked) is retried after this pause.
+_IDLE_STEP_PAUSE_S = 0.001
+# Sleeps shorter than this only yield to the loop; the timer wheel is coarser.
+_MIN_SLEEP_S = 50e-6
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class _EventSink(Protocol):
+    """What the server needs from :class:`kvrouter.transport.KvEventPublisher`."""
+
+    def publish_events(self, events: Iterable[KVCacheEvent]) -> None: ...
+    def flush(self) -> int | None: ...
+
+
+class _MetricsSink(Protocol):
+    """What the server needs from :class:`kvrouter.transport.WorkerMetricsPublisher`."""
+
+    def update(self, metrics: ForwardPassMetrics) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where and as what the server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    model_name: str = "kvrouter-mock"
+    max_model_len: int = 131072
+    # Longest an HTTP body may be (token-id prompts of 100k tokens are ~700 kB).
+    max_body_bytes: int = 64 * 1024 * 1024
+    shutdown_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    """Counters of one server."""
+
+    num_requests: int
+    num_active: int
+    num_aborted: int
+    num_rejected: int
+    num_steps: int
+    num_kv_events: int
+
+
+@dataclass(slots=True)
+class _Counters:
+    num_requests: int = 0
+    num_aborted: int = 0
+    num_rejected: int = 0
+    num_steps: int = 0
+    num_kv_events: int = 0
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """Where one engine request's outputs go: its HTTP request's queue, at ``index``."""
+
+    queue: asyncio.Queue[tuple[int, RequestOutput]]
+    index: int
+
+
+@dataclass(slots=True)
+class _Generation:
+    """One HTTP generation request: its engine request ids and running totals."""
+
+    request_id: str
+    sub_ids: list[str]
+    created: int
+    queue: asyncio.Queue[tuple[int, RequestOutput]] = field(default_factory=asyncio.Queue)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_open: int = 0
+
+    def account(self, output: RequestOutput) -> None:
+        if output.finished:
+            self.num_open -= 1
+            self.num_prompt_tokens += output.num_prompt_tokens
+            self.num_output_tokens += output.num_output_tokens
+            self.num_cached_tokens += output.num_cached_tokens
+
+    def usage(self) -> Usage:
+        return Usage.of(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
+
+
+class EngineServer:
+    """Serves one engine core over vLLM's HTTP API; an async context manager."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        tokenizer: Tokenizer,
+        config: ServerConfig | None = None,
+        *,
+        kv_publisher: _EventSink | None = None,
+        metrics_publisher: _MetricsSink | None = None,
+    ) -> None:
+        self.config = config or ServerConfig()
+        self._core = core
+        self._tokenizer = tokenizer
+        self._kv_publisher = kv_publisher
+        self._metrics_publisher = metrics_publisher
+        self._waiters: dict[str, _Waiter] = {}
+        self._wake = asyncio.Event()
+        self._counters = _Counters()
+        self._runner: web.AppRunner | None = None
+        self._engine_task: asyncio.Task[None] | None = None
+        self._port = 0
+        self._closed = False
+        self._failed = False
+        self._completion_format = CompletionFormat(self.config.model_name)
+        self._chat_format = ChatFormat(self.config.model_name)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the HTTP port and start the engine loop."""
+        if self._runner is not None:
+            raise ValueError("server already started")
+        runner = web.AppRunner(
+            self.build_app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.config.shutdown_timeout_s,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        await site.start()
+        self._runner = runner
+        self._port = _bound_port(runner, self.config.port)
+        self._engine_task = asyncio.create_task(self._run_engine(), name="engine-loop")
+        self._engine_task.add_done_callback(self._on_engine_done)
+        logger.info("engine server listening on %s", self.url)
+
+    async def aclose(self) -> None:
+        """Stop accepting, let open requests finish for up to ``shutdown_timeout_s``,
+        abort the rest (their streams end with ``finish_reason="abort"``), then stop
+        the HTTP server and the engine loop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + self.config.shutdown_timeout_s
+        while self._waiters and self._engine_task is not None and loop.time() < deadline_s:
+            await asyncio.sleep(0.01)
+        if self._waiters:
+            logger.info("aborting %d unfinished requests at shutdown", len(self._waiters))
+            for request_id in list(self._waiters):
+                # The waiter stays: the engine delivers the abort output to its handler.
+                self._core.abort_request(request_id)
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._engine_task is not None:
+            self._engine_task.cancel()
+            await asyncio.gather(self._engine_task, return_exceptions=True)
+        for request_id in list(self._waiters):
+            self._abort(request_id)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def port(self) -> int:
+        """The bound HTTP port (after :meth:`start`)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        return f"http://{self.config.host}:{self._port}"
+
+    def stats(self) -> ServerStats:
+        c = self._counters
+        return ServerStats(
+            num_requests=c.num_requests,
+            num_active=len(self._waiters),
+            num_aborted=c.num_aborted,
+            num_rejected=c.num_rejected,
+            num_steps=c.num_steps,
+            num_kv_events=c.num_kv_events,
+        )
+
+    def build_app(self) -> web.Application:
+        """The aiohttp application (routes and the error middleware)."""
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[self._error_middleware]
+        )
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/completions/render", self._render_completions)
+        app.router.add_post("/v1/chat/completions/render", self._render_chat)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # --- engine loop --------------------------------------------------------------
+
+    async def _run_engine(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._core.has_unfinished_requests():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started_s = loop.time()
+            result = self._core.step()
+            self._counters.num_steps += 1
+            # The step "runs" for duration_s of wall time, counted from its start.
+            remaining_s = started_s + result.duration_s - loop.time()
+            if remaining_s > _MIN_SLEEP_S:
+                await asyncio.sleep(remaining_s)
+            elif not result.outputs and not result.kv_events and result.duration_s <= 0:
+                await asyncio.sleep(_IDLE_STEP_PAUSE_S)
+            else:
+                await asyncio.sleep(0)
+            self._deliver(result.outputs)
+            self._publish(result.kv_events)
+
+    def _on_engine_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in the core: fail what is open rather than leave handlers waiting forever.
+        logger.error("engine loop failed", exc_info=task.exception())
+        self._failed = True
+        for request_id, waiter in list(self._waiters.items()):
+            del self._waiters[request_id]
+            waiter.queue.put_nowait((waiter.index, _aborted(request_id)))
+
+    def _deliver(self, outputs: Sequence[RequestOutput]) -> None:
+        for output in outputs:
+            waiter = self._waiters.get(output.request_id)
+            if waiter is None:
+                continue  # aborted while the step ran
+            if output.finished:
+                del self._waiters[output.request_id]
+            waiter.queue.put_nowait((waiter.index, output))
+
+    def _publish(self, kv_events: Sequence[KVCacheEvent]) -> None:
+        if kv_events and self._kv_publisher is not None:
+            self._kv_publisher.publish_events(kv_events)
+            self._kv_publisher.flush()  # one batch per step, as vLLM sends
+            self._counters.num_kv_events += len(kv_events)
+        if self._metrics_publisher is not None:
+            self._metrics_publisher.update(self._core.metrics())
+
+    def _abort(self, request_id: str) -> None:
+        if self._waiters.pop(request_id, None) is not None:
+            self._core.abort_request(request_id)
+            self._counters.num_aborted += 1
+            self._wake.set()  # the abort may have freed blocks another request waits for
+
+    # --- middleware ---------------------------------------------------------------
+
+    @web.middleware
+    async def _error_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            self._counters.num_rejected += 1
+            return _error_response(exc.status, str(exc), _error_type(exc.status))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error_response(exc.status, exc.reason, _error_type(exc.status))
+
+    # --- generation ---------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _read_body(request)
+        req = decode_completion_request(body)
+        self._check_model(req.model)
+        prompts = [await self._encode_prompt(p) for p in req.prompts()]
+        return await self._generate(request, req, prompts, self._completion_format)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _read_body(request)
+        req = decode_chat_request(body)
+        self._check_model(req.model)
+        prompt = await self._encode_chat(req)
+        return await self._generate(request, req, [prompt], self._chat_format)
+
+    async def _generate(
+        self,
+        request: web.Request,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: list[list[int]],
+        fmt: ResponseFormat,
+    ) -> web.StreamResponse:
+        max_tokens = req.output_tokens()
+        for ids in prompts:
+            self._check_length(len(ids), max_tokens)
+        gen = self._submit(_request_id(request, fmt.id_prefix), prompts, req)
+        try:
+            if req.stream:
+                return await self._stream(request, gen, fmt, req.include_usage())
+            return await self._collect(gen, fmt)
+        finally:
+            for sub_id in gen.sub_ids:
+                self._abort(sub_id)
+
+    def _submit(
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        req: CompletionRequest | ChatCompletionRequest,
+    ) -> _Generation:
+        if self._closed or self._failed:
+            raise _ShuttingDown("the server is shutting down or its engine failed")
+        many = len(prompts) > 1
+        sub_ids = [f"{request_id}-{i}" if many else request_id for i in range(len(prompts))]
+        gen = _Generation(request_id, sub_ids, int(time.time()), num_open=len(prompts))
+        for i, (sub_id, ids) in enumerate(zip(sub_ids, prompts, strict=True)):
+            engine_request = EngineRequest(
+                sub_id,
+                ids,
+                req.output_tokens(),
+                min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos,
+            )
+            try:
+                self._core.add_request(engine_request)
+            except ValueError as exc:  # a duplicate id, or a request that can never fit
+                for started in sub_ids[:i]:
+                    self._abort(started)
+                raise InvalidRequest(str(exc)) from exc
+            self._waiters[sub_id] = _Waiter(gen.queue, i)
+        self._counters.num_requests += 1
+        self._wake.set()
+        return gen
+
+    async def _collect(self, gen: _Generation, fmt: ResponseFormat) -> web.Response:
+        token_ids: list[list[int]] = [[] for _ in gen.sub_ids]
+        reasons: list[str | None] = [None for _ in gen.sub_ids]
+        while gen.num_open > 0:
+            index, output = await gen.queue.get()
+            token_ids[index].extend(output.new_token_ids)
+            gen.account(output)
+            if output.finished:
+                reasons[index] = _finish_reason(output)
+        texts = [self._tokenizer.decode(ids) for ids in token_ids]
+        body = fmt.response(gen.request_id, gen.created, texts, reasons, gen.usage())
+        response = web.Response(body=body, content_type="application/json")
+        response.headers["x-request-id"] = gen.request_id
+        return response
+
+    async def _stream(
+        self, request: web.Request, gen: _Generation, fmt: ResponseFormat, include_usage: bool
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response.headers["x-request-id"] = gen.request_id
+        await response.prepare(request)
+        rid, created = gen.request_id, gen.created
+        try:
+            for index in range(len(gen.sub_ids)):
+                first = fmt.first_chunk(rid, created, index)
+                if first is not None:
+                    await response.write(_sse(first))
+            while gen.num_open > 0:
+                index, output = await gen.queue.get()
+                gen.account(output)
+                reason = _finish_reason(output) if output.finished else None
+                if output.new_token_ids or reason is not None:
+                    text = self._tokenizer.decode(output.new_token_ids)
+                    await response.write(_sse(fmt.chunk(rid, created, index, text, reason)))
+            if include_usage:
+                await response.write(_sse(fmt.usage_chunk(rid, created, gen.usage())))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client went away; the caller's cleanup aborts what is still running.
+            logger.debug("client disconnected from stream %s", rid)
+        return response
+
+    # --- tokenization -------------------------------------------------------------
+
+    async def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        return await self._run_tokenizer(lambda: self._tokenizer.encode(prompt), len(prompt))
+
+    async def _encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+        return await self._encode_messages(req.message_dicts(), req.add_generation_prompt)
+
+    async def _encode_messages(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool
+    ) -> list[int]:
+        def encode_messages() -> list[int]:
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt)
+            # The template already placed any BOS token.
+            return self._tokenizer.encode(text, add_special_tokens=False)
+
+        size = sum(len(str(m.get("content") or "")) for m in messages)
+        return await self._run_tokenizer(encode_messages, size)
+
+    async def _run_tokenizer(self, fn: Callable[[], list[int]], size: int) -> list[int]:
+        if size <= _INLINE_TOKENIZE_CHARS:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    # --- checks -------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            raise _ModelNotFound(f"The model `{model}` does not exist.")
+
+    def _check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens == 0:
+            raise InvalidRequest("the prompt is empty after tokenization")
+        total = num_prompt_tokens + max_tokens
+        if total > self.config.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. "
+                f"However, you requested {total} tokens ({num_prompt_tokens} in the prompt, "
+                f"{max_tokens} in the completion)."
+            )
+
+    # --- other endpoints ----------------------------------------------------------
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        req = decode_tokenize_request(await _read_body(request))
+        self._check_model(req.model)
+        if req.messages is not None:
+            messages = [m.to_dict() for m in req.messages]
+            tokens = await self._encode_messages(messages, req.add_generation_prompt)
+        else:
+            prompt = req.prompt or ""
+            tokens = await self._run_tokenizer(
+                lambda: self._tokenizer.encode(prompt, req.add_special_tokens), len(prompt)
+            )
+        strs = [self._tokenizer.decode([t]) for t in tokens] if req.return_token_strs else None
+        body = TokenizeResponse(
+            count=len(tokens),
+            max_model_len=self.config.max_model_len,
+            tokens=tokens,
+            token_strs=strs,
+        )
+        return _json_response(encode(body))
+
+    async def _render_completions(self, request: web.Request) -> web.Response:
+        req = decode_completion_request(await _read_body(request))
+        self._check_model(req.model)
+        prompts = [await self._encode_prompt(p) for p in req.prompts()]
+        request_id = _request_id(request, "cmpl")
+        many = len(prompts) > 1
+        rendered = [
+            self._render_one(f"{request_id}-{i}" if many else request_id, ids, req)
+            for i, ids in enumerate(prompts)
+        ]
+        return _json_response(encode(rendered))
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        req = decode_chat_request(await _read_body(request))
+        self._check_model(req.model)
+        ids = await self._encode_chat(req)
+        return _json_response(encode(self._render_one(_request_id(request, "chatcmpl"), ids, req)))
+
+    def _render_one(
+        self, request_id: str, token_ids: list[int], req: CompletionRequest | ChatCompletionRequest
+    ) -> RenderedRequest:
+        self._check_length(len(token_ids), req.output_tokens())
+        return RenderedRequest.of(request_id, token_ids, req, self.config.model_name)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        name = self.config.model_name
+        card = ModelCard(
+            id=name, created=int(time.time()), max_model_len=self.config.max_model_len, root=name
+        )
+        return _json_response(encode(ModelList(data=[card])))
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = render_engine_metrics(self._core, self.config.model_name)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+class _ModelNotFound(RequestError):
+    status = 404
+
+
+class _ShuttingDown(RequestError):
+    status = 503
+
+
+def _error_type(status: int) -> str:
+    names = {404: "NotFoundError", 413: "RequestTooLarge", 503: "ServiceUnavailableError"}
+    return names.get(status, "BadRequestError")
+
+
+def _error_response(status: int, message: str, error_type: str) -> web.Response:
+    return web.Response(
+        status=status, body=error_body(message, error_type, status), content_type="application/json"
+    )
+
+
+def _json_response(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise RequestTooLarge(f"request body too large: {exc.text}") from exc
+
+
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+def _request_id(request: web.Request, prefix: str) -> str:
+    given = request.headers.get("x-request-id")
+    return given if given else f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _aborted(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id, [], True, "abort", 0, 0, 0)
+
+
+def _finish_reason(output: RequestOutput) -> str:
+    reason = output.finish_reason
+    return str(reason) if reason is not None else "length"
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
+
+
+def render_engine_metrics(core: EngineCore, model_name: str) -> str:
+    """``/metrics``: vLLM's series (DESIGN 3.3) plus the cache size and a few counters."""
+    from kvrouter.transport.metrics import render_vllm_metrics
+
+    stats = core.stats()
+    text = render_vllm_metrics(
+        core.metrics(),
+        model_name=model_name,
+        prefix_cache_queries_total=stats.prefix_cache_queries,
+        prefix_cache_hits_total=stats.prefix_cache_hits,
+    )
+    label = '{model_name="' + model_name.replace('"', "") + '"}'
+    lines = [text.rstrip("\n")]
+    for name, value in (
+        ("num_preemptions_total", stats.preemptions),
+        ("generation_tokens_total", stats.output_tokens),
+        ("request_success_total", stats.requests_finished),
+    ):
+        lines += [f"# TYPE vllm:{name} counter", f"vllm:{name}{label} {value}"]
+    config = core.config
+    lines += [
+        "# TYPE vllm:cache_config_info gauge",
+        f'vllm:cache_config_info{{block_size="{config.block_size}",'
+        f'num_gpu_blocks="{config.num_gpu_blocks}"}} 1',
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""What the gateway needs from the routing layer, as one small interface.
+
+:class:`RoutingCore` is the seam between the HTTP side and the pure routing code: the
+gateway hands it a prepared prompt (token ids and hashes, computed once) and the
+workers in rotation, and gets back a :class:`RouteResult`. The real implementation,
+:class:`kvrouter.gateway.kvcore.KvRoutingCore`, wraps ``KvIndexer`` +
+``KvMetricsAggregator`` + ``KvScheduler``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvrouter.events.model import WorkerKey
+from kvrouter.gateway.overrides import RoutingOverrides
+from kvrouter.gateway.prompts import PreparedPrompt
+from kvrouter.index import IndexerStats
+from kvrouter.load.aggregator import AggregatorStats
+from kvrouter.routing import SchedulerStats
+
+__all__ = ["CoreStats", "RouteResult", "RoutingCore"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """Where a request goes and why."""
+
+    worker: WorkerKey
+    policy: str
+    overlap_blocks: int
+    request_blocks: int
+    explanation: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CoreStats:
+    """What ``/metrics`` reads from the routing side at scrape time (frozen values of
+    the scheduler, the indexer, the aggregator and the event feeds)."""
+
+    scheduler: SchedulerStats
+    index: IndexerStats | None
+    aggregator: AggregatorStats | None
+    index_size: dict[WorkerKey, int]
+    predicted_active_blocks: dict[WorkerKey, int]
+    predicted_prefill_tokens: dict[WorkerKey, int]
+    metrics_age_s: dict[WorkerKey, float]
+    events_applied: int
+    event_errors: dict[str, int]
+
+
+class RoutingCore(Protocol):
+    """Routing as the gateway sees it (pure, synchronous, fast)."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    def route(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        candidates: Sequence[WorkerKey],
+        overrides: RoutingOverrides,
+        *,
+        book: bool = True,
+    ) -> RouteResult:
+        """Choose a worker among ``candidates`` and (with ``book``) book the request.
+
+        Raises ``NoWorkerAvailable`` / ``AllWorkersBusy`` when none can take it.
+        """
+        ...
+
+    def on_first_token(self, request_id: str) -> None:
+        """The request's first byte arrived: its prefill is done."""
+        ...
+
+    def on_finish(self, request_id: str) -> None:
+        """The request ended (completion, error, disconnect, timeout); free its booking."""
+        ...
+
+    def add_worker(self, worker: WorkerKey) -> None:
+        """A worker joined (or rejoined) the rotation."""
+        ...
+
+    def remove_worker(self, worker: WorkerKey) -> None:
+        """A worker left the rotation: forget its blocks, bookings and metrics."""
+        ...
+
+    def update_metrics_text(self, worker: WorkerKey, text: str) -> bool:
+        """A scraped Prometheus page of ``worker``; ``False`` if nothing was recognised."""
+        ...
+
+    def stats(self) -> CoreStats: ...
+
+    def debug_state(self) -> dict[str, Any]:
+        """A JSON-friendly summary for the dashboard."""
+        ...

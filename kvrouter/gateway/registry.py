@@ -1,0 +1,210 @@
+"""The gateway's workers: who they are, whether they are in rotation, and since when.
+
+The registry is plain synchronous state; the health checker, the metrics scraper and
+the proxy report into it, and listeners hear when a worker leaves or rejoins the
+rotation (the gateway removes a dead worker's blocks from the index then).
+
+::
+
+    add(spec) ──> in rotation ──(failed health check / failed request)──> out of rotation
+                      ^                                                       │
+                      └───────────────(health check passes again)─────────────┘
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from kvrouter.clock import Clock, monotonic
+from kvrouter.errors import ConfigError
+from kvrouter.events.model import WorkerKey
+from kvrouter.gateway.config import WorkerSpec
+
+__all__ = ["WorkerInfo", "WorkerRegistry", "WorkerState"]
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[["WorkerState"], None]
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """Mutable bookkeeping of one worker (owned by :class:`WorkerRegistry`)."""
+
+    spec: WorkerSpec
+    worker_id: int
+    added_s: float
+    healthy: bool = True
+    consecutive_failures: int = 0
+    last_health_ok_s: float | None = None
+    last_metrics_s: float | None = None
+    last_error: str | None = None
+    num_requests: int = 0
+    num_failures: int = 0
+    model_ids: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> WorkerKey:
+        return WorkerKey(self.worker_id, self.spec.dp_rank)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def info(self, now_s: float) -> WorkerInfo:
+        """A frozen view of this worker at ``now_s``."""
+        age = None if self.last_metrics_s is None else max(0.0, now_s - self.last_metrics_s)
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            dp_rank=self.spec.dp_rank,
+            url=self.spec.url,
+            kv_events=self.spec.kv_events,
+            replay=self.spec.replay,
+            healthy=self.healthy,
+            consecutive_failures=self.consecutive_failures,
+            metrics_age_s=age,
+            last_error=self.last_error,
+            num_requests=self.num_requests,
+            num_failures=self.num_failures,
+            model_ids=self.model_ids,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What ``GET /admin/workers`` and ``/metrics`` report about one worker."""
+
+    worker_id: int
+    dp_rank: int
+    url: str
+    kv_events: str | None
+    replay: str | None
+    healthy: bool
+    consecutive_failures: int
+    metrics_age_s: float | None
+    last_error: str | None
+    num_requests: int
+    num_failures: int
+    model_ids: tuple[str, ...]
+
+    @property
+    def mode(self) -> str:
+        """``"events"`` when the worker publishes KV events, else ``"approximate"``."""
+        return "events" if self.kv_events else "approximate"
+
+
+class WorkerRegistry:
+    """Workers by id, with health state and leave/rejoin listeners.
+
+    >>> reg = WorkerRegistry()
+    >>> reg.add(WorkerSpec("http://127.0.0.1:8001")).worker_id
+    0
+    >>> [w.worker_id for w in reg.in_rotation()]
+    [0]
+    """
+
+    def __init__(self, clock: Clock = monotonic, failure_threshold: int = 1) -> None:
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+        self._clock = clock
+        self._failure_threshold = failure_threshold
+        self._workers: dict[int, WorkerState] = {}
+        self._on_down: list[Listener] = []
+        self._on_up: list[Listener] = []
+        self._on_removed: list[Listener] = []
+
+    # -- listeners ---------------------------------------------------------------
+    def add_listeners(
+        self,
+        on_down: Listener | None = None,
+        on_up: Listener | None = None,
+        on_removed: Listener | None = None,
+    ) -> None:
+        """Call ``on_down`` when a worker leaves the rotation, ``on_up`` when it
+        (re)joins, ``on_removed`` when it is deleted."""
+        for hook, hooks in (
+            (on_down, self._on_down),
+            (on_up, self._on_up),
+            (on_removed, self._on_removed),
+        ):
+            if hook is not None:
+                hooks.append(hook)
+
+    # -- membership ----------------------------------------------------------------
+    def add(self, spec: WorkerSpec) -> WorkerState:
+        """Register ``spec`` (its ``worker_id`` or the next free one) and put it in rotation."""
+        worker_id = spec.worker_id if spec.worker_id is not None else self._next_id()
+        if worker_id in self._workers:
+            raise ConfigError(f"worker_id {worker_id} is already registered")
+        if any(w.spec.url == spec.url and w.spec.dp_rank == spec.dp_rank for w in self):
+            raise ConfigError(f"worker {spec.url} (dp_rank {spec.dp_rank}) is already registered")
+        state = WorkerState(spec=spec, worker_id=worker_id, added_s=self._clock())
+        self._workers[worker_id] = state
+        log.info("worker %d added: %s (%s)", worker_id, spec.url, spec.kv_events or "approximate")
+        for hook in self._on_up:
+            hook(state)
+        return state
+
+    def remove(self, worker_id: int) -> WorkerState:
+        """Delete a worker; raises ``KeyError`` when it is unknown."""
+        state = self._workers.pop(worker_id)
+        log.info("worker %d removed: %s", worker_id, state.url)
+        for hook in self._on_removed:
+            hook(state)
+        return state
+
+    def _next_id(self) -> int:
+        return max(self._workers, default=-1) + 1
+
+    def get(self, worker_id: int) -> WorkerState | None:
+        return self._workers.get(worker_id)
+
+    def __iter__(self) -> Iterator[WorkerState]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def in_rotation(self) -> list[WorkerState]:
+        """Workers that may receive requests now."""
+        return [w for w in self._workers.values() if w.healthy]
+
+    def infos(self) -> list[WorkerInfo]:
+        now = self._clock()
+        return [w.info(now) for w in self._workers.values()]
+
+    # -- health --------------------------------------------------------------------
+    def mark_ok(self, worker_id: int) -> None:
+        """A health check or request succeeded; a worker out of rotation rejoins."""
+        state = self._workers.get(worker_id)
+        if state is None:
+            return
+        state.consecutive_failures = 0
+        state.last_health_ok_s = self._clock()
+        if not state.healthy:
+            state.healthy = True
+            state.last_error = None
+            log.info("worker %d back in rotation", worker_id)
+            for hook in self._on_up:
+                hook(state)
+
+    def mark_failed(self, worker_id: int, reason: str) -> None:
+        """A health check or request failed; at the threshold the worker leaves rotation."""
+        state = self._workers.get(worker_id)
+        if state is None:
+            return
+        state.consecutive_failures += 1
+        state.num_failures += 1
+        state.last_error = reason
+        if state.healthy and state.consecutive_failures >= self._failure_threshold:
+            state.healthy = False
+            log.warning("worker %d out of rotation: %s", worker_id, reason)
+            for hook in self._on_down:
+                hook(state)
+
+    def mark_metrics(self, worker_id: int) -> None:
+        state = self._workers.get(worker_id)
+        if state is not None:
+            state.last_metrics_s = self._clock()

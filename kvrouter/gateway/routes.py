@@ -1,0 +1,270 @@
+"""The gateway's HTTP routes (aiohttp): the OpenAI API, admin, debug, metrics, dashboard.
+
+=========================  ==================================================
+``POST /v1/completions``   route and proxy (stream or not)
+``POST /v1/chat/completions``
+``GET /v1/models``         the union of the workers' models
+``GET /health``            200 when at least one worker is in rotation, else 503
+``GET /metrics``           Prometheus text, built from ``stats()`` at scrape time
+``GET /admin/workers``     workers with health, metrics age and index size
+``POST /admin/workers``    add ``{"url": ..., "kv_events": ..., "replay": ...}``
+``DELETE /admin/workers/{id}``
+``GET /debug/decisions``   ``?n=20`` recent decisions with explanations
+``POST /debug/explain``    route a request body without sending it
+``GET /dashboard``         a self-contained live page polling ``/dashboard/data``
+=========================  ==================================================
+
+Every error is OpenAI's error JSON, mapped in :mod:`kvrouter.gateway.http_errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from kvrouter.errors import ConfigError, InvalidRequest, RouterError
+from kvrouter.gateway.config import parse_worker_spec
+from kvrouter.gateway.forward import read_body
+from kvrouter.gateway.http_errors import NotFound, error_body, map_error, retry_after_header
+from kvrouter.gateway.metrics import CONTENT_TYPE, GatewayCollector, render_metrics
+from kvrouter.gateway.overrides import parse_overrides
+from kvrouter.gateway.prompts import Kind, parse_body
+from kvrouter.gateway.service import Gateway
+
+__all__ = ["GATEWAY_KEY", "build_app"]
+
+log = logging.getLogger(__name__)
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("kvrouter_gateway", Gateway)
+_encode = msgspec.json.Encoder().encode
+_decode_obj = msgspec.json.Decoder(dict[str, Any])
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(data), status=status, content_type="application/json")
+
+
+def error_response(exc: BaseException, default_retry_after_s: float = 1.0) -> web.Response:
+    """The OpenAI-shaped answer for ``exc`` (one table: ``http_errors.ERROR_TABLE``)."""
+    mapping = map_error(exc)
+    headers = {}
+    if mapping.retry_after:
+        headers["Retry-After"] = retry_after_header(exc, default_retry_after_s)
+    return web.Response(
+        body=error_body(str(exc), mapping.error_type, mapping.status),
+        status=mapping.status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    status = exc.status
+    error_type = "not_found_error" if status == 404 else "invalid_request_error"
+    message = exc.reason if status != 404 else "no such route: the gateway serves the OpenAI API"
+    if status == 413:
+        message = "the request body is over the size limit"
+    response = web.Response(
+        body=error_body(message, error_type, status), status=status, content_type="application/json"
+    )
+    if status == 405 and "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+def _make_middleware(gateway: Gateway) -> Any:
+    counters = gateway.counters
+    retry_after_s = gateway.cfg.retry_after_s
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except RouterError as exc:
+            response = error_response(exc, retry_after_s)
+            if response.status >= 500:
+                log.warning("%s %s -> %d: %s", request.method, request.path, response.status, exc)
+        except web.HTTPException as exc:
+            response = _http_error(exc)
+        counters.requests[(name, response.status)] += 1
+        return response
+
+    return errors
+
+
+class _Handlers:
+    """Route handlers bound to one :class:`Gateway`."""
+
+    def __init__(self, gateway: Gateway, collector: GatewayCollector) -> None:
+        self.gw = gateway
+        self.collector = collector
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.gw.forwarder.handle(request, "completion")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.gw.forwarder.handle(request, "chat")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(await self.gw.list_models())
+
+    async def health(self, request: web.Request) -> web.Response:
+        n = len(self.gw.registry.in_rotation())
+        body = {"status": "ok" if n else "no_workers", "workers_in_rotation": n}
+        return _json(body, status=200 if n else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=render_metrics(self.collector), headers={"Content-Type": CONTENT_TYPE}
+        )
+
+    # -- admin -------------------------------------------------------------------------
+    async def list_workers(self, request: web.Request) -> web.Response:
+        stats = self.gw.core.stats()
+        out = []
+        for info in self.gw.registry.infos():
+            state = self.gw.registry.get(info.worker_id)
+            key = state.key if state is not None else None
+            out.append(
+                {
+                    "worker_id": info.worker_id,
+                    "dp_rank": info.dp_rank,
+                    "url": info.url,
+                    "kv_events": info.kv_events,
+                    "replay": info.replay,
+                    "mode": info.mode,
+                    "healthy": info.healthy,
+                    "consecutive_failures": info.consecutive_failures,
+                    "last_error": info.last_error,
+                    "metrics_age_s": info.metrics_age_s,
+                    "index_size": stats.index_size.get(key, 0) if key else 0,
+                    "active_blocks": stats.predicted_active_blocks.get(key, 0) if key else 0,
+                    "num_requests": info.num_requests,
+                    "num_failures": info.num_failures,
+                }
+            )
+        return _json({"workers": out})
+
+    async def add_worker(self, request: web.Request) -> web.Response:
+        body = await read_body(request, 1 << 16)
+        try:
+            data = _decode_obj.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidRequest(f"expected a JSON object describing a worker: {exc}") from exc
+        try:
+            spec = parse_worker_spec(data)
+            state = await self.gw.add_worker(spec)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        await self.gw.check_health(state)
+        return _json(
+            {"worker_id": state.worker_id, **spec.to_dict(), "healthy": state.healthy}, 201
+        )
+
+    async def remove_worker(self, request: web.Request) -> web.Response:
+        raw = request.match_info["worker_id"]
+        try:
+            worker_id = int(raw)
+        except ValueError as exc:
+            raise InvalidRequest(f"worker id must be an integer, got {raw!r}") from exc
+        try:
+            state = await self.gw.remove_worker(worker_id)
+        except KeyError as exc:
+            raise NotFound(f"no worker {worker_id}") from exc
+        return _json({"removed": state.worker_id, "url": state.url})
+
+    # -- debug -------------------------------------------------------------------------
+    async def decisions(self, request: web.Request) -> web.Response:
+        raw = request.query.get("n", "20")
+        try:
+            n = int(raw)
+        except ValueError as exc:
+            raise InvalidRequest(f"n must be an integer, got {raw!r}") from exc
+        recent = self.gw.counters.recent_decisions(max(0, min(n, 10_000)))
+        return _json({"decisions": [r.to_dict() for r in recent]})
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """Route a completion or chat body without sending it (nothing is booked)."""
+        body = await read_body(request, self.gw.cfg.max_body_bytes)
+        kind: Kind = "chat" if b'"messages"' in body else "completion"
+        parsed = parse_body(body, kind)
+        overrides = parse_overrides(request.headers, parsed.kvrouter_field)
+        prompt = await self.gw.prepare(parsed, kind)
+        attempt = self.gw.forwarder.choose("explain", prompt, overrides, set(), book=False)
+        route = attempt.route
+        return _json(
+            {
+                "worker_id": route.worker.worker_id,
+                "dp_rank": route.worker.dp_rank,
+                "url": attempt.state.url,
+                "policy": route.policy,
+                "num_tokens": len(prompt.token_ids),
+                "request_blocks": route.request_blocks,
+                "overlap_blocks": route.overlap_blocks,
+                "explanation": list(route.explanation),
+            }
+        )
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        page = resources.files("kvrouter.gateway").joinpath("dashboard.html").read_text("utf-8")
+        return web.Response(text=page, content_type="text/html")
+
+    async def dashboard_data(self, request: web.Request) -> web.Response:
+        gw_stats = self.gw.counters.stats()
+        state = self.gw.core.debug_state()
+        return _json(
+            {
+                "core": state,
+                "in_flight": gw_stats.num_in_flight,
+                "retries": gw_stats.num_retries,
+                "upstream_errors": gw_stats.num_upstream_errors,
+                "requests": sum(gw_stats.num_requests.values()),
+                "workers": [
+                    {
+                        "worker_id": i.worker_id,
+                        "url": i.url,
+                        "healthy": i.healthy,
+                        "mode": i.mode,
+                        "num_requests": i.num_requests,
+                        "metrics_age_s": i.metrics_age_s,
+                    }
+                    for i in self.gw.registry.infos()
+                ],
+                "decisions": [r.to_dict() for r in self.gw.counters.recent_decisions(10)],
+            }
+        )
+
+
+def build_app(gateway: Gateway, collector: GatewayCollector | None = None) -> web.Application:
+    """The aiohttp application of ``gateway`` (its lifecycle stays the caller's)."""
+    if collector is None:
+        collector = GatewayCollector(
+            gateway.counters.stats, gateway.core.stats, gateway.registry.infos
+        )
+    h = _Handlers(gateway, collector)
+    # aiohttp's own limit is a safety net; read_body() answers with a clear 413 first.
+    app = web.Application(
+        middlewares=[_make_middleware(gateway)], client_max_size=gateway.cfg.max_body_bytes
+    )
+    app[GATEWAY_KEY] = gateway
+    add = app.router
+    add.add_post("/v1/completions", h.completions)
+    add.add_post("/v1/chat/completions", h.chat)
+    add.add_get("/v1/models", h.models)
+    add.add_get("/health", h.health)
+    add.add_get("/metrics", h.metrics)
+    add.add_get("/admin/workers", h.list_workers)
+    add.add_post("/admin/workers", h.add_worker)
+    add.add_delete("/admin/workers/{worker_id}", h.remove_worker)
+    add.add_get("/debug/decisions", h.decisions)
+    add.add_post("/debug/explain", h.explain)
+    add.add_get("/dashboard", h.dashboard)
+    add.add_get("/dashboard/data", h.dashboard_data)
+    return app

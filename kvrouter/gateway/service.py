@@ -1,0 +1,269 @@
+"""The gateway as one long-lived component: workers, background loops, lifecycle.
+
+:class:`Gateway` owns the worker registry, the shared upstream session, the health
+checker and metrics scraper tasks, the per-worker KV event feeds and the request
+forwarder. ``async with Gateway(cfg, core) as gw:`` starts it; :meth:`Gateway.aclose`
+stops the loops, closes the event feeds and the session (idempotent).
+
+A worker that fails a health check or a request leaves the rotation and its blocks
+leave the index (``core.remove_worker``); it rejoins when a health check passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import Any, Protocol, Self
+
+import msgspec
+
+from kvrouter.clock import Clock, monotonic
+from kvrouter.errors import InvalidRequest, NoWorkerAvailable, UpstreamError
+from kvrouter.gateway.config import TOKENIZER_WORKER, GatewayConfig, WorkerSpec
+from kvrouter.gateway.core import RoutingCore
+from kvrouter.gateway.forward import RequestForwarder
+from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, first_prompt, prepare_prompt
+from kvrouter.gateway.proxy import UpstreamClient
+from kvrouter.gateway.registry import WorkerRegistry, WorkerState
+from kvrouter.gateway.stats import GatewayCounters
+from kvrouter.tokenizer import Tokenizer
+
+__all__ = ["EventFeeds", "Gateway"]
+
+log = logging.getLogger(__name__)
+_json = msgspec.json.Decoder(dict[str, Any])
+_encode = msgspec.json.Encoder().encode
+
+
+class EventFeeds(Protocol):
+    """Starts and stops the KV event subscription of each worker that has one."""
+
+    async def start_feed(self, state: WorkerState) -> None: ...
+
+    async def stop_feed(self, worker_id: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Gateway:
+    """Everything behind the HTTP routes; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        core: RoutingCore,
+        *,
+        tokenizer: Tokenizer | None = None,
+        feeds: EventFeeds | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.core = core
+        self.tokenizer = tokenizer
+        self.registry = WorkerRegistry(clock)
+        self.counters = GatewayCounters(history=cfg.decision_history)
+        self.upstream = UpstreamClient(
+            max_connections=cfg.max_connections,
+            connect_timeout_s=cfg.connect_timeout_s,
+            request_timeout_s=cfg.request_timeout_s,
+        )
+        self.forwarder = RequestForwarder(
+            cfg,
+            registry=self.registry,
+            core=core,
+            upstream=self.upstream,
+            counters=self.counters,
+            prepare=self.prepare,
+            clock=clock,
+        )
+        self._feeds = feeds
+        self._clock = clock
+        # Tokenizing holds the GIL for most of its time; a couple of threads keep the
+        # loop free without pretending to add parallelism.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvrouter-tok")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closed = False
+        self.registry.add_listeners(on_down=self._on_down, on_up=self._on_up)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the session, add the configured workers, start the background loops."""
+        if self._started:
+            return
+        self._started = True
+        await self.upstream.start()
+        for spec in self.cfg.workers:
+            await self.add_worker(spec)
+        self._spawn(self._health_loop(), "health")
+        self._spawn(self._scrape_loop(), "metrics-scrape")
+
+    async def aclose(self) -> None:
+        """Stop the loops, the event feeds and the session; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        if tasks:
+            log.info("gateway stopped %d background task(s)", len(tasks))
+        if self._feeds is not None:
+            await self._feeds.aclose()
+        await self.upstream.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"kvrouter-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- workers -------------------------------------------------------------------------
+    async def add_worker(self, spec: WorkerSpec) -> WorkerState:
+        """Register a worker, start its event feed and put it in rotation."""
+        state = self.registry.add(spec)
+        if self._feeds is not None and spec.kv_events:
+            await self._feeds.start_feed(state)
+        return state
+
+    async def remove_worker(self, worker_id: int) -> WorkerState:
+        """Take a worker out for good; raises ``KeyError`` when it is unknown."""
+        state = self.registry.remove(worker_id)
+        if self._feeds is not None and state.spec.kv_events:
+            await self._feeds.stop_feed(worker_id)
+        self.core.remove_worker(state.key)
+        return state
+
+    def _on_down(self, state: WorkerState) -> None:
+        # Its cache is unknown from now on: route nothing there by stale overlap.
+        self.core.remove_worker(state.key)
+
+    def _on_up(self, state: WorkerState) -> None:
+        self.core.add_worker(state.key)
+
+    # -- background loops ----------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self.check_health(w) for w in self.registry))
+            await asyncio.sleep(self.cfg.health_check_interval_s)
+
+    async def check_health(self, state: WorkerState) -> bool:
+        """One ``GET /health`` of ``state``; updates the registry."""
+        try:
+            status, _ = await self.upstream.get(
+                state.url + "/health", timeout_s=self.cfg.health_check_timeout_s
+            )
+        except UpstreamError as exc:
+            self.registry.mark_failed(state.worker_id, f"health check failed: {exc}")
+            return False
+        if status != 200:
+            self.registry.mark_failed(state.worker_id, f"health check answered {status}")
+            return False
+        self.registry.mark_ok(state.worker_id)
+        return True
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self.scrape_metrics(w) for w in self.registry.in_rotation()))
+            await asyncio.sleep(self.cfg.metrics_scrape_interval_s)
+
+    async def scrape_metrics(self, state: WorkerState) -> bool:
+        """One ``GET /metrics`` of ``state`` into the aggregator."""
+        try:
+            status, body = await self.upstream.get(
+                state.url + "/metrics", timeout_s=self.cfg.health_check_timeout_s
+            )
+        except UpstreamError as exc:
+            log.debug("metrics scrape of worker %d failed: %s", state.worker_id, exc)
+            return False
+        if status != 200:
+            return False
+        ok = self.core.update_metrics_text(state.key, body.decode("utf-8", errors="replace"))
+        if ok:
+            self.registry.mark_metrics(state.worker_id)
+        return ok
+
+    # -- tokenizing ----------------------------------------------------------------------
+    async def prepare(self, parsed: ParsedBody, kind: Kind) -> PreparedPrompt:
+        """Token ids and block hashes of the routed prompt, computed off the event loop."""
+        token_ids = None
+        if self.cfg.tokenizer == TOKENIZER_WORKER and not _has_token_ids(parsed, kind):
+            token_ids = await self._tokenize_on_worker(parsed.payload, kind)
+        loop = asyncio.get_running_loop()
+        job = functools.partial(
+            prepare_prompt,
+            self.tokenizer,
+            parsed.payload,
+            kind,
+            block_size=self.core.block_size,
+            max_prompt_tokens=self.cfg.max_prompt_tokens,
+            token_ids=token_ids,
+        )
+        return await loop.run_in_executor(self._executor, job)
+
+    async def _tokenize_on_worker(self, payload: dict[str, Any], kind: Kind) -> list[int]:
+        """Ask a worker for the token ids it would use (vLLM's ``/tokenize``)."""
+        workers = self.registry.in_rotation()
+        if not workers:
+            raise NoWorkerAvailable("no worker is available to tokenize the prompt")
+        if kind == "chat":
+            body: dict[str, Any] = {"messages": payload["messages"]}
+            if "add_generation_prompt" in payload:
+                body["add_generation_prompt"] = payload["add_generation_prompt"]
+        else:
+            body = {"prompt": first_prompt(payload)}
+        if "model" in payload:
+            body["model"] = payload["model"]
+        url = workers[0].url + "/tokenize"
+        response = await self.upstream.open(url, _encode(body))
+        try:
+            data = await response.read()
+        finally:
+            response.release()
+        if response.status != 200:
+            raise InvalidRequest(f"the worker could not tokenize the prompt: {data[:300]!r}")
+        tokens = _json.decode(data).get("tokens")
+        if not isinstance(tokens, list):
+            raise UpstreamError("the worker's /tokenize answer has no 'tokens' list")
+        return [int(t) for t in tokens]
+
+    # -- models --------------------------------------------------------------------------
+    async def list_models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the union of the models the workers in rotation serve."""
+        workers = self.registry.in_rotation()
+        answers = await asyncio.gather(*(self._models_of(w) for w in workers))
+        seen: dict[str, dict[str, Any]] = {}
+        for models in answers:
+            for card in models:
+                seen.setdefault(str(card.get("id")), card)
+        return {"object": "list", "data": list(seen.values())}
+
+    async def _models_of(self, state: WorkerState) -> list[dict[str, Any]]:
+        try:
+            status, body = await self.upstream.get(
+                state.url + "/v1/models", timeout_s=self.cfg.health_check_timeout_s
+            )
+            data = _json.decode(body) if status == 200 else {}
+        except (UpstreamError, msgspec.DecodeError):
+            return []
+        cards = [c for c in data.get("data") or [] if isinstance(c, dict)]
+        state.model_ids = tuple(str(c.get("id")) for c in cards)
+        return cards
+
+
+def _has_token_ids(parsed: ParsedBody, kind: Kind) -> bool:
+    return kind == "completion" and isinstance(first_prompt(parsed.payload), list)

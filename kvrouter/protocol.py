@@ -1,0 +1,548 @@
+"""OpenAI-compatible request and response types (DESIGN 3.4), shared by the gateway and
+the simulated engine.
+
+Requests are decoded with one reused typed decoder per kind; unknown JSON fields are
+accepted (routers and benchmarks add their own, e.g. vLLM's ``ignore_eos``), while
+known fields are type-checked and range-checked. Every failure becomes
+:class:`~kvrouter.errors.InvalidRequest` whose message names the field.
+
+>>> req = decode_completion_request(b'{"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}')
+>>> req.prompts(), req.output_tokens()
+([[1, 2, 3]], 4)
+>>> error_body("bad", "BadRequestError", 400)
+b'{"error":{"message":"bad","type":"BadRequestError","param":null,"code":400}}'
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from kvrouter.errors import InvalidRequest
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "OUTPUT_TOKENS_FIELD",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatDelta",
+    "ChatFormat",
+    "ChatMessage",
+    "ChatResponseMessage",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionFormat",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ModelCard",
+    "ModelList",
+    "PromptTokensDetails",
+    "RenderedRequest",
+    "RenderedSamplingParams",
+    "ResponseFormat",
+    "StreamOptions",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "Usage",
+    "decode_chat_request",
+    "decode_completion_request",
+    "decode_tokenize_request",
+    "encode",
+    "error_body",
+]
+
+DEFAULT_MAX_TOKENS = 16
+# Extension field: the exact number of tokens to generate (a benchmark's output length).
+OUTPUT_TOKENS_FIELD = "kvrouter_output_tokens"
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+PromptItem = str | NonNegInt | list[NonNegInt]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(msgspec.Struct, kw_only=True):
+    """Fields completions and chat share; ``n`` > 1 is not supported."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PosInt | None = None
+    min_tokens: NonNegInt = 0
+    ignore_eos: bool = False
+    temperature: Temperature | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    n: int = 1
+    user: str | None = None
+    cache_salt: str | None = None
+    kvrouter_output_tokens: PosInt | None = None
+
+    def output_tokens(self) -> int:
+        """How many tokens to generate: the extension field, else the max tokens."""
+        if self.kvrouter_output_tokens is not None:
+            return self.kvrouter_output_tokens
+        return self._max_tokens() or DEFAULT_MAX_TOKENS
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _check_sampling(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest(f"only n=1 is supported, got n={self.n}")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true")
+        max_tokens = self._max_tokens()
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) must be at most max_tokens ({max_tokens})"
+            )
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/completions``: ``prompt`` is text, token ids, or a list of either."""
+
+    prompt: str | list[PromptItem]
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids (a list of strings is a batch)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty")
+        if all(isinstance(p, int) for p in prompt):
+            return [[p for p in prompt if isinstance(p, int)]]
+        if all(isinstance(p, str | list) for p in prompt):
+            return [p for p in prompt if isinstance(p, str | list)]
+        raise InvalidRequest("prompt mixes token ids with strings or lists")
+
+    def validate(self) -> None:
+        self._check_sampling()
+        if self.echo:
+            raise InvalidRequest("echo is not supported")
+        for i, p in enumerate(self.prompts()):
+            if len(p) == 0:
+                raise InvalidRequest(f"prompt[{i}] is empty")
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as the plain dict a chat template expects."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        out.setdefault("content", None)
+        return out
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: PosInt | None = None
+    add_generation_prompt: bool = True
+
+    def _max_tokens(self) -> int | None:
+        # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in self.messages]
+
+    def validate(self) -> None:
+        self._check_sampling()
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``POST /tokenize``: either ``prompt`` or ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def validate(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give exactly one of 'prompt' and 'messages'")
+
+
+# --- responses --------------------------------------------------------------------
+
+
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+        """Usage with ``prompt_tokens_details.cached_tokens`` filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    object: str = "text_completion"
+
+
+class CompletionChunk(msgspec.Struct, kw_only=True):
+    """One SSE event of a streamed completion (same ``object`` as the response)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    object: str = "text_completion"
+
+
+class ChatResponseMessage(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion"
+
+
+class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    max_model_len: int | None = None
+    owned_by: str = "kvrouter"
+    root: str | None = None
+    object: str = "model"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class TokenizeResponse(msgspec.Struct, kw_only=True):
+    """vLLM's ``/tokenize`` answer."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class RenderedSamplingParams(msgspec.Struct, kw_only=True):
+    max_tokens: int
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    temperature: float = 1.0
+
+
+class RenderedRequest(msgspec.Struct, kw_only=True):
+    """What the ``/render`` endpoints answer: vLLM's ``GenerateRequest`` shape, i.e.
+    the token ids and sampling parameters the engine would run."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling_params: RenderedSamplingParams
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    cache_salt: str | None = None
+    features: None = None
+    priority: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        request_id: str,
+        token_ids: list[int],
+        req: CompletionRequest | ChatCompletionRequest,
+        model: str,
+    ) -> RenderedRequest:
+        """The rendering of ``req`` whose prompt became ``token_ids``."""
+        params = RenderedSamplingParams(
+            max_tokens=req.output_tokens(),
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            temperature=1.0 if req.temperature is None else req.temperature,
+        )
+        return cls(
+            request_id=request_id,
+            token_ids=token_ids,
+            sampling_params=params,
+            model=model,
+            stream=req.stream,
+            stream_options=req.stream_options,
+            cache_salt=req.cache_salt,
+        )
+
+
+# --- codecs -----------------------------------------------------------------------
+
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+_tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    if not body:
+        raise InvalidRequest("the request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid request: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+
+
+def decode_completion_request(body: bytes) -> CompletionRequest:
+    """Decode and validate a completions request body."""
+    request: CompletionRequest = _decode(_completion_decoder, body)
+    request.validate()
+    return request
+
+
+def decode_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Decode and validate a chat completions request body."""
+    request: ChatCompletionRequest = _decode(_chat_decoder, body)
+    request.validate()
+    return request
+
+
+def decode_tokenize_request(body: bytes) -> TokenizeRequest:
+    """Decode and validate a ``/tokenize`` request body."""
+    request: TokenizeRequest = _decode(_tokenize_decoder, body)
+    request.validate()
+    return request
+
+
+def encode(value: Any) -> bytes:
+    """JSON bytes of a response struct (or of plain builtins)."""
+    return _encoder.encode(value)
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: int | str | None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail
+
+
+def error_body(message: str, type: str, code: int | str | None, param: str | None = None) -> bytes:
+    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+    return _encoder.encode(_ErrorBody(_ErrorDetail(message, type, param, code)))
+
+
+# --- response formats -------------------------------------------------------------
+
+
+class CompletionFormat:
+    """Builds ``/v1/completions`` responses and stream chunks as JSON bytes.
+
+    >>> CompletionFormat("m").chunk("cmpl-1", 0, 0, "hi", None)
+    b'{"id":"cmpl-1","created":0,"model":"m","choices":[{"index":0,"text":"hi","logprobs":null,"finish_reason":null}],"usage":null,"object":"text_completion"}'
+    """
+
+    id_prefix = "cmpl"
+    __slots__ = ("model",)
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def first_chunk(self, request_id: str, created: int, index: int) -> bytes | None:
+        """Completions streams have no opening chunk."""
+        return None
+
+    def chunk(
+        self, request_id: str, created: int, index: int, text: str, finish_reason: str | None
+    ) -> bytes:
+        choice = CompletionChoice(index=index, text=text, finish_reason=_reason(finish_reason))
+        return encode(
+            CompletionChunk(id=request_id, created=created, model=self.model, choices=[choice])
+        )
+
+    def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
+        return encode(
+            CompletionChunk(
+                id=request_id, created=created, model=self.model, choices=[], usage=usage
+            )
+        )
+
+    def response(
+        self,
+        request_id: str,
+        created: int,
+        texts: list[str],
+        finish_reasons: list[str | None],
+        usage: Usage,
+    ) -> bytes:
+        choices = [
+            CompletionChoice(index=i, text=text, finish_reason=_reason(reason))
+            for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
+        ]
+        return encode(
+            CompletionResponse(
+                id=request_id, created=created, model=self.model, choices=choices, usage=usage
+            )
+        )
+
+
+class ChatFormat:
+    """Builds ``/v1/chat/completions`` responses and stream chunks as JSON bytes.
+
+    A stream opens with a chunk whose delta carries only the assistant role.
+    """
+
+    id_prefix = "chatcmpl"
+    __slots__ = ("model",)
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def first_chunk(self, request_id: str, created: int, index: int) -> bytes | None:
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+        return self._chunk(request_id, created, [choice])
+
+    def chunk(
+        self, request_id: str, created: int, index: int, text: str, finish_reason: str | None
+    ) -> bytes:
+        delta = ChatDelta(content=text) if text else ChatDelta()
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=_reason(finish_reason))
+        return self._chunk(request_id, created, [choice])
+
+    def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
+        return self._chunk(request_id, created, [], usage)
+
+    def _chunk(
+        self,
+        request_id: str,
+        created: int,
+        choices: list[ChatChunkChoice],
+        usage: Usage | None = None,
+    ) -> bytes:
+        return encode(
+            ChatCompletionChunk(
+                id=request_id, created=created, model=self.model, choices=choices, usage=usage
+            )
+        )
+
+    def response(
+        self,
+        request_id: str,
+        created: int,
+        texts: list[str],
+        finish_reasons: list[str | None],
+        usage: Usage,
+    ) -> bytes:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatResponseMessage(content=text),
+                finish_reason=_reason(reason),
+            )
+            for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
+        ]
+        return encode(
+            ChatCompletionResponse(
+                id=request_id, created=created, model=self.model, choices=choices, usage=usage
+            )
+        )
+
+
+ResponseFormat = CompletionFormat | ChatFormat
+
+
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def _reason(reason: str | None) -> FinishReason | None:
+    if reason is None:
+        return None
+    try:
+        return _FINISH_REASONS[reason]
+    except KeyError:
+        raise ValueError(f"unknown finish reason {reason!r}") from None

@@ -1,0 +1,301 @@
+"""The gateway in front of real simulated workers (``kvrouter mocker`` processes).
+
+Workers run as child processes speaking HTTP and ZeroMQ KV events (with replay); the
+gateway runs in this process on a loopback port, so tests can look into its index and
+scheduler while driving it over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from kvrouter.gateway.config import GatewayConfig, WorkerSpec
+from kvrouter.gateway.server import GatewayServer
+from kvrouter.hashing import compute_block_hashes
+from kvrouter.tokenizer import ByteTokenizer
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 16
+_LINE = re.compile(r"worker (\d+): http (\S+) kv-events (\S+) replay (\S+)")
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[str]
+    spec: WorkerSpec
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._close_pipe()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
+
+
+def start_workers(
+    worker_ids: list[int], *, events: bool = True, speedup: float = 100.0, gpu_blocks: int = 4096
+) -> list[Worker]:
+    """Start one mocker process per id (in parallel); wait until each prints its ports."""
+    procs = []
+    for worker_id in worker_ids:
+        command = [
+            sys.executable, "-m", "kvrouter", "mocker", "--base-port", "0",
+            "--kv-events-base-port", "0" if events else "-1",
+            "--replay-base-port", "0" if events else "-1",
+            "--worker-id-base", str(worker_id), "--block-size", str(BLOCK),
+            "--num-gpu-blocks", str(gpu_blocks), "--speedup-ratio", str(speedup),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        procs.append(
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+            )
+        )
+    workers = []
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = _LINE.search(line)
+        assert match, f"mocker did not start: {line!r}"
+        wid, url, kv, replay = match.groups()
+        spec = WorkerSpec(
+            url=url,
+            kv_events=None if kv == "-" else kv,
+            replay=None if replay == "-" else replay,
+            worker_id=int(wid),
+        )
+        workers.append(Worker(proc, spec))
+    return workers
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[list[Worker]]:
+    """Three event-publishing workers shared by the tests that do not harm them."""
+    workers = start_workers([0, 1, 2])
+    yield workers
+    for w in workers:
+        w.stop()
+
+
+def gateway_config(workers: list[Worker], **overrides: Any) -> GatewayConfig:
+    settings: dict[str, Any] = {
+        "port": 0,
+        "workers": tuple(w.spec for w in workers),
+        "block_size": BLOCK,
+        "health_check_interval_s": 0.2,
+        "health_check_timeout_s": 0.5,
+        "metrics_scrape_interval_s": 0.2,
+        "connect_timeout_s": 1.0,
+        "request_timeout_s": 20.0,
+    }
+    settings.update(overrides)
+    return GatewayConfig(**settings)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def eventually(check: Any, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def complete(
+    client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int = 4
+) -> tuple[int, dict[str, Any]]:
+    body = {"model": "kvrouter-mock", "prompt": prompt, "max_tokens": max_tokens}
+    async with client.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        return int(resp.headers["x-kvrouter-worker"]), await resp.json()
+
+
+def prompt_hashes(text: str) -> list[int]:
+    return compute_block_hashes(ByteTokenizer().encode(text), BLOCK)
+
+
+async def test_same_prefix_goes_where_the_prefix_is_cached(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    async with GatewayServer(gateway_config(fleet)) as gw:
+        shared = "You are a careful assistant. " * 20  # 580 bytes: 36 full blocks
+        first, _ = await complete(client, gw.url, shared + "Question one?")
+        key = gw.gateway.registry.get(first).key  # type: ignore[union-attr]
+        # The engine's BlockStored events reach the index over ZeroMQ.
+        await eventually(lambda: gw.core.indexer.stats().events_applied > 0)
+        scores = gw.core.indexer.find_matches(prompt_hashes(shared)).scores
+        assert scores[key] == len(prompt_hashes(shared))
+        chosen = []
+        for i in range(4):
+            worker, body = await complete(client, gw.url, shared + f"Another question {i}?")
+            chosen.append(worker)
+            assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 36 * BLOCK
+        assert chosen == [first] * 4
+        decisions = gw.gateway.counters.recent_decisions(4)
+        assert all(d.overlap_blocks >= 36 for d in decisions)
+
+
+async def test_distinct_prompts_are_balanced_under_load(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    async with GatewayServer(gateway_config(fleet)) as gw:
+        prompts = [f"{i:03d} distinct topic " * 30 for i in range(12)]
+        results = await asyncio.gather(
+            *(complete(client, gw.url, p, max_tokens=40) for p in prompts)
+        )
+        per_worker = Counter(worker for worker, _ in results)
+        assert set(per_worker) == {0, 1, 2}
+        assert max(per_worker.values()) - min(per_worker.values()) <= 2, per_worker
+        assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_streaming_through_the_openai_client(fleet: list[Worker]) -> None:
+    async with GatewayServer(gateway_config(fleet)) as gw:
+        api = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        try:
+            stream = await api.completions.create(
+                model="kvrouter-mock",
+                prompt="Stream me something. " * 5,
+                max_tokens=8,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+            assert sum(1 for c in chunks if c.choices) == 8
+            assert chunks[-1].usage is not None
+            assert chunks[-1].usage.completion_tokens == 8
+            chat = await api.chat.completions.create(
+                model="kvrouter-mock",
+                messages=[{"role": "user", "content": "Hello there, how are you?"}],
+                max_tokens=5,
+                stream=True,
+            )
+            deltas = [c.choices[0].delta.content async for c in chat if c.choices]
+            assert len([d for d in deltas if d]) == 5
+            models = await api.models.list()
+            assert [m.id for m in models.data] == ["kvrouter-mock"]
+        finally:
+            await api.close()
+        sched = gw.core.scheduler.stats()
+        assert (sched.num_decisions, sched.active.num_requests) == (2, 0)
+
+
+async def test_failover_when_a_worker_dies(client: aiohttp.ClientSession) -> None:
+    workers = start_workers([10, 11])
+    try:
+        async with GatewayServer(gateway_config(workers)) as gw:
+            text = "Failover keeps serving. " * 20
+            victim_id, _ = await complete(client, gw.url, text)
+            victim = next(w for w in workers if w.spec.worker_id == victim_id)
+            key = gw.gateway.registry.get(victim_id).key  # type: ignore[union-attr]
+            await eventually(lambda: gw.core.indexer.tree_size(key) >= len(prompt_hashes(text)))
+            victim.kill()
+            # Requests keep succeeding (retried before their first byte if they hit it).
+            for i in range(4):
+                worker, _ = await complete(client, gw.url, text + str(i))
+                assert worker != victim_id
+            await eventually(lambda: not gw.gateway.registry.get(victim_id).healthy)  # type: ignore[union-attr]
+            assert gw.core.indexer.tree_size(key) == 0
+            assert key not in gw.core.scheduler.workers
+            assert gw.core.scheduler.stats().active.num_requests == 0
+    finally:
+        for w in workers:
+            w.stop()
+
+
+async def test_busy_workers_answer_503_and_disconnects_free_their_load(
+    client: aiohttp.ClientSession,
+) -> None:
+    (worker,) = start_workers([20], speedup=1.0, gpu_blocks=64)
+    try:
+        cfg = gateway_config([worker], busy_kv_usage=0.3, metrics_scrape_interval_s=30.0)
+        async with GatewayServer(cfg) as gw:
+            state = gw.gateway.registry.in_rotation()[0]
+            assert await gw.gateway.scrape_metrics(state)  # learns the 64-block cache size
+            body = {"prompt": "Hold the cache. " * 30, "max_tokens": 400, "stream": True}
+            held = await client.post(gw.url + "/v1/completions", json=body)
+            assert held.status == 200
+            await held.content.readline()  # first byte: it is running
+            assert gw.core.scheduler.stats().active.num_requests == 1
+            async with client.post(gw.url + "/v1/completions", json={"prompt": "more"}) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "1"
+                assert (await resp.json())["error"]["type"] == "service_unavailable"
+            held.close()  # the client goes away: the booking must be freed
+            await eventually(lambda: gw.core.scheduler.stats().active.num_requests == 0)
+            assert gw.gateway.counters.num_in_flight == 0
+            _, answer = await complete(client, gw.url, "now there is room")
+            assert answer["usage"]["completion_tokens"] == 4
+    finally:
+        worker.stop()
+
+
+async def test_workers_without_events_are_routed_by_predicted_entries(
+    client: aiohttp.ClientSession,
+) -> None:
+    workers = start_workers([30, 31], events=False)
+    try:
+        async with AsyncExitStack() as stack:
+            gw = await stack.enter_async_context(GatewayServer(gateway_config(workers)))
+            infos = gw.gateway.registry.infos()
+            assert [i.mode for i in infos] == ["approximate", "approximate"]
+            shared = "Approximate mode shares this prefix. " * 10
+            first, _ = await complete(client, gw.url, shared + "a")
+            for suffix in ("b", "c", "d"):
+                worker, _ = await complete(client, gw.url, shared + suffix)
+                assert worker == first
+            index = gw.core.indexer.stats()
+            assert index.events_applied == 0
+            assert index.num_predicted >= len(prompt_hashes(shared))
+    finally:
+        for w in workers:
+            w.stop()
+
+
+async def test_worker_tokenizer_mode_asks_the_worker(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    async with GatewayServer(gateway_config(fleet, tokenizer="worker")) as gw:
+        assert gw.gateway.tokenizer is None
+        messages = [{"role": "user", "content": "Tokenized by the worker, not the router. " * 3}]
+        body = {"model": "kvrouter-mock", "messages": messages, "max_tokens": 2}
+        async with client.post(gw.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            usage = (await resp.json())["usage"]
+        tok = ByteTokenizer()
+        expected = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+        assert usage["prompt_tokens"] == len(expected)
+        (decision,) = gw.gateway.counters.recent_decisions(1)
+        assert decision.request_blocks == len(expected) // BLOCK

@@ -1,0 +1,376 @@
+"""The gateway's proxy mechanics against scripted backends on real loopback ports.
+
+Each backend is a small aiohttp server whose behaviour a test sets (answer, refuse,
+503, break a stream, stream slowly), so retries, mid-stream failures, admission and
+disconnect cleanup are shown exactly. The gateway is the real one (real routing core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kvrouter.gateway.config import GatewayConfig, WorkerSpec
+from kvrouter.gateway.server import GatewayServer
+
+pytestmark = pytest.mark.integration
+
+CHUNK = b'data: {"choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n'
+
+
+@dataclass
+class Backend:
+    """A scripted worker: ``mode`` is ok | drop | status503 | break | slow."""
+
+    mode: str = "ok"
+    kv_usage: float = 0.0
+    healthy: bool = True
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnects: int = 0
+    url: str = ""
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if self.mode == "drop":  # healthy, but drops every request before answering
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if self.mode == "status503":
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"text": "ok"}], "worker": self.url})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(CHUNK)
+        if self.mode == "break":
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        try:
+            for _ in range(200 if self.mode == "slow" else 2):
+                await asyncio.sleep(0.02 if self.mode == "slow" else 0)
+                await response.write(CHUNK)
+            await response.write(b"data: [DONE]\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+        return response
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok", status=200 if self.healthy else 500)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=f"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+            f"vllm:kv_cache_usage_perc {self.kv_usage}\n"
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+
+async def start_backend(stack: AsyncExitStack, backend: Backend) -> Backend:
+    app = web.Application()
+    app.router.add_post("/v1/completions", backend.generate)
+    app.router.add_post("/v1/chat/completions", backend.generate)
+    app.router.add_get("/health", backend.health)
+    app.router.add_get("/metrics", backend.metrics)
+    app.router.add_get("/v1/models", backend.models)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stack.push_async_callback(runner.cleanup)
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    backend.url = f"http://127.0.0.1:{port}"
+    return backend
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def config(urls: list[str], **overrides: Any) -> GatewayConfig:
+    settings: dict[str, Any] = {
+        "port": 0,
+        "workers": tuple(WorkerSpec(u) for u in urls),
+        "block_size": 4,
+        "health_check_interval_s": 30.0,
+        "metrics_scrape_interval_s": 30.0,
+        "connect_timeout_s": 1.0,
+        "request_timeout_s": 10.0,
+    }
+    settings.update(overrides)
+    return GatewayConfig(**settings)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    async with AsyncExitStack() as s:
+        yield s
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_failure_before_first_byte_is_retried_on_another_worker(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    dropping = await start_backend(stack, Backend(mode="drop"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([dropping.url, good.url], router_mode="round_robin"))
+    )
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kvrouter-worker"] == "1"
+        assert (await resp.json())["worker"] == good.url
+    stats = gw.gateway.counters.stats()
+    assert stats.num_retries == 1
+    assert stats.num_upstream_errors == {"connect": 1}
+    infos = {i.worker_id: i for i in gw.gateway.registry.infos()}
+    assert not infos[0].healthy
+    assert infos[1].healthy
+    assert gw.core.scheduler.workers == (gw.core.scheduler.workers[0],)
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_every_worker_failing_is_a_502(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    busy = await start_backend(stack, Backend(mode="status503"))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([busy.url, dead_url()], max_retries=1))
+    )
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_error"
+    assert len(busy.requests) == 1
+    # Both are out of rotation now: the next request is refused with 503 + Retry-After.
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+
+
+async def test_failure_after_first_byte_ends_the_stream_with_an_error_event(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    breaking = await start_backend(stack, Backend(mode="break"))
+    gw = await stack.enter_async_context(GatewayServer(config([breaking.url])))
+    body = {"prompt": "abcdefgh", "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    events = [e for e in text.split("\n\n") if e]
+    assert events[0] == CHUNK.decode().strip()
+    error = json.loads(events[-2].removeprefix("data: "))
+    assert error["error"]["type"] == "upstream_error"
+    assert events[-1] == "data: [DONE]"
+    assert gw.gateway.counters.stats().num_upstream_errors == {"stream": 1}
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_streaming_passes_chunks_through(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+    body = {"prompt": "abcdefgh", "stream": True, "stream_options": {"include_usage": True}}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        data = await resp.read()
+    assert data == CHUNK * 3 + b"data: [DONE]\n\n"
+    assert backend.requests == [body]
+    sched = gw.core.scheduler.stats()
+    assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (1, 1, 0)
+
+
+async def test_client_disconnect_cancels_upstream_and_frees_the_booking(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    slow = await start_backend(stack, Backend(mode="slow"))
+    gw = await stack.enter_async_context(GatewayServer(config([slow.url])))
+    resp = await client.post(
+        gw.url + "/v1/completions", json={"prompt": "abcdefgh", "stream": True}
+    )
+    assert await resp.content.readline() == CHUNK.split(b"\n")[0] + b"\n"
+    assert gw.core.scheduler.stats().active.num_requests == 1
+    assert gw.gateway.counters.num_in_flight == 1
+    resp.close()  # the client goes away mid-stream
+    for _ in range(100):
+        if slow.disconnects and gw.core.scheduler.stats().active.num_requests == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert slow.disconnects == 1
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0
+    assert gw.gateway.counters.num_disconnects == 1
+
+
+async def test_all_workers_busy_is_503_with_retry_after(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    loaded = await start_backend(stack, Backend(kv_usage=0.97))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([loaded.url], busy_kv_usage=0.9, retry_after_s=2.5))
+    )
+    assert await gw.gateway.scrape_metrics(gw.gateway.registry.in_rotation()[0])
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "3"
+        body = await resp.json()
+    assert body["error"]["type"] == "service_unavailable"
+    assert "kv usage 97% > 90%" in body["error"]["message"]
+    assert loaded.requests == []
+
+
+async def test_limits_and_bad_input_are_4xx_never_500(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([backend.url], max_body_bytes=2000, max_prompt_tokens=50))
+    )
+    url = gw.url + "/v1/completions"
+    cases: list[tuple[bytes, int, str]] = [
+        (json.dumps({"prompt": "x" * 3000}).encode(), 413, "over the limit of 2000"),
+        (json.dumps({"prompt": "x" * 60}).encode(), 413, "60 tokens, over the limit of 50"),
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"prompt": 1}', 400, "'prompt' must be"),
+        (json.dumps({"prompt": "abcd", "kvrouter": {"speed": 1}}).encode(), 400, "unknown key"),
+    ]
+    for body, status, message in cases:
+        async with client.post(url, data=body) as resp:
+            assert resp.status == status, body
+            error = (await resp.json())["error"]
+            assert message in error["message"]
+            assert error["code"] == status
+    async with client.get(gw.url + "/v1/nothing") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["type"] == "not_found_error"
+    async with client.get(url) as resp:
+        assert resp.status == 405
+    async with client.post(url, json={"prompt": "abcd"}, headers={"x-kvrouter-worker": "9"}) as r:
+        assert r.status == 400
+    assert backend.requests == []
+
+
+async def test_direct_routing_and_body_overrides_are_stripped(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    b = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([a.url, b.url])))
+    for _ in range(3):
+        async with client.post(
+            gw.url + "/v1/completions",
+            json={"prompt": "abcdefgh", "kvrouter": {"worker": 1, "overlap_weight": 2}},
+        ) as resp:
+            assert resp.status == 200
+    assert a.requests == []
+    assert b.requests == [{"prompt": "abcdefgh"}] * 3
+    recent = gw.gateway.counters.recent_decisions(3)
+    assert [(d.worker_id, d.policy, d.pinned) for d in recent] == [(1, "direct", True)] * 3
+
+
+async def test_admin_api_adds_lists_and_removes_workers(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    b = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([a.url])))
+    async with client.post(gw.url + "/admin/workers", json={"url": b.url, "worker_id": 5}) as r:
+        assert r.status == 201
+        added = await r.json()
+    assert (added["worker_id"], added["healthy"], added["url"]) == (5, True, b.url)
+    async with client.post(gw.url + "/admin/workers", json={"url": "nope"}) as r:
+        assert r.status == 400
+    async with client.get(gw.url + "/admin/workers") as r:
+        listed = (await r.json())["workers"]
+    assert [(w["worker_id"], w["url"], w["healthy"], w["mode"]) for w in listed] == [
+        (0, a.url, True, "approximate"),
+        (5, b.url, True, "approximate"),
+    ]
+    assert set(listed[0]) >= {"metrics_age_s", "index_size", "active_blocks"}
+    async with client.delete(gw.url + "/admin/workers/0") as r:
+        assert r.status == 200
+    async with client.delete(gw.url + "/admin/workers/0") as r:
+        assert r.status == 404
+    assert gw.core.scheduler.workers == (gw.gateway.registry.get(5).key,)  # type: ignore[union-attr]
+    async with client.get(gw.url + "/v1/models") as r:
+        assert [m["id"] for m in (await r.json())["data"]] == ["m"]
+
+
+async def test_health_checks_take_workers_out_and_back(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([a.url])))
+    state = gw.gateway.registry.in_rotation()[0]
+    # Approximate mode: the scheduler's predicted entries are the index.
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as r:
+        assert r.status == 200
+    assert gw.core.indexer.tree_size(state.key) == 2
+    a.healthy = False
+    assert not await gw.gateway.check_health(state)
+    assert gw.gateway.registry.in_rotation() == []
+    assert gw.core.indexer.tree_size(state.key) == 0
+    async with client.get(gw.url + "/health") as r:
+        assert r.status == 503
+    a.healthy = True
+    assert await gw.gateway.check_health(state)
+    assert gw.core.scheduler.workers == (state.key,)
+    async with client.get(gw.url + "/health") as r:
+        assert (r.status, (await r.json())["workers_in_rotation"]) == (200, 1)
+
+
+async def test_debug_endpoints_and_metrics(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    b = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([a.url, b.url])))
+    prompt = {"prompt": "abcdefghijklmnop"}
+    async with client.post(gw.url + "/v1/completions", json=prompt) as r:
+        first = r.headers["x-kvrouter-worker"]
+    async with client.post(gw.url + "/debug/explain", json=prompt) as r:
+        explained = await r.json()
+    assert str(explained["worker_id"]) == first
+    assert (explained["request_blocks"], explained["overlap_blocks"]) == (4, 4)
+    assert len(explained["explanation"]) == 2
+    assert gw.core.scheduler.stats().num_decisions == 1  # explaining is not deciding
+    async with client.get(gw.url + "/debug/decisions?n=5") as r:
+        decisions = (await r.json())["decisions"]
+    assert len(decisions) == 1
+    assert any("(Selected)" in line for line in decisions[0]["explanation"])
+    async with client.get(gw.url + "/debug/decisions?n=x") as r:
+        assert r.status == 400
+    async with client.get(gw.url + "/metrics") as r:
+        text = await r.text()
+    assert f'kvrouter_decisions_total{{policy="kv",worker="{first}"}} 1.0' in text
+    assert 'kvrouter_requests_total{route="/v1/completions",status="200"} 1.0' in text
+    assert "kvrouter_requests_in_flight 0.0" in text
+    assert "kvrouter_decision_latency_seconds_count 1.0" in text
+    async with client.get(gw.url + "/dashboard") as r:
+        assert "kvrouter dashboard" in await r.text()
+    async with client.get(gw.url + "/dashboard/data") as r:
+        data = await r.json()
+    assert data["core"]["decisions"] == 1
+    assert len(data["workers"]) == 2

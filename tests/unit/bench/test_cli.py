@@ -1,0 +1,72 @@
+"""The bench commands, run through the real ``kvrouter`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvrouter.bench.results import FIGURE_KEYS
+from kvrouter.cli import app
+
+runner = CliRunner()
+
+
+def test_simulate_json_prints_one_object(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "bench", "simulate", "--workload", "no-reuse", "--limit", "12", "--workers", "2",
+            "--rate", "20", "--policies", "kv,round_robin", "--json", "--out", str(tmp_path),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"policies", "reuse_limit"}
+    assert doc["reuse_limit"] == 0.0
+    assert set(doc["policies"]) == {"kv", "round_robin"}
+    for entry in doc["policies"].values():
+        assert set(FIGURE_KEYS) <= set(entry)
+        assert entry["completed"] == 12
+    assert (tmp_path / "results.json").exists()
+    assert (tmp_path / "report.html").exists()
+
+
+def test_simulate_sweep(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "bench", "simulate", "--workload", "no-reuse", "--limit", "6", "--workers", "2",
+            "--policies", "random", "--sweep", "1,2", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [p["speedup"] for p in doc["sweep"]] == [1.0, 2.0]
+    assert doc["sweep"][1]["policies"]["random"]["completed"] == 6
+
+
+def test_unknown_policy_is_a_usage_error() -> None:
+    result = runner.invoke(
+        app, ["bench", "simulate", "--workload", "no-reuse", "--limit", "2", "--policies", "nope"]
+    )
+    assert result.exit_code == 2
+
+
+def test_report_command(tmp_path: Path) -> None:
+    sim = runner.invoke(
+        app,
+        [
+            "bench", "simulate", "--workload", "no-reuse", "--limit", "4", "--workers", "2",
+            "--policies", "round_robin", "--out", str(tmp_path / "sim"),
+        ],
+    )  # fmt: skip
+    assert sim.exit_code == 0, sim.output
+    result = runner.invoke(
+        app,
+        ["bench", "report", str(tmp_path / "sim" / "results.json"), "--out", str(tmp_path / "r")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "round_robin" in result.stdout
+    assert (tmp_path / "r" / "report.md").read_text().count("| round_robin |") == 1

@@ -1,0 +1,115 @@
+"""The virtual-time simulator, run with the real router and engine code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvrouter.bench.results import FIGURE_KEYS, results_document
+from kvrouter.bench.simulate import SimConfig, Simulation, simulate
+from kvrouter.bench.workloads import (
+    Arrivals,
+    Request,
+    Segment,
+    apply_arrivals,
+    load_mooncake_trace,
+    shared_prefix_requests,
+)
+from kvrouter.engine import EngineConfig
+
+SMALL_ENGINE = EngineConfig(block_size=16, num_gpu_blocks=2048)
+
+
+def _shared_prefix() -> list[Request]:
+    requests = shared_prefix_requests(
+        num_groups=6, prompts_per_group=10, system_prompt_len=512, question_len=32, output_len=8
+    )
+    return apply_arrivals(requests, Arrivals("poisson", rate=40.0, seed=1))
+
+
+def test_every_request_completes_with_sane_figures() -> None:
+    requests = _shared_prefix()
+    result = simulate(requests, "kv", SimConfig(num_workers=3, engine=SMALL_ENGINE))
+    figures = result.figures
+    assert set(FIGURE_KEYS) <= set(figures)
+    assert figures["completed"] == 60
+    assert result.extra["errors"] == 0
+    assert result.extra["decode_errors"] == 0
+    assert result.extra["rejected_events"] == 0
+    assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p90_ms"] <= figures["ttft_p99_ms"]
+    assert figures["itl_mean_ms"] > 0
+    assert figures["e2e_mean_ms"] > figures["ttft_mean_ms"]
+    assert 0 < figures["prefix_reuse"] < 1
+    assert len(result.ttft_ms) == 60
+    assert sum(w["requests"] for w in result.per_worker.values()) == 60
+    assert set(result.series.active) == {"0", "1", "2"}
+    assert all(len(v) == len(result.series.t_s) for v in result.series.active.values())
+
+
+def test_kv_reuses_more_prefix_than_round_robin() -> None:
+    requests = _shared_prefix()
+    config = SimConfig(num_workers=4, engine=SMALL_ENGINE)
+    kv = simulate(requests, "kv", config)
+    rr = simulate(requests, "round_robin", config)
+    assert kv.figures["completed"] == rr.figures["completed"] == 60
+    assert kv.figures["prefix_reuse"] > rr.figures["prefix_reuse"]
+    assert kv.figures["ttft_mean_ms"] < rr.figures["ttft_mean_ms"]
+
+
+def test_seeded_runs_are_deterministic() -> None:
+    requests = _shared_prefix()
+    config = SimConfig(num_workers=3, engine=SMALL_ENGINE, seed=7)
+    a = simulate(requests, "random", config)
+    b = simulate(requests, "random", config)
+    figures_a = {k: v for k, v in a.figures.items() if k != "wall_s"}
+    figures_b = {k: v for k, v in b.figures.items() if k != "wall_s"}
+    assert figures_a == figures_b
+    assert a.per_worker == b.per_worker
+    assert a.ttft_ms == b.ttft_ms
+
+
+def test_closed_loop_keeps_concurrency() -> None:
+    requests = [Request(f"r{i}", 0.0, (Segment(i, 64),), 4) for i in range(12)]
+    config = SimConfig(num_workers=2, engine=SMALL_ENGINE, sample_interval_s=0.005)
+    sim = Simulation("round_robin", config)
+    result = sim.run(requests, Arrivals("concurrency", concurrency=3))
+    assert result.figures["completed"] == 12
+    totals = [sum(col) for col in zip(*result.series.active.values(), strict=True)]
+    assert len(totals) > 3
+    assert max(totals) == 3
+
+
+def test_a_request_too_big_for_the_cache_is_an_error_not_a_hang() -> None:
+    tiny = EngineConfig(block_size=16, num_gpu_blocks=4)
+    requests = [
+        Request("big", 0.0, (Segment(1, 200),), 4),
+        Request("ok", 0.1, (Segment(2, 20),), 2),
+    ]
+    result = simulate(requests, "kv", SimConfig(num_workers=1, engine=tiny))
+    assert result.figures["completed"] == 1
+    assert result.extra["errors"] == 1
+
+
+def test_results_document_shape() -> None:
+    requests = _shared_prefix()[:10]
+    run = simulate(requests, "kv", SimConfig(num_workers=2, engine=SMALL_ENGINE))
+    doc = results_document({"kv": run}, reuse_limit=0.5, full=False)
+    assert set(doc) == {"policies", "reuse_limit"}
+    entry = doc["policies"]["kv"]
+    assert set(FIGURE_KEYS) <= set(entry)
+    assert "series" not in entry and "ttft_ms" not in entry
+    full = results_document({"kv": run}, reuse_limit=0.5)["policies"]["kv"]
+    assert len(full["ttft_ms"]) == 10
+
+
+def test_shared_trace_slice(trace_path: Path) -> None:
+    requests = load_mooncake_trace(trace_path, limit=60)
+    config = SimConfig(num_workers=2)
+    result = simulate(requests, "kv", config, Arrivals("trace", speedup=1.0))
+    assert result.figures["completed"] == 60
+    assert result.extra["errors"] == 0
+    assert result.figures["prefix_reuse"] == pytest.approx(
+        sum(w["cached_tokens"] for w in result.per_worker.values())
+        / sum(r.input_length for r in requests)
+    )

@@ -1,0 +1,427 @@
+"""The simulated engine's HTTP server, driven through the official ``openai`` client.
+
+Every test runs the real :class:`EngineCore` (at a high speedup ratio) and the real
+:class:`KvEventPublisher` over the in-process transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest
+
+from kvrouter.engine import EngineConfig, EngineCore
+from kvrouter.engine.server import EngineServer, ServerConfig
+from kvrouter.events.model import Stored
+from kvrouter.events.vllm import VllmEventDecoder
+from kvrouter.load.prometheus import parse_engine_metrics
+from kvrouter.tokenizer import ByteTokenizer
+from kvrouter.transport.base import Message, SubscriptionEndpoint, parse_frames
+from kvrouter.transport.inproc import InProcBus, InProcTransport
+from kvrouter.transport.publisher import KvEventPublisher
+
+MODEL = "mock-model"
+BLOCK_SIZE = 4
+PROMPT = "The quick brown fox jumps over the lazy dog."  # 44 bytes: 11 full blocks
+
+
+@dataclass
+class Harness:
+    server: EngineServer
+    core: EngineCore
+    client: openai.AsyncOpenAI
+    http: aiohttp.ClientSession
+    bus: InProcBus
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def post(self, path: str, body: object) -> tuple[int, object]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with self.http.post(self.url + path, data=data) as response:
+            return response.status, json.loads(await response.read())
+
+
+async def make_harness(speedup_ratio: float = 1000.0, max_model_len: int = 4096) -> Harness:
+    config = EngineConfig(block_size=BLOCK_SIZE, num_gpu_blocks=1024, speedup_ratio=speedup_ratio)
+    core = EngineCore(config, worker_id=7)
+    bus = InProcBus()
+    publisher = KvEventPublisher(InProcTransport(bus, "worker-7"), block_size=BLOCK_SIZE)
+    await publisher.start()
+    server = EngineServer(
+        core,
+        ByteTokenizer(),
+        ServerConfig(model_name=MODEL, max_model_len=max_model_len, shutdown_timeout_s=0.2),
+        kv_publisher=publisher,
+    )
+    await server.start()
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return Harness(server, core, client, aiohttp.ClientSession(), bus)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = await make_harness()
+    yield h
+    await h.http.close()
+    await h.client.close()
+    await h.server.aclose()
+
+
+# --- completions ---------------------------------------------------------------------
+
+
+async def test_completion_text_prompt(harness: Harness) -> None:
+    result = await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5)
+    assert result.object == "text_completion"
+    assert result.model == MODEL
+    assert len(result.choices) == 1
+    assert result.choices[0].finish_reason == "length"
+    assert len(result.choices[0].text) == 5
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (44, 5)
+    assert result.usage.total_tokens == 49
+    assert result.usage.prompt_tokens_details is not None
+    assert result.usage.prompt_tokens_details.cached_tokens == 0
+
+
+async def test_repeated_prompt_reports_cached_tokens(harness: Harness) -> None:
+    await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    again = await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    # 11 full blocks, but the last prompt token is always recomputed: 10 blocks hit.
+    assert again.usage.prompt_tokens_details.cached_tokens == 40
+
+
+async def test_token_id_prompt_and_default_max_tokens(harness: Harness) -> None:
+    result = await harness.client.completions.create(model=MODEL, prompt=list(range(3, 23)))
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (20, 16)
+
+
+async def test_batch_of_string_prompts(harness: Harness) -> None:
+    result = await harness.client.completions.create(
+        model=MODEL, prompt=["first prompt", "second"], max_tokens=3
+    )
+    assert [c.index for c in result.choices] == [0, 1]
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (18, 6)
+
+
+async def test_extension_field_sets_output_length(harness: Harness) -> None:
+    result = await harness.client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=50,
+        extra_body={"kvrouter_output_tokens": 3, "min_tokens": 1, "ignore_eos": True},
+    )
+    assert result.usage is not None and result.usage.completion_tokens == 3
+
+
+async def test_output_text_is_the_decoding_of_the_output_tokens(harness: Harness) -> None:
+    headers = {"x-request-id": "fixed-id"}
+    first = await harness.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, extra_headers=headers
+    )
+    second = await harness.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, extra_headers=headers
+    )
+    assert first.id == second.id == "fixed-id"
+    assert first.choices[0].text == second.choices[0].text
+    raw = await harness.client.completions.with_raw_response.create(
+        model=MODEL, prompt=PROMPT, max_tokens=1, extra_headers=headers
+    )
+    assert raw.headers["x-request-id"] == "fixed-id"
+
+
+async def test_streaming_completion_with_usage(harness: Harness) -> None:
+    stream = await harness.client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) == 4
+    assert [c.choices[0].finish_reason for c in text_chunks] == [None, None, None, "length"]
+    assert all(len(c.choices[0].text) == 1 for c in text_chunks)
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (44, 4)
+
+
+async def test_raw_stream_ends_with_done(harness: Harness) -> None:
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 2, "stream": True}
+    async with harness.http.post(harness.url + "/v1/completions", json=body) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        raw = await response.read()
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert len(events) == 3
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: {") for e in events[:-1])
+
+
+# --- chat ------------------------------------------------------------------------------
+
+
+async def test_chat_completion(harness: Harness) -> None:
+    result = await harness.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3
+    )
+    assert result.object == "chat.completion"
+    assert result.choices[0].message.role == "assistant"
+    assert len(result.choices[0].message.content or "") == 3
+    assert result.usage is not None
+    templated = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert result.usage.prompt_tokens == len(templated.encode())
+
+
+async def test_chat_streaming(harness: Harness) -> None:
+    stream = await harness.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks[1:] if c.choices]
+    assert len(content) == 3 and all(len(c or "") == 1 for c in content)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "body is empty"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "n": 3}, "only n=1"),
+        ({"model": MODEL, "prompt": [1, "a"]}, "mixes"),
+        ({"model": MODEL}, "prompt"),
+        ({"model": MODEL, "prompt": "x" * 4090, "max_tokens": 10}, "maximum context length"),
+    ],
+)
+async def test_bad_completion_requests_get_400(harness: Harness, body: object, needle: str) -> None:
+    status, payload = await harness.post("/v1/completions", body)
+    assert status == 400
+    assert isinstance(payload, dict)
+    assert needle in payload["error"]["message"]
+    assert payload["error"]["code"] == 400
+    assert harness.server.stats().num_active == 0
+
+
+async def test_unknown_model_is_404(harness: Harness) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await harness.client.completions.create(model="other", prompt="x")
+    assert info.value.status_code == 404
+    status, payload = await harness.post(
+        "/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 404
+    assert isinstance(payload, dict) and "does not exist" in payload["error"]["message"]
+
+
+async def test_bad_chat_fields_via_client(harness: Harness) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await harness.client.chat.completions.create(model=MODEL, messages=[])
+    status, payload = await harness.post(
+        "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}
+    )
+    assert status == 400
+    assert isinstance(payload, dict) and "content" in payload["error"]["message"]
+
+
+async def test_request_too_big_for_the_cache_is_400() -> None:
+    h = await make_harness(max_model_len=10**6)
+    try:
+        status, payload = await h.post("/v1/completions", {"prompt": list(range(5000))})
+        assert status == 400
+        assert isinstance(payload, dict) and "the cache holds 4096" in payload["error"]["message"]
+        assert h.core.stats().requests_added == 0
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
+
+
+async def test_unknown_route_is_json_404(harness: Harness) -> None:
+    status, payload = await harness.post("/v1/nothing", {})
+    assert status == 404
+    assert isinstance(payload, dict) and payload["error"]["code"] == 404
+
+
+# --- other endpoints -------------------------------------------------------------------
+
+
+async def test_models_and_health(harness: Harness) -> None:
+    models = await harness.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    async with harness.http.get(harness.url + "/health") as response:
+        assert response.status == 200
+
+
+async def test_tokenize_prompt_and_messages(harness: Harness) -> None:
+    status, payload = await harness.post("/tokenize", {"model": MODEL, "prompt": "ab"})
+    assert status == 200
+    assert payload == {"count": 2, "max_model_len": 4096, "tokens": [100, 101], "token_strs": None}
+    messages = [{"role": "user", "content": "hi"}]
+    status, payload = await harness.post("/tokenize", {"messages": messages})
+    assert status == 200 and isinstance(payload, dict)
+    templated = ByteTokenizer().apply_chat_template(messages)
+    assert payload["tokens"] == ByteTokenizer().encode(templated)
+    status, payload = await harness.post("/tokenize", {"prompt": "a", "return_token_strs": True})
+    assert isinstance(payload, dict) and payload["token_strs"] == ["a"]
+    status, _ = await harness.post("/tokenize", {"model": MODEL})
+    assert status == 400
+
+
+async def test_render_endpoints(harness: Harness) -> None:
+    status, payload = await harness.post(
+        "/v1/completions/render", {"model": MODEL, "prompt": ["ab", "c"], "max_tokens": 3}
+    )
+    assert status == 200 and isinstance(payload, list)
+    assert [p["token_ids"] for p in payload] == [[100, 101], [102]]
+    assert payload[0]["sampling_params"]["max_tokens"] == 3
+    assert payload[0]["model"] == MODEL
+    messages = [{"role": "user", "content": "hi"}]
+    status, rendered = await harness.post("/v1/chat/completions/render", {"messages": messages})
+    assert status == 200 and isinstance(rendered, dict)
+    expected = ByteTokenizer().encode(ByteTokenizer().apply_chat_template(messages))
+    assert rendered["token_ids"] == expected
+    # What render returns is what generation uses.
+    result = await harness.client.chat.completions.create(model=MODEL, messages=messages)
+    assert result.usage is not None and result.usage.prompt_tokens == len(expected)
+    assert harness.core.stats().requests_added == 1
+
+
+async def test_metrics_use_vllm_names(harness: Harness) -> None:
+    await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    async with harness.http.get(harness.url + "/metrics") as response:
+        text = await response.text()
+    snapshot = parse_engine_metrics(text)
+    assert snapshot.engine == "vllm"
+    assert snapshot.num_requests_running == 0
+    assert snapshot.num_requests_waiting == 0
+    assert snapshot.kv_total_blocks == 1024
+    assert snapshot.prefix_cache_queries == 88
+    assert snapshot.prefix_cache_hits == 40
+    assert snapshot.num_malformed == 0
+
+
+async def test_kv_events_are_published_one_batch_per_step(harness: Harness) -> None:
+    transport = InProcTransport(harness.bus)
+    subscription = await transport.subscribe(SubscriptionEndpoint("worker-7"))
+    await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    message = parse_frames(await asyncio.wait_for(subscription.recv(), 5.0))
+    assert isinstance(message, Message)
+    assert message.seq == 0
+    batch = VllmEventDecoder(block_size=BLOCK_SIZE).decode(message.payload)
+    assert batch.errors == []
+    assert len(batch.events) == 1
+    stored = batch.events[0]
+    assert isinstance(stored, Stored)
+    assert len(stored.blocks) == 11
+    assert harness.server.stats().num_kv_events == 1
+    await transport.aclose()
+
+
+# --- disconnects -----------------------------------------------------------------------
+
+
+async def wait_until_idle(h: Harness, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while h.core.has_unfinished_requests() or h.server.stats().num_active:
+        assert asyncio.get_running_loop().time() < deadline, "engine did not go idle"
+        await asyncio.sleep(0.01)
+
+
+async def test_stream_disconnect_aborts_the_request() -> None:
+    h = await make_harness(speedup_ratio=10.0)  # ~2-5 ms per step: a long request
+    try:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
+        response = await h.http.post(h.url + "/v1/completions", json=body)
+        await response.content.readline()  # the first token arrived: it is running
+        assert h.core.num_running == 1
+        response.close()
+        await wait_until_idle(h)
+        assert h.core.num_running == 0
+        assert h.core.stats().requests_aborted == 1
+        assert h.server.stats().num_aborted == 1
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
+
+
+async def test_non_streaming_disconnect_aborts_the_request() -> None:
+    h = await make_harness(speedup_ratio=10.0)
+    try:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000}
+        task = asyncio.create_task(h.http.post(h.url + "/v1/completions", json=body))
+        while h.core.num_running == 0:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_until_idle(h)
+        assert h.core.num_running == 0
+        assert h.core.stats().requests_aborted == 1
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
+
+
+async def test_aclose_is_idempotent_and_aborts_open_requests() -> None:
+    h = await make_harness(speedup_ratio=10.0)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
+    response = await h.http.post(h.url + "/v1/completions", json=body)
+    await response.content.readline()
+    await h.server.aclose()
+    await h.server.aclose()
+    assert h.server.stats().num_active == 0
+    assert h.core.stats().requests_aborted == 1
+    # The stream ended cleanly: its last chunk says "abort", then [DONE].
+    events = [e for e in (await response.read()).decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+    response.close()
+    await h.http.close()
+    await h.client.close()
+
+
+async def test_engine_failure_ends_open_requests_and_refuses_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = await make_harness()
+    try:
+
+        def broken_step() -> None:
+            raise RuntimeError("core bug")
+
+        monkeypatch.setattr(h.core, "step", broken_step)
+        result = await h.client.completions.create(model=MODEL, prompt="abc", max_tokens=3)
+        assert result.choices[0].finish_reason == "abort"
+        assert h.server.stats().num_active == 0
+        with pytest.raises(openai.InternalServerError) as info:
+            await h.client.completions.create(model=MODEL, prompt="abc", max_tokens=3)
+        assert info.value.status_code == 503
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()

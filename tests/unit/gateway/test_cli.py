@@ -1,0 +1,71 @@
+"""``kvrouter serve`` turns flags, environment and file into one config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from kvrouter.cli import app
+from kvrouter.gateway import cli as gateway_cli
+from kvrouter.gateway.config import GatewayConfig, WorkerSpec
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[GatewayConfig]:
+    configs: list[GatewayConfig] = []
+
+    def fake_run(cfg: GatewayConfig, log_level: str) -> None:
+        configs.append(cfg)
+
+    monkeypatch.setattr(gateway_cli, "_run_async", fake_run)
+    for name in ("KVROUTER_PORT", "KVROUTER_WORKERS", "KVROUTER_CONFIG", "KVROUTER_ROUTER_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    return configs
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(app, args, env=env)
+
+
+def test_space_separated_workers_and_flags(captured: list[GatewayConfig]) -> None:
+    result = invoke(
+        [
+            "serve", "--port", "9000",
+            "--workers", "http://127.0.0.1:8001", "http://127.0.0.1:8002,kv_events=tcp://127.0.0.1:5557",
+            "--router-mode", "round_robin", "--overlap-weight", "2",
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = captured
+    assert cfg.port == 9000
+    assert cfg.router_mode == "round_robin"
+    assert cfg.overlap_weight == 2.0
+    assert cfg.workers == (
+        WorkerSpec("http://127.0.0.1:8001"),
+        WorkerSpec("http://127.0.0.1:8002", kv_events="tcp://127.0.0.1:5557"),
+    )
+
+
+def test_flags_override_env_and_file(captured: list[GatewayConfig], tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("port: 7000\ntemperature: 0.5\nworkers: [http://file:1]\n")
+    result = invoke(
+        ["serve", "--config", str(path), "--temperature", "0.25"],
+        env={"KVROUTER_PORT": "7100"},
+    )
+    assert result.exit_code == 0, result.output
+    (cfg,) = captured
+    assert (cfg.port, cfg.temperature, cfg.workers) == (7100, 0.25, (WorkerSpec("http://file:1"),))
+
+
+def test_bad_settings_exit_with_a_clear_message(captured: list[GatewayConfig]) -> None:
+    result = invoke(["serve", "--router-mode", "fastest"])
+    assert result.exit_code == 2
+    assert "router_mode must be one of" in result.output
+    result = invoke(["serve", "--workers", "http://a:1", "--prot", "1"])
+    assert result.exit_code == 2
+    assert "unknown option(s): --prot" in result.output
+    assert captured == []

@@ -1,0 +1,151 @@
+"""Config precedence (flags > env > file > defaults) and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvrouter.errors import ConfigError
+from kvrouter.gateway.config import GatewayConfig, WorkerSpec, build_config, parse_worker_spec
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_nothing_is_given() -> None:
+    cfg = build_config(flags={}, env={})
+    assert cfg == GatewayConfig()
+    assert cfg.port == 8000
+    assert cfg.router_mode == "kv"
+    assert cfg.workers == ()
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path, "port: 7000\noverlap_weight: 3.0\ntemperature: 0.2\nblock_size: 32\n"
+    )
+    env = {"KVROUTER_PORT": "7100", "KVROUTER_OVERLAP_WEIGHT": "2.5"}
+    cfg = build_config(flags={"port": 7200, "temperature": None}, env=env, file=path)
+    assert cfg.port == 7200  # flag
+    assert cfg.overlap_weight == 2.5  # env over file
+    assert cfg.temperature == 0.2  # file (the flag was not given)
+    assert cfg.block_size == 32  # file
+    assert cfg.max_retries == 2  # default
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "router_mode: round_robin\n")
+    cfg = build_config(flags={}, env={"KVROUTER_CONFIG": str(path)})
+    assert cfg.router_mode == "round_robin"
+
+
+def test_workers_from_each_source(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        "workers:\n"
+        "  - http://10.0.0.1:8000\n"
+        "  - url: http://10.0.0.2:8000\n"
+        "    kv_events: tcp://10.0.0.2:5557\n"
+        "    replay: tcp://10.0.0.2:5558\n"
+        "    dp_rank: 1\n"
+        "    worker_id: 9\n",
+    )
+    from_file = build_config(flags={}, env={}, file=path)
+    assert from_file.workers == (
+        WorkerSpec("http://10.0.0.1:8000"),
+        WorkerSpec(
+            "http://10.0.0.2:8000",
+            kv_events="tcp://10.0.0.2:5557",
+            replay="tcp://10.0.0.2:5558",
+            dp_rank=1,
+            worker_id=9,
+        ),
+    )
+    env = {"KVROUTER_WORKERS": "http://a:1 http://b:2,kv_events=tcp://b:5557"}
+    from_env = build_config(flags={}, env=env, file=path)
+    assert from_env.workers == (
+        WorkerSpec("http://a:1"),
+        WorkerSpec("http://b:2", kv_events="tcp://b:5557"),
+    )
+    from_flags = build_config(flags={"workers": ["http://c:3/"]}, env=env, file=path)
+    assert from_flags.workers == (WorkerSpec("http://c:3"),)
+    # An empty flag list means "not given".
+    assert build_config(flags={"workers": []}, env=env).workers == from_env.workers
+
+
+def test_worker_spec_string_options() -> None:
+    spec = parse_worker_spec("http://h:8001,kv_events=tcp://h:5557,replay=tcp://h:5558,dp_rank=2")
+    assert spec == WorkerSpec(
+        "http://h:8001", kv_events="tcp://h:5557", replay="tcp://h:5558", dp_rank=2
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("ftp://h:1", "http"),
+        ("http://h:1,colour=blue", "unknown worker option"),
+        ("http://h:1,dp_rank=x", "dp_rank must be an integer"),
+        ("http://h:1,kv_events=h:5557", "tcp://"),
+        ("http://h:1,justaword", "not key=value"),
+    ],
+)
+def test_bad_worker_specs(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_worker_spec(value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KVROUTER_PORT": "eighty"}, "port must be an integer"),
+        ({"KVROUTER_PORT": "70000"}, "port must be in"),
+        ({"KVROUTER_ROUTER_MODE": "fastest"}, "router_mode must be one of"),
+        ({"KVROUTER_TEMPERATURE": "-1"}, "temperature must be >= 0"),
+        ({"KVROUTER_BLOCK_SIZE": "0"}, "block_size must be positive"),
+        ({"KVROUTER_DECISION_LOG_SAMPLE_RATE": "2"}, "decision_log_sample_rate"),
+        ({"KVROUTER_BUSY_KV_USAGE": "1.5"}, "busy_kv_usage"),
+        ({"KVROUTER_MAX_RETRIES": "1.5"}, "max_retries must be an integer"),
+    ],
+)
+def test_bad_values_raise_config_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(flags={}, env=env)
+
+
+def test_unknown_keys_in_file_are_named(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "prot: 8000\n")
+    with pytest.raises(ConfigError, match=r"unknown setting.*prot"):
+        build_config(flags={}, env={}, file=path)
+
+
+def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        build_config(flags={}, env={}, file=tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(flags={}, env={}, file=write_yaml(tmp_path, "port: [1,\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        build_config(flags={}, env={}, file=write_yaml(tmp_path, "- 1\n- 2\n"))
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    cfg = build_config(flags={}, env={"KVROUTER_NOT_A_SETTING": "1", "PORT": "1"})
+    assert cfg.port == 8000
+
+
+def test_optional_settings_accept_none() -> None:
+    cfg = build_config(flags={}, env={"KVROUTER_BUSY_KV_USAGE": "0.9"})
+    assert cfg.busy_kv_usage == 0.9
+    cfg = build_config(flags={}, env={"KVROUTER_BUSY_KV_USAGE": "none"})
+    assert cfg.busy_kv_usage is None
+
+
+def test_duplicate_worker_ids_rejected() -> None:
+    with pytest.raises(ConfigError, match="used twice"):
+        build_config(
+            flags={"workers": ["http://a:1,worker_id=1", "http://b:1,worker_id=1"]}, env={}
+        )

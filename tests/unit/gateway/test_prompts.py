@@ -1,0 +1,125 @@
+"""Body parsing, the "kvrouter" field, tokenizing and hashing of the routed prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvrouter.errors import InvalidRequest, RequestTooLarge
+from kvrouter.gateway.prompts import parse_body, prepare_prompt
+from kvrouter.hashing import hash_request, make_salt
+from kvrouter.tokenizer import ByteTokenizer
+
+
+def test_body_without_kvrouter_field_is_forwarded_byte_for_byte() -> None:
+    body = b'{"model": "m",   "prompt": "hello", "stream": true}'
+    parsed = parse_body(body, "completion")
+    assert parsed.forward_body is body
+    assert parsed.kvrouter_field is None
+    assert parsed.stream is True
+
+
+def test_kvrouter_field_is_stripped_before_forwarding() -> None:
+    body = json.dumps({"prompt": "hi", "kvrouter": {"overlap_weight": 2}}).encode()
+    parsed = parse_body(body, "completion")
+    assert parsed.kvrouter_field == {"overlap_weight": 2}
+    assert json.loads(parsed.forward_body) == {"prompt": "hi"}
+
+
+def test_the_word_kvrouter_inside_a_prompt_is_not_a_field() -> None:
+    body = json.dumps({"prompt": 'say "kvrouter"'}).encode()
+    parsed = parse_body(body, "completion")
+    assert parsed.forward_body is body
+    assert parsed.kvrouter_field is None
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "message"),
+    [
+        (b"", "completion", "empty"),
+        (b"{nope", "completion", "not valid JSON"),
+        (b"[1, 2]", "completion", "must be a JSON object"),
+        (b'{"model": "m"}', "completion", "'prompt' is required"),
+        (b'{"prompt": 5}', "completion", "'prompt' must be"),
+        (b'{"prompt": []}', "completion", "must not be empty"),
+        (b'{"prompt": "x", "stream": "yes"}', "completion", "'stream' must be a boolean"),
+        (b'{"prompt": "x", "stream_options": 1}', "completion", "stream_options"),
+        (b'{"messages": []}', "chat", "non-empty list"),
+        (b'{"messages": [{"content": "x"}]}', "chat", "string 'role'"),
+    ],
+)
+def test_bad_bodies_are_invalid_requests(body: bytes, kind: str, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_body(body, kind)  # type: ignore[arg-type]
+
+
+def test_text_prompt_is_tokenized_and_hashed_once() -> None:
+    tok = ByteTokenizer()
+    payload = {"prompt": "abcdefgh"}
+    prepared = prepare_prompt(tok, payload, "completion", block_size=4, max_prompt_tokens=100)
+    assert prepared.token_ids == tok.encode("abcdefgh")
+    assert (prepared.local_hashes, prepared.sequence_hashes) == hash_request(prepared.token_ids, 4)
+    assert prepared.salt is None
+
+
+def test_token_id_prompts_and_batches() -> None:
+    tok = ByteTokenizer()
+    ids = prepare_prompt(
+        tok, {"prompt": [5, 6, 7]}, "completion", block_size=2, max_prompt_tokens=9
+    )
+    assert ids.token_ids == [5, 6, 7]
+    batch = prepare_prompt(
+        tok, {"prompt": [[9, 9], [1]]}, "completion", block_size=2, max_prompt_tokens=9
+    )
+    assert batch.token_ids == [9, 9]
+    texts = prepare_prompt(
+        tok, {"prompt": ["ab", "cd"]}, "completion", block_size=2, max_prompt_tokens=9
+    )
+    assert texts.token_ids == tok.encode("ab")
+
+
+def test_chat_goes_through_the_template() -> None:
+    tok = ByteTokenizer()
+    messages = [{"role": "user", "content": "hi"}]
+    prepared = prepare_prompt(
+        tok, {"messages": messages}, "chat", block_size=4, max_prompt_tokens=1000
+    )
+    expected = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    assert prepared.token_ids == expected
+    assert prepared.token_ids != tok.encode("hi")
+
+
+def test_cache_salt_changes_the_hashes() -> None:
+    tok = ByteTokenizer()
+    plain = prepare_prompt(tok, {"prompt": "abcd"}, "completion", block_size=4, max_prompt_tokens=9)
+    salted = prepare_prompt(
+        tok,
+        {"prompt": "abcd", "cache_salt": "tenant-a"},
+        "completion",
+        block_size=4,
+        max_prompt_tokens=9,
+    )
+    assert salted.salt == make_salt(cache_salt="tenant-a")
+    assert salted.local_hashes != plain.local_hashes
+
+
+def test_prompt_token_limit() -> None:
+    tok = ByteTokenizer()
+    with pytest.raises(RequestTooLarge, match="5 tokens, over the limit of 4"):
+        prepare_prompt(tok, {"prompt": "abcde"}, "completion", block_size=4, max_prompt_tokens=4)
+    with pytest.raises(RequestTooLarge, match="over the limit"):
+        prepare_prompt(tok, {"prompt": [1] * 10}, "completion", block_size=4, max_prompt_tokens=4)
+
+
+def test_short_prompt_has_no_blocks() -> None:
+    prepared = prepare_prompt(
+        ByteTokenizer(), {"prompt": "ab"}, "completion", block_size=4, max_prompt_tokens=9
+    )
+    assert prepared.local_hashes == []
+    assert len(prepared.token_ids) == 2
+
+
+def test_without_a_local_tokenizer_text_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="no local tokenizer"):
+        prepare_prompt(None, {"prompt": "ab"}, "completion", block_size=4, max_prompt_tokens=9)

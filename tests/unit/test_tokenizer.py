@@ -1,0 +1,206 @@
+"""Tokenizers: the built-in byte tokenizer, tokenizer.json files, sandboxed chat templates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer as HfRawTokenizer
+from tokenizers import models, pre_tokenizers
+
+from kvrouter.errors import ConfigError, InvalidRequest
+from kvrouter.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    ByteTokenizer,
+    ChatTemplate,
+    HfTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    normalize_messages,
+)
+
+VOCAB = {
+    "[UNK]": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "hello": 3,
+    "world": 4,
+    "user": 5,
+    "assistant": 6,
+    ":": 7,
+}
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def write_tokenizer(directory: Path, config: dict[str, object] | None = None) -> Path:
+    """A word-level tokenizer.json (and optionally tokenizer_config.json) in ``directory``."""
+    raw = HfRawTokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<s>", "</s>"])
+    path = directory / "tokenizer.json"
+    raw.save(str(path))
+    if config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+# --- byte tokenizer -----------------------------------------------------------------
+
+
+def test_byte_tokenizer_ids_are_utf8_bytes_plus_three() -> None:
+    tok = ByteTokenizer()
+    assert tok.encode("Ab") == [65 + 3, 98 + 3]
+    assert tok.encode("é") == [0xC3 + 3, 0xA9 + 3]
+    assert tok.encode("") == []
+    assert tok.name == "byte"
+    assert tok.eos_token_id == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40))
+def test_byte_tokenizer_round_trips_any_text(text: str) -> None:
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_byte_decode_skips_special_tokens_and_maps_large_ids_to_ascii() -> None:
+    tok = ByteTokenizer()
+    assert tok.decode([1, 104 + 3, 2, 105 + 3, 0]) == "hi"
+    # 259 is past the vocabulary: 32 + 259 % 95 = 101 -> "e".
+    assert tok.decode([259, 259 + 95]) == "ee"
+    assert all(32 <= ord(c) <= 126 for c in tok.decode(range(259, 600)))
+
+
+def test_byte_tokenizer_satisfies_protocol() -> None:
+    assert isinstance(ByteTokenizer(), Tokenizer)
+
+
+# --- chat templates ------------------------------------------------------------------
+
+
+def test_default_template_is_chatml() -> None:
+    text = ByteTokenizer().apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert text == (
+        "<|im_start|>system\nbe brief<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_template_without_generation_prompt() -> None:
+    text = ChatTemplate().render([{"role": "user", "content": "hi"}], add_generation_prompt=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_content_parts_are_joined_and_none_is_empty() -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+    ]
+    assert normalize_messages(messages) == [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "needle"),
+    [
+        ([{"content": "x"}], "no 'role'"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "non-text part"),
+        ([{"role": "user", "content": 5}], "string or a list"),
+    ],
+)
+def test_bad_messages_are_invalid_requests(messages: list[dict[str, object]], needle: str) -> None:
+    with pytest.raises(InvalidRequest, match=needle):
+        ChatTemplate().render(messages)
+
+
+def test_sandbox_blocks_python_internals() -> None:
+    template = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(InvalidRequest, match="chat template failed"):
+        template.render([{"role": "user", "content": "x"}])
+
+
+def test_sandbox_is_immutable() -> None:
+    template = ChatTemplate("{{ messages.append(1) }}")
+    with pytest.raises(InvalidRequest, match="chat template failed"):
+        template.render([{"role": "user", "content": "x"}])
+
+
+def test_raise_exception_in_template_is_an_invalid_request() -> None:
+    template = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(InvalidRequest, match="roles must alternate"):
+        template.render([{"role": "user", "content": "x"}])
+
+
+def test_template_that_does_not_compile_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="does not compile"):
+        ChatTemplate("{% for %}")
+
+
+# --- tokenizer.json ------------------------------------------------------------------
+
+
+def test_hf_tokenizer_encodes_decodes_and_reads_config(tmp_path: Path) -> None:
+    path = write_tokenizer(
+        tmp_path, {"eos_token": {"content": "</s>"}, "bos_token": "<s>", "chat_template": TEMPLATE}
+    )
+    tok = load_tokenizer(str(path))
+    assert isinstance(tok, HfTokenizer)
+    assert tok.name == str(path)
+    assert tok.eos_token_id == 2
+    assert tok.encode("hello world nope") == [3, 4, 0]
+    assert tok.decode([1, 3, 4, 2]) == "hello world"
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert text == "<s>user : hello assistant :"
+    assert tok.encode(text, add_special_tokens=False) == [1, 5, 7, 3, 6, 7]
+
+
+def test_hf_tokenizer_from_directory_without_config_uses_default_template(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_token_id is None
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == (
+        ChatTemplate(DEFAULT_CHAT_TEMPLATE).render([{"role": "user", "content": "x"}])
+    )
+
+
+def test_named_templates_pick_default(tmp_path: Path) -> None:
+    config = {
+        "chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "DEFAULT"},
+        ]
+    }
+    tok = load_tokenizer(write_tokenizer(tmp_path, config))
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "DEFAULT"
+
+
+def test_chat_template_file_overrides_config(tmp_path: Path) -> None:
+    path = write_tokenizer(tmp_path, {"chat_template": "FROM CONFIG"})
+    template_file = tmp_path / "custom.jinja"
+    template_file.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    tok = load_tokenizer(path, chat_template=str(template_file))
+    assert tok.apply_chat_template([{"role": "user", "content": "q"}]) == "[q]"
+    byte_tok = load_tokenizer("byte", chat_template=str(template_file))
+    assert byte_tok.apply_chat_template([{"role": "user", "content": "q"}]) == "[q]"
+
+
+def test_load_errors_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="neither 'byte' nor an existing path"):
+        load_tokenizer(tmp_path / "missing.json")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("not json")
+    with pytest.raises(ConfigError, match="cannot load tokenizer"):
+        load_tokenizer(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_tokenizer(None, chat_template=str(tmp_path / "nope.jinja"))
