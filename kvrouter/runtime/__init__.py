@@ -13,12 +13,14 @@ routing.
 from kvrouter.runtime.client import Client, InstanceGone
 from kvrouter.runtime.component import endpoint, service
 from kvrouter.runtime.inproc import InprocRuntime
+from kvrouter.runtime.kv import KvRouterClient
 from kvrouter.runtime.nats import NatsRuntime, start_nats_server
 
 __all__ = [
     "Client",
     "InprocRuntime",
     "InstanceGone",
+    "KvRouterClient",
     "NatsRuntime",
     "endpoint",
     "service",

@@ -1,0 +1,75 @@
+"""KV-aware routing for runtime clients: the scheduler picks, the client sends.
+
+::
+
+    scheduler = KvScheduler(KvIndexer(subscriber, block_size=16), block_size=16)
+    router = KvRouterClient(client, scheduler, tokens_of=lambda req: req["token_ids"])
+    async for item in router.generate({"token_ids": [...]}):
+        ...
+
+Instance ids double as the scheduler's worker ids, so KV events published by an
+instance must carry its instance id as ``worker_id``. The booking made at decision
+time is released on the first item (prefill done) and at the end of the stream, on
+every path: completion, error or the caller abandoning the stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from kvrouter.events.model import WorkerKey
+from kvrouter.routing.scheduler import KvScheduler, ScheduleRequest
+from kvrouter.runtime.client import Client
+
+__all__ = ["KvRouterClient"]
+
+TokensOf = Callable[[Any], Sequence[int]]
+
+
+def _token_ids(request: Any) -> Sequence[int]:
+    tokens: Sequence[int] = request["token_ids"]
+    return tokens
+
+
+class KvRouterClient:
+    """Routes each call of ``client`` to the instance the scheduler chooses."""
+
+    def __init__(
+        self, client: Client, scheduler: KvScheduler, *, tokens_of: TokensOf = _token_ids
+    ) -> None:
+        self._client = client
+        self._scheduler = scheduler
+        self._tokens_of = tokens_of
+        self._ids = itertools.count()
+
+    def _sync_workers(self) -> None:
+        live = set(self._client.instance_ids())
+        known = {key.worker_id for key in self._scheduler.workers}
+        for gone in known - live:
+            self._scheduler.remove_worker(gone)
+        for new in live - known:
+            self._scheduler.add_worker(WorkerKey(new))
+
+    def select(self, request: Any) -> int:
+        """The instance the scheduler would choose now (nothing is booked)."""
+        self._sync_workers()
+        preview = ScheduleRequest(f"preview-{next(self._ids)}", token_ids=self._tokens_of(request))
+        return self._scheduler.preview(preview).worker.worker_id
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        self._sync_workers()
+        request_id = f"kv-{next(self._ids)}"
+        decision = self._scheduler.schedule(
+            ScheduleRequest(request_id, token_ids=self._tokens_of(request))
+        )
+        try:
+            first = True
+            async for item in self._client.direct(request, decision.worker.worker_id):
+                if first:
+                    self._scheduler.on_first_token(request_id)
+                    first = False
+                yield item
+        finally:
+            self._scheduler.on_finish(request_id)

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvrouter.clock import ManualClock
+from kvrouter.events.model import RouterEvent, Stored, StoredBlock
+from kvrouter.hashing import compute_block_hashes
+from kvrouter.index import KvIndexer
+from kvrouter.routing.scheduler import KvScheduler
+from kvrouter.runtime import InprocRuntime, KvRouterClient, endpoint, service
+
+BLOCK = 4
+
+
+@service(namespace="kv")
+class Engine:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @endpoint
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        yield self.name
+        yield "done"
+
+
+def store(indexer: KvIndexer, worker_id: int, tokens: list[int]) -> None:
+    hashes = compute_block_hashes(tokens, BLOCK)
+    blocks = tuple(StoredBlock(1000 + i, h) for i, h in enumerate(hashes))
+    indexer.apply_event(RouterEvent(worker_id, 0, 1, Stored(None, blocks)))
+
+
+async def test_requests_go_where_the_prefix_is_and_bookings_are_released() -> None:
+    clock = ManualClock()
+    indexer = KvIndexer(block_size=BLOCK, clock=clock)
+    scheduler = KvScheduler(indexer, block_size=BLOCK, clock=clock, predict_cache=False)
+    async with InprocRuntime() as rt:
+        served = {name: await rt.serve(Engine(name)) for name in ("a", "b", "c")}
+        client = await rt.client("kv", "Engine", "generate")
+        router = KvRouterClient(client, scheduler)
+
+        prompt = list(range(40))
+        store(indexer, served["b"].instance_id, prompt)
+        assert router.select({"token_ids": prompt}) == served["b"].instance_id
+
+        for _ in range(3):
+            out = [item async for item in router.generate({"token_ids": prompt})]
+            assert out == ["b", "done"]
+        assert scheduler.stats().active.num_requests == 0
+
+        # An abandoned stream still frees its booking.
+        stream = router.generate({"token_ids": prompt})
+        assert await anext(stream) == "b"
+        assert scheduler.stats().active.num_requests == 1
+        await stream.aclose()
+        assert scheduler.stats().active.num_requests == 0
+
+        # A withdrawn instance leaves the scheduler on the next call.
+        await served["b"].aclose()
+        out = [item async for item in router.generate({"token_ids": prompt})]
+        assert out[0] in {"a", "c"}
+        assert {k.worker_id for k in scheduler.workers} == {
+            served["a"].instance_id,
+            served["c"].instance_id,
+        }
