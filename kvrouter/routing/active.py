@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, _count_elements  # type: ignore[attr-defined]
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 
 from kvrouter.clock import Clock, monotonic
@@ -81,12 +81,19 @@ class _Worker:
     prefill_tokens: int = 0
     private_blocks: int = 0
     num_requests: int = 0
-    distinct_blocks: int = 0
     version: int = 0
+    # sequence hash -> requests holding it. Every request books a whole chain from the
+    # prompt's start, so the held set is prefix-closed: holding block i means holding
+    # every block before it (shared_blocks relies on this to binary-search).
+    counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def distinct_blocks(self) -> int:
+        return len(self.counts)
 
     @property
     def active_blocks(self) -> int:
-        return self.distinct_blocks + self.private_blocks
+        return len(self.counts) + self.private_blocks
 
 
 _IDLE = WorkerLoad(0, 0, 0)
@@ -104,9 +111,6 @@ class ActiveSequences:
         # Insertion order is arrival order, so expiry only ever looks at the front.
         self._requests: OrderedDict[str, _Request] = OrderedDict()
         self._workers: dict[WorkerKey, _Worker] = {}
-        # sequence hash -> {worker: requests holding it}; one map for all workers so that
-        # "which workers already hold this prompt's blocks" costs O(prompt), not O(fleet).
-        self._owners: dict[int, dict[WorkerKey, int]] = {}
         self._version = 0
         # (version, worker) per change, in version order: lets a reader that cached
         # per-worker views find the few that changed instead of checking every worker.
@@ -141,17 +145,7 @@ class ActiveSequences:
         state.prefill_tokens += num_prefill_tokens
         state.private_blocks += num_private_blocks
         state.num_requests += 1
-        owners = self._owners
-        for h in hashes:
-            holders = owners.get(h)
-            if holders is None:
-                owners[h] = {worker: 1}
-                state.distinct_blocks += 1
-                continue
-            count = holders.get(worker, 0)
-            if count == 0:
-                state.distinct_blocks += 1
-            holders[worker] = count + 1
+        _count_elements(state.counts, hashes)  # C speed: this runs once per routed request
         self._touch(state, worker)
         self._num_added += 1
 
@@ -192,17 +186,13 @@ class ActiveSequences:
         state.prefill_tokens -= req.prefill_tokens
         state.private_blocks -= req.private_blocks
         state.num_requests -= 1
-        owners = self._owners
+        counts = state.counts
         for h in req.seq_hashes:
-            holders = owners[h]
-            left = holders[worker] - 1
+            left = counts[h] - 1
             if left:
-                holders[worker] = left
-                continue
-            del holders[worker]
-            state.distinct_blocks -= 1
-            if not holders:
-                del owners[h]
+                counts[h] = left
+            else:
+                del counts[h]
         self._touch(state, worker)
         if state.num_requests == 0:
             assert state.distinct_blocks == state.prefill_tokens == state.private_blocks == 0, (
@@ -266,13 +256,22 @@ class ActiveSequences:
         holds every block before it; the walk stops at the first block nobody holds.
         """
         out: dict[WorkerKey, int] = {}
-        owners = self._owners
-        for h in seq_hashes:
-            holders = owners.get(h)
-            if holders is None:
-                break
-            for worker in holders:
-                out[worker] = out.get(worker, 0) + 1
+        if not seq_hashes:
+            return out
+        first = seq_hashes[0]
+        for worker, state in self._workers.items():
+            counts = state.counts
+            if first not in counts:
+                continue
+            # Prefix-closed: find the first block not held by bisection.
+            lo, hi = 1, len(seq_hashes)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if seq_hashes[mid] in counts:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[worker] = lo
         return out
 
     @property
