@@ -1,4 +1,5 @@
-"""Commands of the gateway: ``kvrouter serve``, ``kvrouter run``, ``kvrouter bench gateway``.
+"""Commands of the gateway: ``kvrouter serve``, ``kvrouter run``, ``kvrouter top``,
+``kvrouter bench gateway``.
 
 ``kvrouter serve --port 8000 --workers http://127.0.0.1:8001 http://127.0.0.1:8002``
 runs the router in front of existing workers; every flag also comes from
@@ -27,6 +28,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(serve)
     app.command("run")(run)
+    app.command("top")(top)
     bench.command("gateway")(bench_gateway)
 
 
@@ -153,6 +155,19 @@ def run(
         asyncio.run(run_embedded(options))
     except ConfigError as exc:
         _fail(str(exc))
+
+
+def top(
+    *,
+    url: str = typer.Option("http://127.0.0.1:8000", help="The gateway's base URL."),
+    interval: float = typer.Option(1.0, help="Seconds between polls."),
+) -> None:
+    """A live terminal view of a gateway: workers, load, cache, decisions/s (Ctrl-C exits)."""
+    from kvrouter.gateway.top import run_top
+
+    if interval <= 0:
+        _fail(f"--interval must be positive, got {interval}")
+    run_top(url, interval)
 
 
 def bench_gateway(

@@ -9,7 +9,6 @@ workers in rotation, and gets back a :class:`RouteResult`. The real implementati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,20 +17,30 @@ from kvrouter.gateway.overrides import RoutingOverrides
 from kvrouter.gateway.prompts import PreparedPrompt
 from kvrouter.index import IndexerStats
 from kvrouter.load.aggregator import AggregatorStats
-from kvrouter.routing import SchedulerStats
+from kvrouter.load.metrics import ForwardPassMetrics
+from kvrouter.routing import Decision, SchedulerStats
 
 __all__ = ["CoreStats", "RouteResult", "RoutingCore"]
 
 
 @dataclass(frozen=True, slots=True)
 class RouteResult:
-    """Where a request goes and why."""
+    """Where a request goes and why.
+
+    ``decision`` is the scheduler's full decision; its per-candidate explanation is
+    only formatted when someone asks (``explanation``), not on the request path.
+    """
 
     worker: WorkerKey
     policy: str
     overlap_blocks: int
     request_blocks: int
-    explanation: tuple[str, ...]
+    decision: Decision | None = None
+
+    @property
+    def explanation(self) -> tuple[str, ...]:
+        """One line per candidate, e.g. ``Worker 2: 50% cache hit, ... (Selected)``."""
+        return tuple(self.decision.explain()) if self.decision is not None else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +69,27 @@ class RoutingCore(Protocol):
         self,
         request_id: str,
         prompt: PreparedPrompt,
-        candidates: Sequence[WorkerKey],
         overrides: RoutingOverrides,
         *,
-        book: bool = True,
+        worker: WorkerKey | None = None,
+        exclude: frozenset[WorkerKey] = frozenset(),
     ) -> RouteResult:
-        """Choose a worker among ``candidates`` and (with ``book``) book the request.
+        """Choose a worker in rotation (``worker``: that one) and book the request.
 
-        Raises ``NoWorkerAvailable`` / ``AllWorkersBusy`` when none can take it.
+        ``exclude``: workers that already failed this request; they are skipped for it
+        but stay in rotation. Raises ``NoWorkerAvailable`` / ``AllWorkersBusy`` when
+        none can take it.
         """
+        ...
+
+    def preview(
+        self,
+        prompt: PreparedPrompt,
+        overrides: RoutingOverrides,
+        *,
+        worker: WorkerKey | None = None,
+    ) -> RouteResult:
+        """The decision :meth:`route` would make now, with no side effect on the state."""
         ...
 
     def on_first_token(self, request_id: str) -> None:
@@ -85,6 +106,10 @@ class RoutingCore(Protocol):
 
     def remove_worker(self, worker: WorkerKey) -> None:
         """A worker left the rotation: forget its blocks, bookings and metrics."""
+        ...
+
+    def update_metrics(self, metrics: ForwardPassMetrics) -> None:
+        """Metrics a worker pushed (its ``worker_id`` / ``data_parallel_rank`` say whose)."""
         ...
 
     def update_metrics_text(self, worker: WorkerKey, text: str) -> bool:

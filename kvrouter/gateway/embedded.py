@@ -1,7 +1,8 @@
 """``kvrouter run``: the gateway in front of simulated workers, all on loopback.
 
-The workers are kvrouter's own simulated engine (HTTP + ZeroMQ KV events with replay),
-started in this process on free ports; nothing outside the machine is needed.
+The workers are kvrouter's own simulated engine (HTTP + ZeroMQ KV events with replay,
+and load metrics pushed over ZeroMQ instead of scraped), started in this process on
+free ports; nothing outside the machine is needed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ async def start_embedded(options: EmbeddedOptions, stack: AsyncExitStack) -> Gat
         base_port=0,
         kv_events_base_port=0,
         replay_base_port=0,
+        metrics_base_port=0,
         block_size=options.block_size,
         speedup_ratio=options.speedup_ratio,
     )
@@ -46,6 +48,7 @@ async def start_embedded(options: EmbeddedOptions, stack: AsyncExitStack) -> Gat
             url=addr.http_url,
             kv_events=addr.kv_events,
             replay=addr.replay,
+            metrics=addr.metrics,
             worker_id=addr.worker_id,
         )
         for _, addr in workers

@@ -2,12 +2,17 @@
 
 ::
 
-    read body (size limit) ─> parse ─> overrides ─> tokenize + hash in a thread
+    read body (size limit) ─> parse ─> overrides ─> tokenize + hash (thread if large)
         ─> route (pure, on the loop) ─> open upstream ──fails before 1st byte──> retry
-                                              │                                 (bounded)
-                                     first byte: on_first_token
+                                              │                   on another worker
+                                     first byte: on_first_token           (bounded)
                                               │
               end / error / disconnect / timeout: on_finish  (always, try/finally)
+
+A retry skips the workers that already failed this request (``exclude``) without
+taking them out of rotation: a worker that answers 5xx is alive, merely unable to take
+this one now. Only a connection failure (refused, reset, dropped) takes a worker out,
+until a health check passes. A timeout before the first byte is retried once.
 
 After the first byte has gone to the client, a failure cannot be retried: a stream
 ends with an SSE error event in OpenAI's shape and ``data: [DONE]``.
@@ -34,6 +39,7 @@ from kvrouter.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.config import GatewayConfig
 from kvrouter.gateway.core import RouteResult, RoutingCore
 from kvrouter.gateway.http_errors import sse_error_event
@@ -124,43 +130,50 @@ class RequestForwarder:
         request_id: str,
         prompt: PreparedPrompt,
         overrides: RoutingOverrides,
-        exclude: set[int],
-        *,
-        book: bool = True,
+        exclude: frozenset[WorkerKey] = frozenset(),
     ) -> _Attempt:
-        """Pick a worker in rotation (not in ``exclude``); record the decision."""
+        """Pick and book a worker in rotation (not in ``exclude``); record the decision."""
         if overrides.worker_id is not None:
-            return self._pinned(request_id, prompt, overrides, book=book)
-        states = [w for w in self._registry.in_rotation() if w.worker_id not in exclude]
-        if not states:
-            raise NoWorkerAvailable(
-                "no worker is available" if not exclude else "every available worker failed"
-            )
-        by_key = {w.key: w for w in states}
+            state = self._pinned_state(overrides)
+            start = self._clock()
+            # Direct routing still books the request, so the load view stays right.
+            route = self._core.route(request_id, prompt, overrides, worker=state.key)
+            self._record(request_id, route, self._clock() - start, pinned=True)
+            return _Attempt(state, route)
+        rotation = self._registry.rotation()
+        if not rotation:
+            raise NoWorkerAvailable("no worker is available")
         start = self._clock()
-        route = self._core.route(request_id, prompt, list(by_key), overrides, book=book)
-        if route.worker not in by_key:  # the core's worker set lagged behind the rotation
+        route = self._core.route(request_id, prompt, overrides, exclude=exclude)
+        chosen = rotation.get(route.worker)
+        if chosen is None:  # the core's worker set lagged behind the rotation
             self._core.on_finish(request_id)
             raise NoWorkerAvailable(f"worker {route.worker.worker_id} is out of rotation")
-        if book:  # an explanation is not a decision
-            self._record(request_id, route, self._clock() - start, pinned=False)
-        return _Attempt(by_key[route.worker], route)
+        self._record(request_id, route, self._clock() - start, pinned=False)
+        return _Attempt(chosen, route)
 
-    def _pinned(
-        self, request_id: str, prompt: PreparedPrompt, overrides: RoutingOverrides, *, book: bool
-    ) -> _Attempt:
+    def explain(self, prompt: PreparedPrompt, overrides: RoutingOverrides) -> _Attempt:
+        """Where :meth:`choose` would send ``prompt`` now; nothing is booked or recorded."""
+        if overrides.worker_id is not None:
+            state = self._pinned_state(overrides)
+            return _Attempt(state, self._core.preview(prompt, overrides, worker=state.key))
+        rotation = self._registry.rotation()
+        if not rotation:
+            raise NoWorkerAvailable("no worker is available")
+        route = self._core.preview(prompt, overrides)
+        chosen = rotation.get(route.worker)
+        if chosen is None:
+            raise NoWorkerAvailable(f"worker {route.worker.worker_id} is out of rotation")
+        return _Attempt(chosen, route)
+
+    def _pinned_state(self, overrides: RoutingOverrides) -> WorkerState:
         assert overrides.worker_id is not None
         state = self._registry.get(overrides.worker_id)
         if state is None:
             raise InvalidRequest(f"x-kvrouter-worker names unknown worker {overrides.worker_id}")
         if not state.healthy:
             raise NoWorkerAvailable(f"worker {overrides.worker_id} is out of rotation")
-        start = self._clock()
-        # Direct routing still books the request, so the load view stays right.
-        route = self._core.route(request_id, prompt, [state.key], overrides, book=book)
-        if book:
-            self._record(request_id, route, self._clock() - start, pinned=True)
-        return _Attempt(state, route)
+        return state
 
     def _record(self, request_id: str, route: RouteResult, latency_s: float, pinned: bool) -> None:
         record = DecisionRecord(
@@ -172,7 +185,7 @@ class RequestForwarder:
             overlap_blocks=route.overlap_blocks,
             request_blocks=route.request_blocks,
             latency_s=latency_s,
-            explanation=route.explanation,
+            route=route,
             pinned=pinned,
         )
         self._counters.record_decision(record)
@@ -191,39 +204,54 @@ class RequestForwarder:
         overrides: RoutingOverrides,
         request_id: str,
     ) -> web.StreamResponse:
-        tried: set[int] = set()
+        excluded: frozenset[WorkerKey] = frozenset()
+        pinned = overrides.worker_id is not None
+        timeout_retried = False
         last_error: UpstreamError | None = None
         for attempt_no in range(self._cfg.max_retries + 1):
             try:
-                attempt = self.choose(request_id, prompt, overrides, tried)
+                attempt = self.choose(request_id, prompt, overrides, excluded)
             except NoWorkerAvailable:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            tried.add(attempt.state.worker_id)
             if attempt_no > 0:
                 self._counters.num_retries += 1
             try:
                 return await self._try_worker(request, kind, parsed, attempt, request_id)
-            except UpstreamFailure as exc:
-                last_error = exc
-                self._note_failure(attempt.state, exc)
-                if not exc.retryable or overrides.worker_id is not None:
+            except UpstreamTimeout as exc:
+                # Nothing reached the client yet. A slow worker is not a dead one: it
+                # stays in rotation, and only one retry is spent on timeouts.
+                self._counters.upstream_errors["timeout"] += 1
+                if pinned or timeout_retried:
                     raise
-                log.info(
-                    "request %s: worker %d failed (%s); retrying",
-                    request_id,
-                    attempt.state.worker_id,
-                    exc,
-                )
+                timeout_retried = True
+                last_error = exc
+            except UpstreamFailure as exc:
+                self._note_failure(attempt.state, exc)
+                if pinned or not exc.retryable:
+                    raise
+                last_error = exc
+            log.info(
+                "request %s: worker %d failed (%s); retrying on another worker",
+                request_id,
+                attempt.state.worker_id,
+                last_error,
+            )
+            excluded = excluded | {attempt.state.key}
         assert last_error is not None
         raise last_error
 
     def _note_failure(self, state: WorkerState, exc: UpstreamFailure) -> None:
         self._counters.upstream_errors["connect" if exc.worker_down else "status"] += 1
-        # Out of rotation until a health check passes: a retry must not land there again,
-        # and its cache can no longer be trusted.
-        self._registry.mark_failed(state.worker_id, str(exc))
+        if exc.worker_down:
+            # Unreachable: out of rotation until a health check passes, and its cache
+            # can no longer be trusted. A worker that merely said no (a 5xx answer) is
+            # only skipped by this request's retries.
+            self._registry.mark_failed(state.worker_id, str(exc))
+        else:
+            state.num_failures += 1
+            state.last_error = str(exc)
 
     async def _try_worker(
         self,
@@ -235,6 +263,7 @@ class RequestForwarder:
     ) -> web.StreamResponse:
         state = attempt.state
         state.num_requests += 1
+        state.num_in_flight += 1
         self._counters.num_in_flight += 1
         try:
             upstream = await self._upstream.open(
@@ -244,6 +273,7 @@ class RequestForwarder:
                 return await self._stream(request, upstream, state, request_id)
             return await self._whole(upstream, state, request_id)
         finally:
+            state.num_in_flight -= 1
             self._counters.num_in_flight -= 1
             # Every path ends here: success, error, retry, client disconnect (cancel).
             self._core.on_finish(request_id)
@@ -305,8 +335,7 @@ class RequestForwarder:
                 worker_down=False,
             ) from exc
         except UpstreamTimeout:
-            self._counters.upstream_errors["timeout"] += 1
-            raise
+            raise  # retried once by _forward
         except UpstreamError as exc:
             raise UpstreamFailure(str(exc), retryable=True, worker_down=True) from exc
         return first

@@ -3,16 +3,14 @@
 The scheduler's worker set mirrors the gateway's rotation: a worker is added when it
 joins and removed (with its index entries, bookings and metrics) when it leaves.
 
-``/debug/explain`` routes a prompt without sending it: a second scheduler shares the
-indexer, the aggregator and the live active-sequence table, does not record predicted
-cache entries, and frees its booking at once, so the live state is left as it was.
+``/debug/explain`` routes a prompt without sending it: :meth:`KvScheduler.preview`
+makes the decision ``schedule()`` would make, without booking it, recording predicted
+cache entries or counting it, so the live state is left as it was.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from kvrouter.clock import Clock, monotonic
@@ -23,7 +21,8 @@ from kvrouter.gateway.core import CoreStats, RouteResult
 from kvrouter.gateway.overrides import RoutingOverrides
 from kvrouter.gateway.prompts import PreparedPrompt
 from kvrouter.index import KvIndexer
-from kvrouter.load.aggregator import KvMetricsAggregator
+from kvrouter.load.aggregator import EndpointMetrics, KvMetricsAggregator
+from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.routing import (
     BusyThresholds,
     Decision,
@@ -35,8 +34,6 @@ from kvrouter.routing import (
 from kvrouter.routing import RoutingOverrides as PolicyOverrides
 
 __all__ = ["KvRoutingCore", "build_policy"]
-
-_explain_ids = itertools.count()
 
 
 def build_policy(cfg: GatewayConfig) -> Policy:
@@ -88,18 +85,6 @@ class KvRoutingCore:
             request_expiry_s=cfg.request_timeout_s * 2,
             timer=time.perf_counter,
         )
-        self._explainer = KvScheduler(
-            self.indexer,
-            self.aggregator,
-            policy=policy,
-            block_size=cfg.block_size,
-            clock=clock,
-            busy=busy,
-            predict_cache=False,
-            timer=time.perf_counter,
-        )
-        # Shared on purpose: an explanation must see the live router-side load.
-        self._explainer.active = self.scheduler.active
         self.event_feed_stats: dict[str, int] = {}
 
     @property
@@ -111,29 +96,46 @@ class KvRoutingCore:
         self,
         request_id: str,
         prompt: PreparedPrompt,
-        candidates: Sequence[WorkerKey],
         overrides: RoutingOverrides,
         *,
-        book: bool = True,
+        worker: WorkerKey | None = None,
+        exclude: frozenset[WorkerKey] = frozenset(),
     ) -> RouteResult:
-        """Schedule among the workers in rotation; ``candidates`` of one worker pins it."""
-        if not candidates:
+        """Schedule and book among the workers in rotation (``worker``: that one)."""
+        request = self._request(request_id, prompt, overrides, worker, exclude)
+        return _result(self.scheduler.schedule(request))
+
+    def preview(
+        self,
+        prompt: PreparedPrompt,
+        overrides: RoutingOverrides,
+        *,
+        worker: WorkerKey | None = None,
+    ) -> RouteResult:
+        """The decision :meth:`route` would make now; nothing is booked or counted."""
+        request = self._request("explain", prompt, overrides, worker, frozenset())
+        return _result(self.scheduler.preview(request))
+
+    def _request(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        overrides: RoutingOverrides,
+        worker: WorkerKey | None,
+        exclude: frozenset[WorkerKey],
+    ) -> ScheduleRequest:
+        if not self.scheduler.workers:
             raise NoWorkerAvailable("no worker is available")
-        target = candidates[0] if overrides.worker_id is not None else None
-        params = overrides.policy_params()
-        request = ScheduleRequest(
-            request_id=request_id if book else f"explain-{next(_explain_ids)}",
+        params = overrides.policy_params() if not overrides.is_empty else None
+        return ScheduleRequest(
+            request_id=request_id,
             local_hashes=prompt.local_hashes,
             seq_hashes=prompt.sequence_hashes,
-            num_tokens=len(prompt.token_ids),
+            num_tokens=prompt.num_tokens,
             overrides=PolicyOverrides(**params) if params else None,
-            worker=target,
+            worker=worker,
+            exclude=exclude,
         )
-        scheduler = self.scheduler if book else self._explainer
-        decision = scheduler.schedule(request)
-        if not book:
-            self._explainer.on_finish(request.request_id)
-        return _result(decision)
 
     def on_first_token(self, request_id: str) -> None:
         self.scheduler.on_first_token(request_id)
@@ -144,12 +146,13 @@ class KvRoutingCore:
     # -- workers ---------------------------------------------------------------------------
     def add_worker(self, worker: WorkerKey) -> None:
         self.scheduler.add_worker(worker)
-        self._explainer.add_worker(worker)
 
     def remove_worker(self, worker: WorkerKey) -> None:
         # The scheduler also drops the worker's index entries and metrics.
         self.scheduler.remove_worker(worker.worker_id, worker.dp_rank)
-        self._explainer.remove_worker(worker.worker_id, worker.dp_rank)
+
+    def update_metrics(self, metrics: ForwardPassMetrics) -> None:
+        self.aggregator.update(metrics)
 
     def update_metrics_text(self, worker: WorkerKey, text: str) -> bool:
         return self.aggregator.update_from_prometheus(worker.worker_id, text, worker.dp_rank)
@@ -175,22 +178,36 @@ class KvRoutingCore:
 
     def debug_state(self) -> dict[str, Any]:
         stats = self.stats()
+        sched = stats.scheduler
+        endpoints = {e.worker: e for e in self.aggregator.get_metrics().endpoints}
         return {
             "policy": self.scheduler.policy.name,
             "block_size": self.block_size,
             "index_blocks": stats.index.num_blocks if stats.index else 0,
-            "decisions": stats.scheduler.num_decisions,
+            "decisions": sched.num_decisions,
+            "overlap_blocks_total": sched.overlap_blocks_total,
+            "prompt_blocks_total": sched.prompt_blocks_total,
             "workers": {
-                str(w.worker_id): {
-                    "index_size": stats.index_size.get(w, 0),
-                    "active_blocks": stats.predicted_active_blocks.get(w, 0),
-                    "prefill_tokens": stats.predicted_prefill_tokens.get(w, 0),
-                    "metrics_age_s": stats.metrics_age_s.get(w),
-                    "load": self.aggregator.get_worker_load(w.worker_id, w.dp_rank),
-                }
+                str(w.worker_id): _worker_state(w, stats, endpoints.get(w), self.aggregator)
                 for w in self.scheduler.workers
             },
         }
+
+
+def _worker_state(
+    w: WorkerKey, stats: CoreStats, endpoint: EndpointMetrics | None, agg: KvMetricsAggregator
+) -> dict[str, Any]:
+    return {
+        "index_size": stats.index_size.get(w, 0),
+        "active_blocks": stats.predicted_active_blocks.get(w, 0),
+        "prefill_tokens": stats.predicted_prefill_tokens.get(w, 0),
+        "metrics_age_s": stats.metrics_age_s.get(w),
+        "load": agg.get_worker_load(w.worker_id, w.dp_rank),
+        "kv_usage": endpoint.gpu_cache_usage_perc if endpoint is not None else None,
+        "prefix_hit_rate": endpoint.gpu_prefix_cache_hit_rate if endpoint is not None else None,
+        "waiting": endpoint.num_requests_waiting if endpoint is not None else None,
+        "decisions": stats.scheduler.decisions_by_worker.get(w, 0),
+    }
 
 
 def _result(decision: Decision) -> RouteResult:
@@ -199,5 +216,5 @@ def _result(decision: Decision) -> RouteResult:
         policy=decision.policy,
         overlap_blocks=decision.overlap_blocks,
         request_blocks=decision.num_blocks,
-        explanation=tuple(decision.explain()),
+        decision=decision,
     )

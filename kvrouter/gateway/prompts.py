@@ -3,8 +3,10 @@
 The body is decoded once into plain builtins (msgspec, fast) and only the fields the
 router needs are checked here; everything else is the worker's business and passes
 through untouched. Tokenizing is synchronous and may take milliseconds, so
-:func:`prepare_prompt` is meant to run off the event loop (it also hashes, so the hot
-path on the loop only matches and scores).
+:func:`prepare_prompt` runs off the event loop (it also hashes, so the hot path on the
+loop only matches and scores) -- except where a thread hop would cost more than the
+work: :func:`can_prepare_inline` says when (the built-in byte-level tokenizer, or token
+ids given by the client, on bodies up to :data:`INLINE_MAX_BODY_BYTES`).
 
 Chat requests always go through the chat template, never raw message text. A batch
 prompt (a list of several prompts) is routed by its first prompt.
@@ -17,15 +19,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
 
 from kvrouter.errors import InvalidRequest, RequestTooLarge
-from kvrouter.hashing import hash_request, make_salt
-from kvrouter.tokenizer import Tokenizer, normalize_messages
+from kvrouter.hashing import Tokens, hash_request, make_salt
+from kvrouter.tokenizer import ByteTokenizer, Tokenizer, normalize_messages
 
 __all__ = [
+    "INLINE_MAX_BODY_BYTES",
     "Kind",
     "ParsedBody",
     "PreparedPrompt",
+    "byte_token_ids",
+    "can_prepare_inline",
     "first_prompt",
     "parse_body",
     "prepare_prompt",
@@ -37,6 +43,13 @@ Kind = Literal["completion", "chat"]
 _BODY_FIELD_MARKER = b'"kvrouter"'
 _decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
+
+# Bodies up to this size are tokenized and hashed on the event loop when that is cheap
+# (byte-level tokenizer or client token ids): 64 KiB is at most ~4k blocks of 16 tokens,
+# about 1 ms of hashing, less than the GIL hand-offs a worker thread would cost under
+# load. Larger bodies, and every Hugging Face tokenizer (whose Rust encoder releases the
+# GIL), go to a worker thread so one huge prompt cannot stall every other request.
+INLINE_MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +64,19 @@ class ParsedBody:
 
 @dataclass(frozen=True, slots=True)
 class PreparedPrompt:
-    """Token ids of the routed prompt and their block hashes, computed once."""
+    """Token ids of the routed prompt and their block hashes, computed once.
 
-    token_ids: list[int]
+    ``token_ids`` is a list, or a numpy ``uint32`` array on the byte-level fast path.
+    """
+
+    token_ids: Tokens
     local_hashes: list[int]
     sequence_hashes: list[int]
     salt: bytes | None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def parse_body(body: bytes, kind: Kind) -> ParsedBody:
@@ -135,6 +155,26 @@ def request_salt(payload: Mapping[str, Any]) -> bytes | None:
     )
 
 
+def can_prepare_inline(tokenizer: Tokenizer | None, parsed: ParsedBody, kind: Kind) -> bool:
+    """Whether :func:`prepare_prompt` is cheap enough for the event loop itself.
+
+    Small bodies only, and only when no real tokenizer runs: the built-in byte-level
+    one (a numpy cast) or token ids the client sent.
+    """
+    if len(parsed.forward_body) > INLINE_MAX_BODY_BYTES:
+        return False
+    if isinstance(tokenizer, ByteTokenizer):
+        return True
+    return kind == "completion" and not isinstance(parsed.payload.get("prompt"), str)
+
+
+def byte_token_ids(text: str) -> np.ndarray[Any, np.dtype[np.uint32]]:
+    """``ByteTokenizer().encode(text)`` as a ``uint32`` array, without a Python loop."""
+    ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
+    ids += ByteTokenizer.NUM_SPECIAL
+    return ids
+
+
 def prepare_prompt(
     tokenizer: Tokenizer | None,
     payload: Mapping[str, Any],
@@ -146,17 +186,22 @@ def prepare_prompt(
 ) -> PreparedPrompt:
     """Tokenize (unless ``token_ids`` are given) and hash the routed prompt.
 
-    Synchronous and CPU-bound: call it through ``loop.run_in_executor``.
+    Synchronous and CPU-bound: call it through ``loop.run_in_executor`` unless
+    :func:`can_prepare_inline` says it is cheap.
     """
     if token_ids is None:
-        token_ids = tokenize_locally(tokenizer, payload, kind, max_prompt_tokens)
-    if len(token_ids) > max_prompt_tokens:
+        tokens: Tokens
+    if token_ids is None:
+        tokens = tokenize_locally(tokenizer, payload, kind, max_prompt_tokens)
+    else:
+        tokens = token_ids
+    if len(tokens) > max_prompt_tokens:
         raise RequestTooLarge(
-            f"the prompt has {len(token_ids)} tokens, over the limit of {max_prompt_tokens}"
+            f"the prompt has {len(tokens)} tokens, over the limit of {max_prompt_tokens}"
         )
     salt = request_salt(payload)
-    local, seq = hash_request(token_ids, block_size, salt=salt)
-    return PreparedPrompt(token_ids, local, seq, salt)
+    local, seq = hash_request(tokens, block_size, salt=salt)
+    return PreparedPrompt(tokens, local, seq, salt)
 
 
 def tokenize_locally(
@@ -164,7 +209,7 @@ def tokenize_locally(
     payload: Mapping[str, Any],
     kind: Kind,
     max_prompt_tokens: int,
-) -> list[int]:
+) -> Tokens:
     """Token ids of the routed prompt with the gateway's own tokenizer."""
     if kind == "chat":
         if tokenizer is None:
@@ -172,6 +217,8 @@ def tokenize_locally(
         messages = normalize_messages(payload["messages"])
         add_gen = payload.get("add_generation_prompt", True) is not False
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen)
+        if isinstance(tokenizer, ByteTokenizer):
+            return byte_token_ids(text)
         # The template already wrote every special token the model expects.
         return tokenizer.encode(text, add_special_tokens=False)
     prompt = first_prompt(payload)
@@ -183,4 +230,6 @@ def tokenize_locally(
     # and a prompt far over the limit should not cost a full tokenization to refuse.
     if len(prompt) > max_prompt_tokens * 16:
         raise RequestTooLarge(f"the prompt is far over the limit of {max_prompt_tokens} tokens")
+    if isinstance(tokenizer, ByteTokenizer):
+        return byte_token_ids(prompt)
     return tokenizer.encode(prompt)

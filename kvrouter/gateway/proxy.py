@@ -29,8 +29,8 @@ _FORWARDED_REQUEST_HEADERS = ("authorization", "x-request-id", "traceparent", "t
 class UpstreamFailure(UpstreamError):
     """A worker failed before answering; ``retryable``: another worker may take it.
 
-    ``worker_down`` says the worker itself looks broken (connection refused or reset),
-    as opposed to merely saying no (a 503).
+    ``worker_down`` says the worker itself looks unreachable (connection refused, reset
+    or dropped), as opposed to merely saying no (a 5xx answer).
     """
 
     def __init__(self, message: str, *, retryable: bool, worker_down: bool) -> None:
@@ -152,7 +152,9 @@ class UpstreamClient:
                 value = headers.get(name)
                 if value is not None:
                     send_headers[name] = value
-        timeout = None if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
+        # No ``timeout`` argument at all means the session's; aiohttp reads an explicit
+        # None as "no timeout".
+        timeout = self._timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
         try:
             raw = await self.session.post(url, data=body, headers=send_headers, timeout=timeout)
         except TimeoutError as exc:
@@ -168,10 +170,10 @@ class UpstreamClient:
         if raw.status in _RETRYABLE_STATUSES:
             text = await _read_snippet(raw)
             raw.release()
+            # It answered, so it is up: another worker may take this request, but this
+            # one stays in rotation (health checks decide whether it is broken).
             raise UpstreamFailure(
-                f"worker {url} answered {raw.status}: {text}",
-                retryable=True,
-                worker_down=raw.status != 503,
+                f"worker {url} answered {raw.status}: {text}", retryable=True, worker_down=False
             )
         return UpstreamResponse(raw.status, raw.headers, raw)
 

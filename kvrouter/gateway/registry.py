@@ -14,8 +14,9 @@ rotation (the gateway removes a dead worker's blocks from the index then).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from kvrouter.clock import Clock, monotonic
 from kvrouter.errors import ConfigError
@@ -42,6 +43,7 @@ class WorkerState:
     last_metrics_s: float | None = None
     last_error: str | None = None
     num_requests: int = 0
+    num_in_flight: int = 0
     num_failures: int = 0
     model_ids: tuple[str, ...] = ()
 
@@ -67,6 +69,7 @@ class WorkerState:
             metrics_age_s=age,
             last_error=self.last_error,
             num_requests=self.num_requests,
+            num_in_flight=self.num_in_flight,
             num_failures=self.num_failures,
             model_ids=self.model_ids,
         )
@@ -86,6 +89,7 @@ class WorkerInfo:
     metrics_age_s: float | None
     last_error: str | None
     num_requests: int
+    num_in_flight: int
     num_failures: int
     model_ids: tuple[str, ...]
 
@@ -114,6 +118,9 @@ class WorkerRegistry:
         self._on_down: list[Listener] = []
         self._on_up: list[Listener] = []
         self._on_removed: list[Listener] = []
+        # The rotation by key, rebuilt only when membership or health changes: the
+        # request path reads it for every request.
+        self._rotation: Mapping[WorkerKey, WorkerState] | None = None
 
     # -- listeners ---------------------------------------------------------------
     def add_listeners(
@@ -142,6 +149,7 @@ class WorkerRegistry:
             raise ConfigError(f"worker {spec.url} (dp_rank {spec.dp_rank}) is already registered")
         state = WorkerState(spec=spec, worker_id=worker_id, added_s=self._clock())
         self._workers[worker_id] = state
+        self._rotation = None
         log.info("worker %d added: %s (%s)", worker_id, spec.url, spec.kv_events or "approximate")
         for hook in self._on_up:
             hook(state)
@@ -150,6 +158,7 @@ class WorkerRegistry:
     def remove(self, worker_id: int) -> WorkerState:
         """Delete a worker; raises ``KeyError`` when it is unknown."""
         state = self._workers.pop(worker_id)
+        self._rotation = None
         log.info("worker %d removed: %s", worker_id, state.url)
         for hook in self._on_removed:
             hook(state)
@@ -169,7 +178,15 @@ class WorkerRegistry:
 
     def in_rotation(self) -> list[WorkerState]:
         """Workers that may receive requests now."""
-        return [w for w in self._workers.values() if w.healthy]
+        return list(self.rotation().values())
+
+    def rotation(self) -> Mapping[WorkerKey, WorkerState]:
+        """Workers that may receive requests now, by key (a cached read-only view)."""
+        rotation = self._rotation
+        if rotation is None:
+            live = {w.key: w for w in self._workers.values() if w.healthy}
+            rotation = self._rotation = MappingProxyType(live)
+        return rotation
 
     def infos(self) -> list[WorkerInfo]:
         now = self._clock()
@@ -186,6 +203,7 @@ class WorkerRegistry:
         if not state.healthy:
             state.healthy = True
             state.last_error = None
+            self._rotation = None
             log.info("worker %d back in rotation", worker_id)
             for hook in self._on_up:
                 hook(state)
@@ -200,6 +218,7 @@ class WorkerRegistry:
         state.last_error = reason
         if state.healthy and state.consecutive_failures >= self._failure_threshold:
             state.healthy = False
+            self._rotation = None
             log.warning("worker %d out of rotation: %s", worker_id, reason)
             for hook in self._on_down:
                 hook(state)

@@ -197,7 +197,7 @@ class _Handlers:
         parsed = parse_body(body, kind)
         overrides = parse_overrides(request.headers, parsed.kvrouter_field)
         prompt = await self.gw.prepare(parsed, kind)
-        attempt = self.gw.forwarder.choose("explain", prompt, overrides, set(), book=False)
+        attempt = self.gw.forwarder.explain(prompt, overrides)
         route = attempt.route
         return _json(
             {
@@ -205,7 +205,7 @@ class _Handlers:
                 "dp_rank": route.worker.dp_rank,
                 "url": attempt.state.url,
                 "policy": route.policy,
-                "num_tokens": len(prompt.token_ids),
+                "num_tokens": prompt.num_tokens,
                 "request_blocks": route.request_blocks,
                 "overlap_blocks": route.overlap_blocks,
                 "explanation": list(route.explanation),
@@ -233,7 +233,10 @@ class _Handlers:
                         "healthy": i.healthy,
                         "mode": i.mode,
                         "num_requests": i.num_requests,
+                        "num_in_flight": i.num_in_flight,
+                        "num_failures": i.num_failures,
                         "metrics_age_s": i.metrics_age_s,
+                        "dp_rank": i.dp_rank,
                     }
                     for i in self.gw.registry.infos()
                 ],

@@ -20,11 +20,12 @@ from aiohttp import web
 
 from kvrouter.errors import ConfigError
 from kvrouter.gateway.config import TOKENIZER_BUILTIN, TOKENIZER_WORKER, GatewayConfig
-from kvrouter.gateway.feeds import SubscriberFeeds
+from kvrouter.gateway.feeds import MetricsFeeds, SubscriberFeeds
 from kvrouter.gateway.kvcore import KvRoutingCore
 from kvrouter.gateway.metrics import GatewayCollector
 from kvrouter.gateway.routes import build_app
 from kvrouter.gateway.service import Gateway
+from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["GatewayServer", "install_uvloop", "load_gateway_tokenizer", "serve_forever"]
@@ -60,7 +61,20 @@ class GatewayServer:
         self.feeds = SubscriberFeeds(self.core.indexer, block_size=cfg.block_size)
         if tokenizer is None:
             tokenizer = load_gateway_tokenizer(cfg)
-        self.gateway = Gateway(cfg, self.core, tokenizer=tokenizer, feeds=self.feeds)
+
+        # Pushed metrics reach the gateway, which knows who is in rotation (it is built
+        # just below, so look it up at call time).
+        def on_pushed(metrics: ForwardPassMetrics) -> None:
+            self.gateway.on_pushed_metrics(metrics)
+
+        self.metrics_feeds = MetricsFeeds(on_pushed)
+        self.gateway = Gateway(
+            cfg,
+            self.core,
+            tokenizer=tokenizer,
+            feeds=self.feeds,
+            metrics_feeds=self.metrics_feeds,
+        )
         collector = GatewayCollector(
             self.gateway.counters.stats,
             self.core.stats,

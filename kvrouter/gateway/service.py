@@ -5,8 +5,15 @@ checker and metrics scraper tasks, the per-worker KV event feeds and the request
 forwarder. ``async with Gateway(cfg, core) as gw:`` starts it; :meth:`Gateway.aclose`
 stops the loops, closes the event feeds and the session (idempotent).
 
-A worker that fails a health check or a request leaves the rotation and its blocks
-leave the index (``core.remove_worker``); it rejoins when a health check passes.
+A worker that fails a health check, or that cannot be reached for a request, leaves
+the rotation and its blocks leave the index (``core.remove_worker``); it rejoins when a
+health check passes. A worker that answers a request with an error stays in rotation
+(that request's retries skip it).
+
+Load metrics come from each worker's ``/metrics`` page (scraped every
+``metrics_scrape_interval_s``), or, for a worker configured with a ``metrics``
+endpoint, from what it pushes over ZeroMQ (``metrics_feeds``); pushed workers are not
+scraped.
 """
 
 from __future__ import annotations
@@ -26,10 +33,19 @@ from kvrouter.errors import InvalidRequest, NoWorkerAvailable, UpstreamError
 from kvrouter.gateway.config import TOKENIZER_WORKER, GatewayConfig, WorkerSpec
 from kvrouter.gateway.core import RoutingCore
 from kvrouter.gateway.forward import RequestForwarder
-from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, first_prompt, prepare_prompt
+from kvrouter.gateway.prompts import (
+    INLINE_MAX_BODY_BYTES,
+    Kind,
+    ParsedBody,
+    PreparedPrompt,
+    can_prepare_inline,
+    first_prompt,
+    prepare_prompt,
+)
 from kvrouter.gateway.proxy import UpstreamClient
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import GatewayCounters
+from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.tokenizer import Tokenizer
 
 __all__ = ["EventFeeds", "Gateway"]
@@ -59,6 +75,7 @@ class Gateway:
         *,
         tokenizer: Tokenizer | None = None,
         feeds: EventFeeds | None = None,
+        metrics_feeds: EventFeeds | None = None,
         clock: Clock = monotonic,
     ) -> None:
         self.cfg = cfg
@@ -81,6 +98,7 @@ class Gateway:
             clock=clock,
         )
         self._feeds = feeds
+        self._metrics_feeds = metrics_feeds
         self._clock = clock
         # Tokenizing holds the GIL for most of its time; a couple of threads keep the
         # loop free without pretending to add parallelism.
@@ -115,8 +133,9 @@ class Gateway:
                 await task
         if tasks:
             log.info("gateway stopped %d background task(s)", len(tasks))
-        if self._feeds is not None:
-            await self._feeds.aclose()
+        for feeds in (self._feeds, self._metrics_feeds):
+            if feeds is not None:
+                await feeds.aclose()
         await self.upstream.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -138,6 +157,8 @@ class Gateway:
         state = self.registry.add(spec)
         if self._feeds is not None and spec.kv_events:
             await self._feeds.start_feed(state)
+        if self._metrics_feeds is not None and spec.metrics:
+            await self._metrics_feeds.start_feed(state)
         return state
 
     async def remove_worker(self, worker_id: int) -> WorkerState:
@@ -145,8 +166,23 @@ class Gateway:
         state = self.registry.remove(worker_id)
         if self._feeds is not None and state.spec.kv_events:
             await self._feeds.stop_feed(worker_id)
+        if self._metrics_feeds is not None and state.spec.metrics:
+            await self._metrics_feeds.stop_feed(worker_id)
         self.core.remove_worker(state.key)
         return state
+
+    def on_pushed_metrics(self, metrics: ForwardPassMetrics) -> None:
+        """A worker pushed its load: into the aggregator, while it is in rotation."""
+        state = self.registry.get(metrics.worker_id)
+        # A worker out of rotation is not a candidate; its metrics would only skew the
+        # fleet averages until it is back.
+        if state is None or not state.healthy:
+            return
+        self.core.update_metrics(metrics)
+        self.registry.mark_metrics(state.worker_id)
+
+    def _is_pushed(self, state: WorkerState) -> bool:
+        return self._metrics_feeds is not None and bool(state.spec.metrics)
 
     def _on_down(self, state: WorkerState) -> None:
         # Its cache is unknown from now on: route nothing there by stale overlap.
@@ -178,7 +214,8 @@ class Gateway:
 
     async def _scrape_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self.scrape_metrics(w) for w in self.registry.in_rotation()))
+            scraped = [w for w in self.registry.in_rotation() if not self._is_pushed(w)]
+            await asyncio.gather(*(self.scrape_metrics(w) for w in scraped))
             await asyncio.sleep(self.cfg.metrics_scrape_interval_s)
 
     async def scrape_metrics(self, state: WorkerState) -> bool:
@@ -199,11 +236,18 @@ class Gateway:
 
     # -- tokenizing ----------------------------------------------------------------------
     async def prepare(self, parsed: ParsedBody, kind: Kind) -> PreparedPrompt:
-        """Token ids and block hashes of the routed prompt, computed off the event loop."""
+        """Token ids and block hashes of the routed prompt.
+
+        Small prompts that need no real tokenizer are prepared right here, where a
+        thread hop would cost more than the work; the rest off the event loop (see
+        ``prompts.can_prepare_inline``).
+        """
         token_ids = None
         if self.cfg.tokenizer == TOKENIZER_WORKER and not _has_token_ids(parsed, kind):
             token_ids = await self._tokenize_on_worker(parsed.payload, kind)
-        loop = asyncio.get_running_loop()
+            inline = len(parsed.forward_body) <= INLINE_MAX_BODY_BYTES
+        else:
+            inline = can_prepare_inline(self.tokenizer, parsed, kind)
         job = functools.partial(
             prepare_prompt,
             self.tokenizer,
@@ -213,7 +257,10 @@ class Gateway:
             max_prompt_tokens=self.cfg.max_prompt_tokens,
             token_ids=token_ids,
         )
-        return await loop.run_in_executor(self._executor, job)
+        if inline:
+            self.counters.num_inline_prepares += 1
+            return job()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
 
     async def _tokenize_on_worker(self, payload: dict[str, Any], kind: Kind) -> list[int]:
         """Ask a worker for the token ids it would use (vLLM's ``/tokenize``)."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvrouter.gateway.core import RouteResult
 
 __all__ = ["DecisionRecord", "GatewayCounters", "GatewayStats"]
 
@@ -28,8 +31,12 @@ class DecisionRecord:
     overlap_blocks: int
     request_blocks: int
     latency_s: float
-    explanation: tuple[str, ...]
+    route: RouteResult | None = None  # explained on demand, not on the request path
     pinned: bool = False
+
+    @property
+    def explanation(self) -> tuple[str, ...]:
+        return self.route.explanation if self.route is not None else ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +75,7 @@ class GatewayCounters:
     num_retries: int = 0
     num_disconnects: int = 0
     num_short_prompts: int = 0
+    num_inline_prepares: int = 0  # tokenized + hashed on the event loop (small, cheap)
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     upstream_errors: Counter[str] = field(default_factory=Counter)
     decisions: Counter[tuple[str, int]] = field(default_factory=Counter)

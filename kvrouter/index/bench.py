@@ -411,6 +411,6 @@ def run_scale(
     )
 
 
-def as_dict(result: TraceResult | ScaleResult) -> dict[str, Any]:
+def as_dict(result: Any) -> dict[str, Any]:
     """A result as a JSON-ready dict."""
     return asdict(result)

@@ -31,6 +31,13 @@ def bench_indexer(  # noqa: PLR0917 (typer maps each parameter to an option)
     scale_entries: Annotated[
         int, typer.Option(help="Scale mode: (block, worker) entries to index.")
     ] = 10_500_000,
+    predicted: Annotated[
+        bool,
+        typer.Option(
+            "--predicted",
+            help="Time add_predicted_sequence (booking): small, or --scale-entries with --scale.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time KvIndexer: events applied, find_matches throughput and latency, memory."""
@@ -39,7 +46,15 @@ def bench_indexer(  # noqa: PLR0917 (typer maps each parameter to an option)
     from kvrouter.index import bench as index_bench
 
     result: Any
-    if scale:
+    if predicted:
+        from kvrouter.index.predicted_bench import SMALL_ENTRIES, run_predicted
+
+        result = run_predicted(
+            workers=workers or (1024 if scale else 16),
+            target_entries=scale_entries if scale else SMALL_ENTRIES,
+            seed=seed,
+        )
+    elif scale:
         result = index_bench.run_scale(
             workers=workers or 1024, target_entries=scale_entries, seed=seed
         )
@@ -56,12 +71,23 @@ def bench_indexer(  # noqa: PLR0917 (typer maps each parameter to an option)
             limit=limit,
             repeats=repeats,
         )
-    figures = index_bench.as_dict(result)
+    figures = _flatten(index_bench.as_dict(result))
     if as_json:
         typer.echo(json.dumps(figures))
         return
     for name, value in figures.items():
         typer.echo(f"{name:<28} {_show(value)}")
+
+
+def _flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested results (the phases of ``--predicted``) as ``phase.name`` keys."""
+    out: dict[str, Any] = {}
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
 
 
 def _show(value: object) -> str:

@@ -6,7 +6,7 @@ Layout (one per storage medium; "GPU" is the device tier)::
                  │                                 bit s of the mask = worker in slot s
     worker (worker_id, dp_rank) ── slot s, bit 1 << s
         blocks[medium]: {engine_hash: sequence_hash}   finds the node on BlockRemoved
-        predicted:      {sequence_hash: expiry_s}      device tier, no engine hash
+        predicted:      {sequence_hash: Booking}       device tier, no engine hash
 
 A block is identified by its *sequence hash* (DESIGN 3.1): the hash of its own content
 chained on everything before it, so equal keys mean equal prefixes and a flat dict is a
@@ -21,7 +21,6 @@ from __future__ import annotations
 import heapq
 import logging
 import struct
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import Any, Protocol
@@ -70,7 +69,6 @@ class KvIndexer(PredictedEntries):
         clock: Clock = monotonic,
         predicted_ttl_s: float = 120.0,
         max_predicted_blocks: int = 1 << 20,
-        prune_target_ratio: float = 0.8,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -78,12 +76,9 @@ class KvIndexer(PredictedEntries):
             raise ValueError(f"predicted_ttl_s must be positive, got {predicted_ttl_s}")
         if max_predicted_blocks <= 0:
             raise ValueError(f"max_predicted_blocks must be positive, got {max_predicted_blocks}")
-        if not 0.0 <= prune_target_ratio < 1.0:
-            raise ValueError(f"prune_target_ratio must be in [0, 1), got {prune_target_ratio}")
         self.block_size = block_size
         self.predicted_ttl_s = predicted_ttl_s
         self.max_predicted_blocks = max_predicted_blocks
-        self.prune_target_ratio = prune_target_ratio
         self._clock = clock
         self._gpu_nodes: dict[int, int] = {}
         self._nodes: dict[str, dict[int, int]] = {DEFAULT_MEDIUM: self._gpu_nodes}
@@ -98,10 +93,7 @@ class KvIndexer(PredictedEntries):
         # dict.fromkeys(<dict>, depth) reuses the stored key hashes, so building the
         # scores does not hash a WorkerKey again.
         self._mask_keys: dict[int, dict[WorkerKey, None]] = {}
-        # Predicted entries: insertion order for pruning, a heap for expiry. Heap
-        # entries go stale when refreshed or superseded and are skipped when popped.
-        self._pred_order: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self._pred_heap: list[tuple[float, int, int]] = []
+        self._init_predicted()
         self._counts = dict.fromkeys(
             (
                 "events_applied",
@@ -240,10 +232,7 @@ class KvIndexer(PredictedEntries):
         return key
 
     def _add_holder(self, worker: WorkerState, medium: str, key: int) -> None:
-        if medium == DEFAULT_MEDIUM and worker.predicted.pop(key, None) is not None:
-            # A real event supersedes the prediction; the bit stays set.
-            del self._pred_order[(worker.slot, key)]
-            self._counts["predicted_superseded"] += 1
+        if medium == DEFAULT_MEDIUM and worker.predicted and self._supersede(worker, key):
             return
         dup = (medium, key)
         worker.dups[dup] = worker.dups.get(dup, 0) + 1
@@ -382,8 +371,8 @@ class KvIndexer(PredictedEntries):
         ``local_hashes`` are the prompt's local block hashes (:mod:`kvrouter.hashing`),
         unsigned 64-bit; a signed value means its unsigned twin.
         """
-        if self._pred_heap:
-            self._expire_predicted(self._clock())
+        if self._booking_heap:
+            self._expire_due()
         try:
             scores = self._walk(self._gpu_nodes, local_hashes)
         except struct.error:  # signed or oversized hashes: walk their u64 values
@@ -408,8 +397,8 @@ class KvIndexer(PredictedEntries):
         """:meth:`find_matches` for a caller that already holds the prompt's sequence
         hashes (:func:`kvrouter.hashing.hash_request` computes both lists once); the
         walk then does no hashing at all."""
-        if self._pred_heap:
-            self._expire_predicted(self._clock())
+        if self._booking_heap:
+            self._expire_due()
         scores = self._walk_keys(self._gpu_nodes, sequence_hashes)
         tiers: dict[str, dict[WorkerKey, int]] = {}
         if len(self._nodes) > 1:
@@ -515,8 +504,8 @@ class KvIndexer(PredictedEntries):
 
     def stats(self) -> IndexerStats:
         """Counters and sizes, as a frozen value (expired predictions swept first)."""
-        if self._pred_heap:
-            self._expire_predicted(self._clock())
+        if self._booking_heap:
+            self._expire_due()
         by_medium: dict[str, int] = {}
         for state in self._workers.values():
             for medium, held in state.blocks.items():
@@ -526,7 +515,7 @@ class KvIndexer(PredictedEntries):
             num_workers=len(self._workers),
             num_blocks=sum(len(nodes) for nodes in self._nodes.values()),
             num_entries=sum(by_medium.values()),
-            num_predicted=len(self._pred_order),
+            num_predicted=self._num_predicted,
             entries_by_medium={m: n for m, n in sorted(by_medium.items()) if n},
             events_applied=counts["events_applied"],
             events_rejected=sum(self._rejected.values()),
@@ -548,8 +537,8 @@ class KvIndexer(PredictedEntries):
         ids, settings) as bytes for :meth:`restore`."""
         from kvrouter.index.snapshot import encode_snapshot
 
-        if self._pred_heap:
-            self._expire_predicted(self._clock())
+        if self._booking_heap:
+            self._expire_due()
         return encode_snapshot(self)
 
     @classmethod
@@ -588,9 +577,8 @@ class KvIndexer(PredictedEntries):
                 worker.gpu = held
         self._tree_sizes[key] = len(worker.gpu)
 
-    def _restore_predicted(self, key: WorkerKey, key_hash: int, expiry: float) -> None:
+    def _restore_predicted(self, key: WorkerKey, key_hashes: list[int], expiry: float) -> None:
         state = self._workers.get(key)
         if state is None:
             state = self._add_worker(key)
-        self._predict_one(state, key_hash, expiry)
-        self._tree_sizes[key] = len(state.gpu) + len(state.predicted)
+        self._book(state, key_hashes, expiry)

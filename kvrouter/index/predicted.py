@@ -1,23 +1,58 @@
 """Predicted entries (approximate mode): blocks a worker is expected to hold.
 
-They live in the device tier's masks like real blocks (one lookup serves both), in an
-insertion-ordered dict for oldest-first pruning, and in a heap for expiry. Heap entries
-go stale when an entry is refreshed or superseded; they are skipped when popped and
-compacted away when they pile up. See docs/indexer.md for the exact rule.
+One *booking* per ``add_predicted_sequence`` call carries the expiry of all its blocks,
+so the bookkeeping per block is two dict operations, not a record of its own::
+
+    worker.predicted: {sequence_hash: Booking}   the booking that added or last refreshed it
+    Booking: worker, expiry_s, keys (prompt order), start, live
+    _bookings:     deque[Booking]                 oldest first: the pruning order
+    _booking_heap: [(expiry_s, n, Booking)]       soonest first: the expiry order
+
+An entry (worker, key) belongs to ``worker.predicted[key]``; a refresh points the key at
+the newer booking, which makes the old booking's copy stale at no cost. When a booking
+expires or is pruned, only the keys it still owns are dropped. ``live`` counts them;
+a booking whose keys are mostly stale is compacted by the call that made them stale,
+and one with none left lets its key list go at once. See docs/indexer.md for the rule.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
+from itertools import count, islice
 
 from kvrouter.clock import Clock
 from kvrouter.events.model import WorkerKey
 from kvrouter.hashing import compute_sequence_hashes
 from kvrouter.index.state import WorkerState, clear_bit
 
-__all__ = ["PredictedEntries"]
+__all__ = ["Booking", "PredictedEntries"]
+
+_NO_KEYS: tuple[int, ...] = ()
+
+
+class Booking:
+    """The blocks one call predicted for one worker, with their common expiry.
+
+    ``keys[start:]`` are the keys not yet visited by pruning; the entries this booking
+    still owns are those with ``worker.predicted[key] is self`` (``live`` of them).
+    """
+
+    __slots__ = ("expiry_s", "keys", "live", "start", "worker")
+
+    def __init__(self, worker: WorkerState, expiry_s: float) -> None:
+        self.worker = worker
+        self.expiry_s = expiry_s
+        self.keys: Sequence[int] = _NO_KEYS
+        self.start = 0
+        self.live = 0
+
+    def release(self) -> None:
+        """Owns nothing any more: let the key list go."""
+        self.keys = _NO_KEYS
+        self.start = 0
+        self.live = 0
 
 
 class PredictedEntries:
@@ -26,16 +61,17 @@ class PredictedEntries:
 
     predicted_ttl_s: float
     max_predicted_blocks: int
-    prune_target_ratio: float
     _clock: Clock
     _gpu_nodes: dict[int, int]
     _workers: dict[WorkerKey, WorkerState]
-    _slots: list[WorkerState | None]
     _tree_sizes: dict[WorkerKey, int]
     _counts: dict[str, int]
-    # (slot, sequence hash) in insertion / refresh order; and (expiry, slot, hash)
-    _pred_order: OrderedDict[tuple[int, int], None]
-    _pred_heap: list[tuple[float, int, int]]
+
+    def _init_predicted(self) -> None:
+        self._bookings: deque[Booking] = deque()
+        self._booking_heap: list[tuple[float, int, Booking]] = []
+        self._booking_ids = count()
+        self._num_predicted = 0
 
     def _add_worker(self, key: WorkerKey) -> WorkerState:
         raise NotImplementedError
@@ -43,90 +79,208 @@ class PredictedEntries:
     def add_predicted(
         self, worker: WorkerKey, local_hashes: Sequence[int], *, ttl_s: float | None = None
     ) -> None:
+        """:meth:`add_predicted_sequence` for a prompt's local block hashes (chains
+        them into sequence hashes first)."""
+        self.add_predicted_sequence(worker, compute_sequence_hashes(local_hashes), ttl_s=ttl_s)
+
+    def add_predicted_sequence(
+        self, worker: WorkerKey, sequence_hashes: Sequence[int], *, ttl_s: float | None = None
+    ) -> None:
         """Record that ``worker`` will hold the prompt's blocks for ``ttl_s`` seconds.
 
-        For workers that publish no events this *is* their cache (approximate mode);
-        for the others it covers the gap between routing a request and its events.
-        A block the worker already holds from events is left alone; a predicted block
-        is refreshed (new expiry, youngest for pruning); a later Stored event for it
-        turns it into a real entry. Predicted blocks count in :meth:`find_matches`
-        exactly like real device blocks until they expire or are pruned.
+        ``sequence_hashes`` are the prompt's sequence hashes (unsigned 64-bit, as
+        :func:`kvrouter.hashing.hash_request` returns them). For workers that publish
+        no events this *is* their cache (approximate mode); for the others it covers
+        the gap between routing a request and its events. A block the worker already
+        holds from events is left alone; a predicted block is refreshed (new expiry,
+        youngest for pruning); a later Stored event for it turns it into a real entry.
+        Predicted blocks count in :meth:`find_matches` exactly like real device blocks
+        until they expire or are pruned.
+
+        >>> from kvrouter.clock import ManualClock
+        >>> from kvrouter.index import KvIndexer
+        >>> indexer = KvIndexer(clock=ManualClock())
+        >>> indexer.add_predicted_sequence(WorkerKey(3), [11, 12], ttl_s=5.0)
+        >>> indexer.find_matches_sequence([11, 12, 13]).scores
+        {WorkerKey(worker_id=3, dp_rank=0): 2}
         """
         ttl = self.predicted_ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl}")
-        state = self._workers.get(WorkerKey(*worker))
+        state = self._workers.get(worker)
         if state is None:
             state = self._add_worker(WorkerKey(*worker))
         now = self._clock()
-        self._expire_predicted(now)
-        expiry = now + ttl
-        for key in compute_sequence_hashes(local_hashes):
-            self._predict_one(state, key, expiry)
-        self._tree_sizes[state.key] = len(state.gpu) + len(state.predicted)
-        if len(self._pred_order) > self.max_predicted_blocks:
+        heap = self._booking_heap
+        if heap and heap[0][0] <= now:
+            self._expire_predicted(now)
+        self._book(state, sequence_hashes, now + ttl)
+        if self._num_predicted > self.max_predicted_blocks:
             self._prune_predicted()
-        if len(self._pred_heap) > 2 * len(self._pred_order) + 1024:
-            self._compact_heap()
 
-    def _predict_one(self, state: WorkerState, key: int, expiry: float) -> None:
+    def _book(self, state: WorkerState, keys: Sequence[int], expiry_s: float) -> None:
+        """One booking of ``keys`` for ``state``; the hot loop of approximate mode."""
+        booking = Booking(state, expiry_s)
         nodes = self._gpu_nodes
-        slot = state.slot
+        node_of = nodes.get
         predicted = state.predicted
-        if key in predicted:
-            self._pred_order.move_to_end((slot, key))
-        else:
-            mask = nodes.get(key, 0)
-            if mask & state.bit:
-                return  # held from events: the real entry wins
-            nodes[key] = mask | state.bit if mask else state.bit
-            self._pred_order[(slot, key)] = None
-            self._counts["predicted_added"] += 1
-        predicted[key] = expiry
-        heapq.heappush(self._pred_heap, (expiry, slot, key))
+        owner_of = predicted.get
+        bit = state.bit
+        mine: list[int] = []
+        own = mine.append
+        touched: list[Booking] = []
+        last: Booking | None = None
+        before = len(predicted)
+        for key in keys:
+            old = owner_of(key)
+            if old is None:
+                mask = node_of(key, 0)
+                if mask & bit:
+                    continue  # held from events: the real entry wins
+                # A block held by one worker shares that worker's bit object.
+                nodes[key] = mask | bit if mask else bit
+            elif old is booking:
+                continue  # the same key twice in one prompt
+            else:
+                old.live -= 1  # refreshed: the older booking's copy goes stale
+                if old is not last:
+                    touched.append(old)
+                    last = old
+            predicted[key] = booking
+            own(key)
+        if not mine:
+            return
+        added = len(predicted) - before
+        booking.keys = mine
+        booking.live = len(mine)
+        self._bookings.append(booking)
+        heapq.heappush(self._booking_heap, (expiry_s, next(self._booking_ids), booking))
+        self._num_predicted += added
+        self._counts["predicted_added"] += added
+        self._tree_sizes[state.key] = len(state.gpu) + len(predicted)
+        for old in touched:
+            _compact(old)
+        bookings = self._bookings
+        while not bookings[0].live:  # fully refreshed ones leave now, not at expiry
+            bookings.popleft()
+
+    def _supersede(self, state: WorkerState, key: int) -> bool:
+        """A Stored event for ``key``: a prediction of it becomes the real entry (the
+        worker's bit stays set). ``False`` when ``key`` was not predicted."""
+        booking = state.predicted.pop(key, None)
+        if booking is None:
+            return False
+        booking.live -= 1
+        if not booking.live:
+            booking.release()
+        self._num_predicted -= 1
+        self._counts["predicted_superseded"] += 1
+        return True
+
+    def _expire_due(self) -> None:
+        """Expire what is due; the caller checked that some booking exists."""
+        now = self._clock()
+        if self._booking_heap[0][0] <= now:
+            self._expire_predicted(now)
 
     def _expire_predicted(self, now: float) -> None:
-        heap = self._pred_heap
-        slots = self._slots
+        """Drop every booking whose expiry is ``<= now`` (only its live entries cost)."""
+        heap = self._booking_heap
+        expired = 0
         while heap and heap[0][0] <= now:
-            expiry, slot, key = heapq.heappop(heap)
-            state = slots[slot]
-            if state is not None and state.predicted.get(key) == expiry:
-                self._forget_predicted(state, key)
-                self._counts["predicted_expired"] += 1
-
-    def _forget_predicted(self, state: WorkerState, key: int) -> None:
-        del state.predicted[key]
-        self._tree_sizes[state.key] -= 1
-        del self._pred_order[(state.slot, key)]
-        clear_bit(self._gpu_nodes, key, state.bit)
+            booking = heapq.heappop(heap)[2]
+            if booking.live:
+                expired += self._forget(booking, booking.live)
+            booking.release()
+        self._counts["predicted_expired"] += expired
+        bookings = self._bookings
+        while bookings and not bookings[0].live:
+            bookings.popleft()
 
     def _prune_predicted(self) -> None:
-        """Drop the oldest predictions until the target share of the bound is left."""
-        target = int(self.max_predicted_blocks * self.prune_target_ratio)
-        order = self._pred_order
-        slots = self._slots
-        while len(order) > target:
-            slot, key = next(iter(order))
-            state = slots[slot]
-            assert state is not None, "a prediction outlived its worker"
-            self._forget_predicted(state, key)
-            self._counts["predicted_pruned"] += 1
+        """Drop the oldest entries until no more than the bound are left."""
+        excess = self._num_predicted - self.max_predicted_blocks
+        bookings = self._bookings
+        pruned = 0
+        while excess > 0:
+            booking = bookings[0]  # live entries exist, so some booking owns them
+            if booking.live:
+                dropped = self._forget(booking, excess)
+                excess -= dropped
+                pruned += dropped
+            if not booking.live:
+                bookings.popleft()
+        self._counts["predicted_pruned"] += pruned
 
-    def _compact_heap(self) -> None:
-        slots = self._slots
-        live: list[tuple[float, int, int]] = []
-        for slot, key in self._pred_order:
-            state = slots[slot]
-            assert state is not None, "a prediction outlived its worker"
-            live.append((state.predicted[key], slot, key))
-        heapq.heapify(live)
-        self._pred_heap = live
+    def _forget(self, booking: Booking, limit: int) -> int:
+        """Drop up to ``limit`` of ``booking``'s live entries, oldest first."""
+        worker = booking.worker
+        predicted = worker.predicted
+        owner_of = predicted.get
+        nodes = self._gpu_nodes
+        bit = worker.bit
+        keys = booking.keys
+        index = booking.start
+        dropped = 0
+        for key in islice(keys, index, None):
+            index += 1
+            if owner_of(key) is booking:
+                del predicted[key]
+                mask = nodes[key] ^ bit  # the worker's bit is set while it is predicted
+                if mask:
+                    nodes[key] = mask
+                else:
+                    del nodes[key]
+                dropped += 1
+                if dropped == limit:
+                    break
+        booking.start = index
+        booking.live -= dropped
+        if not booking.live:
+            booking.release()
+        self._num_predicted -= dropped
+        self._tree_sizes[worker.key] = len(worker.gpu) + len(predicted)
+        return dropped
 
     def _drop_predictions(self, worker: WorkerState) -> None:
-        order = self._pred_order
+        """Forget every prediction of ``worker`` (Cleared, reset, removal)."""
+        predicted = worker.predicted
+        if not predicted:
+            return
         nodes = self._gpu_nodes
-        for key in worker.predicted:
-            del order[(worker.slot, key)]
+        for key in predicted:
             clear_bit(nodes, key, worker.bit)
-        worker.predicted.clear()
+        # Its bookings own nothing now; they leave the queue and heap when reached.
+        for booking in dict.fromkeys(predicted.values()):
+            booking.release()
+        self._num_predicted -= len(predicted)
+        predicted.clear()
+
+    def _predicted_in_order(self) -> list[tuple[WorkerState, int, float]]:
+        """Every live entry as (worker, sequence hash, expiry), oldest first."""
+        out: list[tuple[WorkerState, int, float]] = []
+        for booking in self._bookings:
+            if booking.live:
+                worker = booking.worker
+                owner_of = worker.predicted.get
+                expiry = booking.expiry_s
+                out.extend(
+                    (worker, key, expiry)
+                    for key in islice(booking.keys, booking.start, None)
+                    if owner_of(key) is booking
+                )
+        return out
+
+
+def _compact(booking: Booking) -> None:
+    """Shrink a booking that lost most of its keys to newer ones (amortised: it lost
+    at least half of them since it was last built)."""
+    if not booking.live:
+        booking.release()
+        return
+    keys = booking.keys
+    start = booking.start
+    if booking.live * 2 < len(keys) - start:
+        owner_of = booking.worker.predicted.get
+        booking.keys = [k for k in islice(keys, start, None) if owner_of(k) is booking]
+        booking.start = 0

@@ -9,7 +9,6 @@ time, so a snapshot restores correctly under another clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -22,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SNAPSHOT_VERSION", "decode_snapshot", "encode_snapshot"]
 
-SNAPSHOT_VERSION = 1
+# 2: predictions are bounded without a prune target ratio (the field is gone).
+SNAPSHOT_VERSION = 2
 
 
 class _MediumBlocks(msgspec.Struct, array_like=True, gc=False):
@@ -50,7 +50,6 @@ class _Snapshot(msgspec.Struct, gc=False):
     block_size: int
     predicted_ttl_s: float
     max_predicted_blocks: int
-    prune_target_ratio: float
     workers: list[_WorkerBlocks]
     predicted: list[_Predicted]
 
@@ -76,27 +75,18 @@ def encode_snapshot(indexer: KvIndexer) -> bytes:
     ]
     now = indexer._clock()
     predicted = [
-        _Predicted(key.worker_id, key.dp_rank, seq_hash, expiry - now)
-        for key, seq_hash, expiry in _predicted_in_order(indexer)
+        _Predicted(state.key.worker_id, state.key.dp_rank, seq_hash, expiry - now)
+        for state, seq_hash, expiry in indexer._predicted_in_order()
     ]
     snap = _Snapshot(
         version=SNAPSHOT_VERSION,
         block_size=indexer.block_size,
         predicted_ttl_s=indexer.predicted_ttl_s,
         max_predicted_blocks=indexer.max_predicted_blocks,
-        prune_target_ratio=indexer.prune_target_ratio,
         workers=workers,
         predicted=predicted,
     )
     return _encoder.encode(snap)
-
-
-def _predicted_in_order(indexer: KvIndexer) -> Iterator[tuple[WorkerKey, int, float]]:
-    slots = indexer._slots
-    for slot, seq_hash in indexer._pred_order:
-        state = slots[slot]
-        assert state is not None, "a prediction outlived its worker"
-        yield state.key, seq_hash, state.predicted[seq_hash]
 
 
 def decode_snapshot(
@@ -120,7 +110,6 @@ def decode_snapshot(
         clock=clock,
         predicted_ttl_s=snap.predicted_ttl_s,
         max_predicted_blocks=snap.max_predicted_blocks,
-        prune_target_ratio=snap.prune_target_ratio,
     )
     seen: set[WorkerKey] = set()
     for worker in snap.workers:
@@ -135,12 +124,23 @@ def decode_snapshot(
             pairs = zip(media.engine_hashes, media.sequence_hashes, strict=True)
             blocks[media.medium] = dict(pairs)
         indexer._restore_worker(key, worker.last_event_id, blocks)
-    now = clock()
-    for entry in snap.predicted:
-        if entry.remaining_s > 0:
-            indexer._restore_predicted(
-                WorkerKey(entry.worker_id, entry.dp_rank),
-                entry.sequence_hash,
-                now + entry.remaining_s,
-            )
+    _restore_predicted(indexer, snap.predicted, clock())
     return indexer
+
+
+def _restore_predicted(indexer: KvIndexer, entries: list[_Predicted], now: float) -> None:
+    """Re-book the predictions in their order; a run of entries of one worker with
+    the same time left (one booking when it was taken) becomes one booking again."""
+    run: list[int] = []
+    run_of: tuple[int, int, float] | None = None
+    for entry in entries:
+        if entry.remaining_s <= 0:
+            continue
+        of = (entry.worker_id, entry.dp_rank, entry.remaining_s)
+        if of != run_of:
+            if run_of is not None:
+                indexer._restore_predicted(WorkerKey(*run_of[:2]), run, now + run_of[2])
+            run, run_of = [], of
+        run.append(entry.sequence_hash)
+    if run_of is not None:
+        indexer._restore_predicted(WorkerKey(*run_of[:2]), run, now + run_of[2])

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kvrouter.events.model import DEFAULT_MEDIUM, WorkerKey
+
+if TYPE_CHECKING:
+    from kvrouter.index.predicted import Booking
 
 __all__ = ["WorkerState", "clear_bit", "keys_of_mask"]
 
@@ -28,8 +32,9 @@ class WorkerState:
         # (medium, sequence hash) -> holders beyond the first: two engine hashes can
         # name the same content (e.g. KV cache groups); the bit goes when the last does.
         self.dups: dict[tuple[str, int], int] = {}
-        # sequence hash -> expiry (device tier); never also in ``gpu``'s values
-        self.predicted: dict[int, float] = {}
+        # sequence hash -> the booking that owns the prediction (device tier); never
+        # also in ``gpu``'s values
+        self.predicted: dict[int, Booking] = {}
 
     def blocks_for(self, medium: str) -> dict[int, int]:
         found = self.blocks.get(medium)

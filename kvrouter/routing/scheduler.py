@@ -76,8 +76,14 @@ class IndexerLike(Protocol):
 
     def find_matches(self, local_hashes: Sequence[int]) -> _Scores: ...
 
+    def find_matches_sequence(self, sequence_hashes: Sequence[int]) -> _Scores: ...
+
     def add_predicted(
         self, worker: WorkerKey, local_hashes: Sequence[int], *, ttl_s: float | None = None
+    ) -> object: ...
+
+    def add_predicted_sequence(
+        self, worker: WorkerKey, sequence_hashes: Sequence[int], *, ttl_s: float | None = None
     ) -> object: ...
 
     def remove_worker(self, worker_id: int, dp_rank: int | None = None) -> object: ...
@@ -99,6 +105,9 @@ class ScheduleRequest:
     overrides: RoutingOverrides | None = None
     worker: WorkerKey | int | None = None  # direct routing
     policy: str | None = None  # a registered policy name or "pkg.mod:func"
+    # Workers not to use for this request only (e.g. they failed it once); they stay in
+    # rotation for every other request. Ignored for direct routing (``worker``).
+    exclude: frozenset[WorkerKey] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +309,12 @@ class KvScheduler:
         target = None if request.worker is None else _key(request.worker)
         if target is not None and target not in self._workers:
             raise InvalidRequest(f"unknown worker {target} for direct routing")
-        overlaps, views, candidates = self._build_views(local, target)
+        overlaps, views, candidates = self._build_views(seq, target)
+        if request.exclude and target is None:
+            candidates, views = _without(request.exclude, candidates, views)
+            if not views:
+                self._num_no_worker += count
+                raise NoWorkerAvailable("every worker is excluded for this request")
         if not candidates:
             self._num_busy += count
             raise AllWorkersBusy(_busy_message(views), retry_after_s=self._busy.retry_after_s)
@@ -350,11 +364,11 @@ class KvScheduler:
         return local, seq, len(request.token_ids)
 
     def _build_views(
-        self, local: Sequence[int], target: WorkerKey | None
+        self, seq: Sequence[int], target: WorkerKey | None
     ) -> tuple[dict[WorkerKey, int], list[WorkerView], list[WorkerView]]:
         overlaps: dict[WorkerKey, int] = {}
-        if local and self.indexer is not None:
-            scores = self.indexer.find_matches(local).scores
+        if seq and self.indexer is not None:
+            scores = self.indexer.find_matches_sequence(seq).scores
             workers = self._workers
             overlaps = {w: n for w, n in scores.items() if w in workers}
         self._refresh_metrics()
@@ -470,7 +484,7 @@ class KvScheduler:
             num_private_blocks=partial_tail,
         )
         if self._predict and local and self.indexer is not None:
-            self.indexer.add_predicted(worker, local, ttl_s=self._predicted_ttl_s)
+            self.indexer.add_predicted_sequence(worker, seq, ttl_s=self._predicted_ttl_s)
 
     def _record(self, decision: Decision, latency_s: float) -> None:
         self._num_decisions += 1
@@ -515,6 +529,17 @@ class KvScheduler:
 
 def _key(worker: WorkerKey | int) -> WorkerKey:
     return worker if isinstance(worker, WorkerKey) else WorkerKey(worker, 0)
+
+
+def _without(
+    exclude: frozenset[WorkerKey], candidates: list[WorkerView], views: list[WorkerView]
+) -> tuple[list[WorkerView], list[WorkerView]]:
+    """``candidates`` and ``views`` less the excluded workers (new lists: the cached
+    ones are shared between requests)."""
+    return (
+        [v for v in candidates if v.worker not in exclude],
+        [v for v in views if v.worker not in exclude],
+    )
 
 
 def _busy_message(views: Sequence[WorkerView]) -> str:

@@ -29,7 +29,7 @@ CHUNK = b'data: {"choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n'
 
 @dataclass
 class Backend:
-    """A scripted worker: ``mode`` is ok | drop | status503 | break | slow."""
+    """A scripted worker: ``mode`` is ok | drop | status503 | break | slow | hang."""
 
     mode: str = "ok"
     kv_usage: float = 0.0
@@ -47,6 +47,8 @@ class Backend:
             return web.Response()
         if self.mode == "status503":
             return web.json_response({"error": {"message": "busy"}}, status=503)
+        if self.mode == "hang":  # accepts, then says nothing until the gateway gives up
+            await asyncio.sleep(30)
         if not body.get("stream"):
             return web.json_response({"choices": [{"text": "ok"}], "worker": self.url})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -163,10 +165,74 @@ async def test_every_worker_failing_is_a_502(
         body = await resp.json()
     assert body["error"]["type"] == "upstream_error"
     assert len(busy.requests) == 1
-    # Both are out of rotation now: the next request is refused with 503 + Retry-After.
+    # The unreachable one is out of rotation; the one that answered 503 is not.
+    assert [w.worker_id for w in gw.gateway.registry.in_rotation()] == [0]
     async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
-        assert resp.status == 503
-        assert resp.headers["Retry-After"] == "1"
+        assert resp.status == 502
+    assert len(busy.requests) == 2
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_a_worker_answering_5xx_is_skipped_for_the_retry_but_stays_in_rotation(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    busy = await start_backend(stack, Backend(mode="status503"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([busy.url, good.url], router_mode="round_robin"))
+    )
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kvrouter-worker"] == "1"
+    assert len(busy.requests) == 1
+    stats = gw.gateway.counters.stats()
+    assert (stats.num_retries, stats.num_upstream_errors) == (1, {"status": 1})
+    infos = {i.worker_id: i for i in gw.gateway.registry.infos()}
+    assert (infos[0].healthy, infos[0].num_failures) == (True, 1)
+    assert "answered 503" in (infos[0].last_error or "")
+    assert [k.worker_id for k in gw.core.scheduler.workers] == [0, 1]
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    # Still a candidate for the next request: round robin comes back to it.
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 200
+    assert len(busy.requests) == 2
+
+
+async def test_a_timeout_before_the_first_byte_is_retried_once(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    slow = [await start_backend(stack, Backend(mode="hang")) for _ in range(3)]
+    gw = await stack.enter_async_context(
+        GatewayServer(config([b.url for b in slow], max_retries=2, request_timeout_s=0.3))
+    )
+    # Three slow workers and two retries allowed, but only one retry is spent on
+    # timeouts: two attempts, then 504.
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == 504
+    assert sorted(len(b.requests) for b in slow) == [0, 1, 1]
+    stats = gw.gateway.counters.stats()
+    assert (stats.num_retries, stats.num_upstream_errors) == (1, {"timeout": 2})
+    # Slow is not dead: every worker stays in rotation, and nothing stays booked.
+    assert len(gw.gateway.registry.in_rotation()) == 3
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_a_timeout_is_retried_on_a_worker_that_answers(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    slow = await start_backend(stack, Backend(mode="hang"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(
+            config([slow.url, good.url], router_mode="round_robin", request_timeout_s=0.3)
+        )
+    )
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kvrouter-worker"] == "1"
+    assert (len(slow.requests), len(good.requests)) == (1, 1)
+    assert gw.gateway.counters.stats().num_retries == 1
 
 
 async def test_failure_after_first_byte_ends_the_stream_with_an_error_event(

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from kvrouter.errors import InvalidRequest, RequestTooLarge
-from kvrouter.gateway.prompts import parse_body, prepare_prompt
+from kvrouter.gateway.prompts import (
+    INLINE_MAX_BODY_BYTES,
+    byte_token_ids,
+    can_prepare_inline,
+    parse_body,
+    prepare_prompt,
+)
 from kvrouter.hashing import hash_request, make_salt
 from kvrouter.tokenizer import ByteTokenizer
 
@@ -58,7 +64,8 @@ def test_text_prompt_is_tokenized_and_hashed_once() -> None:
     tok = ByteTokenizer()
     payload = {"prompt": "abcdefgh"}
     prepared = prepare_prompt(tok, payload, "completion", block_size=4, max_prompt_tokens=100)
-    assert prepared.token_ids == tok.encode("abcdefgh")
+    assert list(prepared.token_ids) == tok.encode("abcdefgh")
+    assert prepared.num_tokens == 8
     assert (prepared.local_hashes, prepared.sequence_hashes) == hash_request(prepared.token_ids, 4)
     assert prepared.salt is None
 
@@ -76,7 +83,7 @@ def test_token_id_prompts_and_batches() -> None:
     texts = prepare_prompt(
         tok, {"prompt": ["ab", "cd"]}, "completion", block_size=2, max_prompt_tokens=9
     )
-    assert texts.token_ids == tok.encode("ab")
+    assert list(texts.token_ids) == tok.encode("ab")
 
 
 def test_chat_goes_through_the_template() -> None:
@@ -86,8 +93,8 @@ def test_chat_goes_through_the_template() -> None:
         tok, {"messages": messages}, "chat", block_size=4, max_prompt_tokens=1000
     )
     expected = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
-    assert prepared.token_ids == expected
-    assert prepared.token_ids != tok.encode("hi")
+    assert list(prepared.token_ids) == expected
+    assert list(prepared.token_ids) != tok.encode("hi")
 
 
 def test_cache_salt_changes_the_hashes() -> None:
@@ -123,3 +130,29 @@ def test_short_prompt_has_no_blocks() -> None:
 def test_without_a_local_tokenizer_text_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="no local tokenizer"):
         prepare_prompt(None, {"prompt": "ab"}, "completion", block_size=4, max_prompt_tokens=9)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "héllo wörld ✓", "\x00\xff" * 40])
+def test_byte_fast_path_equals_the_byte_tokenizer(text: str) -> None:
+    ids = byte_token_ids(text)
+    assert ids.dtype.name == "uint32"
+    assert ids.tolist() == ByteTokenizer().encode(text)
+    assert hash_request(ids, 4) == hash_request(ByteTokenizer().encode(text), 4)
+
+
+class _OtherTokenizer(ByteTokenizer):
+    """Stands for a real tokenizer: anything but the built-in byte one itself."""
+
+
+def test_inline_preparation_only_for_small_cheap_prompts() -> None:
+    small = parse_body(json.dumps({"prompt": "abcd"}).encode(), "completion")
+    big = parse_body(json.dumps({"prompt": "a" * INLINE_MAX_BODY_BYTES}).encode(), "completion")
+    ids = parse_body(json.dumps({"prompt": [1, 2, 3]}).encode(), "completion")
+    chat = parse_body(json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "chat")
+    byte = ByteTokenizer()
+    assert can_prepare_inline(byte, small, "completion")
+    assert can_prepare_inline(byte, chat, "chat")
+    assert not can_prepare_inline(byte, big, "completion")
+    assert can_prepare_inline(None, ids, "completion")
+    assert not can_prepare_inline(None, small, "completion")
+    assert not can_prepare_inline(None, chat, "chat")

@@ -13,6 +13,7 @@ from kvrouter.hashing import compute_sequence_hashes
 from kvrouter.index import KvIndexer
 from kvrouter.index import cli as index_cli
 from kvrouter.index.bench import build_trace_stream, run_scale, run_trace
+from kvrouter.index.predicted_bench import run_predicted
 
 
 def test_stream_follows_the_lru_rule() -> None:
@@ -90,3 +91,29 @@ def test_cli_prints_json(trace_path: Path) -> None:
         assert name in figures
     missing = CliRunner().invoke(app, ["bench", "indexer"])
     assert missing.exit_code != 0
+
+
+def test_predicted_run_exercises_pruning_and_expiry() -> None:
+    result = run_predicted(workers=4, target_entries=3000)
+    assert result.fill.requests > 0 and result.steady.requests == 2 * result.fill.requests
+    assert result.num_predicted <= 3000
+    assert result.predicted_pruned > 0 and result.predicted_expired > 0
+    assert result.predicted_added == (
+        result.num_predicted + result.predicted_pruned + result.predicted_expired
+    )
+    assert 0 < result.steady.booking_p50_us <= result.steady.booking_max_us
+
+
+def test_cli_predicted_prints_both_phases() -> None:
+    app = typer.Typer()
+    bench = typer.Typer()
+    app.add_typer(bench, name="bench")
+    index_cli.register(app, bench)
+    args = ["bench", "indexer", "--predicted", "--scale", "--scale-entries", "2000"]
+    result = CliRunner().invoke(app, [*args, "--workers", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["max_predicted_blocks"] == 2000
+    for phase in ("fill", "steady"):
+        for name in ("us_per_block", "booking_p50_us", "booking_p99_us", "booking_max_us"):
+            assert figures[f"{phase}.{name}"] > 0

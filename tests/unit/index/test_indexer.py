@@ -291,8 +291,10 @@ def test_many_workers_dropping_out_at_different_depths() -> None:
 def test_constructor_validates_settings() -> None:
     with pytest.raises(ValueError, match="block_size"):
         KvIndexer(block_size=0)
-    with pytest.raises(ValueError, match="prune_target_ratio"):
-        KvIndexer(prune_target_ratio=1.0)
+    with pytest.raises(ValueError, match="predicted_ttl_s"):
+        KvIndexer(predicted_ttl_s=0.0)
+    with pytest.raises(ValueError, match="max_predicted_blocks"):
+        KvIndexer(max_predicted_blocks=0)
 
 
 def test_signed_local_hashes_mean_their_unsigned_value() -> None:

@@ -89,30 +89,106 @@ def test_predictions_are_per_worker_and_dropped_by_clear_and_reset() -> None:
     assert (stats.num_predicted, stats.num_blocks, stats.num_workers) == (0, 0, 1)
 
 
-def test_pruning_drops_oldest_first_to_the_target_ratio() -> None:
+def test_pruning_drops_oldest_first_down_to_the_bound() -> None:
     clock = ManualClock()
-    indexer = make(clock, max_predicted_blocks=10, prune_target_ratio=0.5)
+    indexer = make(clock, max_predicted_blocks=10)
     for i in range(10):  # ten one-block prompts, oldest first
         indexer.add_predicted(W1, [100 + i])
         clock.advance(1.0)
     indexer.add_predicted(W1, [100])  # refreshed: now the youngest
     assert indexer.stats().num_predicted == 10
-    indexer.add_predicted(W2, [200])  # 11 > 10: prune down to 5
+    indexer.add_predicted(W2, [200])  # 11 > 10: the oldest one goes
     alive = {i for i in range(10) if indexer.find_matches([100 + i]).scores}
-    assert alive == {0, 7, 8, 9}
-    assert indexer.find_matches([200]).scores == {W2: 1}
+    assert alive == {0, 2, 3, 4, 5, 6, 7, 8, 9}
+    indexer.add_predicted(W2, [200, 300, 400])  # 2 new, 200 refreshed: 2 more go
+    alive = {i for i in range(10) if indexer.find_matches([100 + i]).scores}
+    assert alive == {0, 4, 5, 6, 7, 8, 9}
+    assert indexer.find_matches([200, 300, 400]).scores == {W2: 3}
     stats = indexer.stats()
-    assert (stats.num_predicted, stats.predicted_pruned) == (5, 6)
+    assert (stats.num_predicted, stats.predicted_pruned) == (10, 3)
 
 
-def test_stale_heap_entries_are_compacted() -> None:
+def test_a_prompt_longer_than_the_bound_keeps_its_tail() -> None:
+    # Within one call the blocks are inserted in prompt order, so the head goes first.
+    clock = ManualClock()
+    indexer = make(clock, max_predicted_blocks=4)
+    seq = compute_sequence_hashes([1, 2, 3, 4, 5, 6])
+    indexer.add_predicted_sequence(W1, seq)
+    assert sorted(indexer._gpu_nodes) == sorted(seq[2:])
+    assert indexer.find_matches_sequence(seq).scores == {}  # its first blocks are gone
+    stats = indexer.stats()
+    assert (stats.num_predicted, stats.predicted_added, stats.predicted_pruned) == (4, 6, 2)
+
+
+def test_sequence_and_local_forms_book_the_same_entries() -> None:
+    clock = ManualClock()
+    by_local = make(clock)
+    by_sequence = make(clock)
+    by_local.add_predicted(W1, [5, 6, 7], ttl_s=3.0)
+    by_sequence.add_predicted_sequence(W1, compute_sequence_hashes([5, 6, 7]), ttl_s=3.0)
+    assert by_local._gpu_nodes == by_sequence._gpu_nodes
+    assert by_local.find_matches([5, 6, 7]) == by_sequence.find_matches([5, 6, 7])
+    clock.advance(3.0)
+    assert by_sequence.find_matches([5]).scores == {}
+    with pytest.raises(ValueError, match="ttl_s"):
+        by_sequence.add_predicted_sequence(W1, [1], ttl_s=-1.0)
+
+
+def test_refreshed_bookings_let_their_keys_go() -> None:
     clock = ManualClock()
     indexer = make(clock)
-    for _ in range(1500):  # each refresh leaves a stale heap entry
+    for _ in range(1500):  # each call refreshes the one block of the previous one
         indexer.add_predicted(W1, [1])
-    assert len(indexer._pred_heap) <= 2 * 1 + 1024
+    assert indexer.stats().num_predicted == 1
+    assert len(indexer._bookings) == 1
+    released = [booking for _, _, booking in indexer._booking_heap if not booking.live]
+    assert len(released) == 1499
+    assert all(booking.keys == () for booking in released)
     clock.advance(121.0)
     assert indexer.find_matches([1]).scores == {}
+    assert (len(indexer._booking_heap), len(indexer._bookings)) == (0, 0)
+
+
+def test_mostly_refreshed_booking_is_compacted_and_keeps_its_order() -> None:
+    clock = ManualClock()
+    indexer = make(clock, max_predicted_blocks=12)
+    first = list(range(1000, 1010))
+    indexer.add_predicted_sequence(W1, first)
+    indexer.add_predicted_sequence(W1, first[:6])  # 6 of 10 refreshed: 4 left, compacted
+    assert list(indexer._bookings[0].keys) == first[6:]
+    indexer.add_predicted_sequence(W1, [2000, 2001, 2002])  # 13 > 12: 1000+6 goes first
+    assert not indexer.find_matches_sequence([1006]).scores
+    assert indexer.find_matches_sequence([1007]).scores == {W1: 1}
+    assert indexer.find_matches_sequence(first[:6]).scores == {W1: 6}
+    assert indexer.stats().num_predicted == 12
+
+
+def test_partly_superseded_booking_expires_the_rest() -> None:
+    clock = ManualClock()
+    indexer = make(clock, predicted_ttl_s=5.0)
+    indexer.add_predicted(W1, [1, 2, 3])
+    indexer.apply_event(stored(W1, 0, [], [1]))
+    clock.advance(5.0)
+    assert indexer.find_matches([1, 2, 3]).scores == {W1: 1}
+    stats = indexer.stats()
+    assert (stats.predicted_added, stats.predicted_superseded, stats.predicted_expired) == (
+        3,
+        1,
+        2,
+    )
+    assert (stats.num_predicted, stats.num_blocks) == (0, 1)
+
+
+def test_bookings_of_a_removed_worker_do_not_touch_its_slot_successor() -> None:
+    clock = ManualClock()
+    indexer = make(clock)
+    indexer.add_predicted(W1, [1, 2], ttl_s=5.0)
+    indexer.remove_worker(1)
+    indexer.add_predicted(W2, [1], ttl_s=100.0)  # takes the freed slot
+    clock.advance(6.0)
+    assert indexer.find_matches([1, 2]).scores == {W2: 1}
+    stats = indexer.stats()
+    assert (stats.num_predicted, stats.predicted_expired, stats.num_workers) == (1, 0, 1)
 
 
 def test_predicted_keys_are_sequence_hashes() -> None:

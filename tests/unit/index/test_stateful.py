@@ -1,14 +1,17 @@
 """KvIndexer held against a naive model through random interleavings.
 
 The model keeps, per worker and medium, ``{engine_hash: prefix}`` (a prefix is the
-tuple of local hashes from the root), plus ``{prefix: expiry_s}`` for predictions. A
-worker's score for a prompt is the largest ``i`` such that it holds every prefix
-``prompt[:1] .. prompt[:i]``. After every step, find_matches is checked for every
-prefix any worker holds, each extended by one block nobody holds.
+tuple of local hashes from the root), plus one insertion-ordered
+``{(worker, prefix): expiry_s}`` for predictions (a refresh moves an entry to the end;
+pruning drops from the front until ``MAX_PREDICTED`` are left). A worker's score for a
+prompt is the largest ``i`` such that it holds every prefix ``prompt[:1] ..
+prompt[:i]``. After every step, find_matches is checked for every prefix any worker
+holds, each extended by one block nobody holds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
@@ -23,6 +26,7 @@ from kvrouter.index import KvIndexer
 WORKERS = [WorkerKey(0, 0), WorkerKey(0, 1), WorkerKey(1, 0), WorkerKey(2, 0)]
 MEDIA = ["GPU", "GPU", "CPU"]
 TTL_S = 10
+MAX_PREDICTED = 5  # small, so that pruning runs often
 Prefix = tuple[int, ...]
 
 workers_st = st.sampled_from(WORKERS)
@@ -32,7 +36,6 @@ locals_st = st.lists(st.integers(1, 2), min_size=1, max_size=3)
 @dataclass
 class ModelWorker:
     blocks: dict[str, dict[int, Prefix]] = field(default_factory=dict)
-    predicted: dict[Prefix, int] = field(default_factory=dict)
     last_event_id: int | None = None
 
     def held(self, medium: str) -> set[Prefix]:
@@ -58,8 +61,15 @@ class IndexerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = ManualClock()
-        self.indexer = KvIndexer(block_size=16, clock=self.clock, predicted_ttl_s=TTL_S)
+        self.indexer = KvIndexer(
+            block_size=16,
+            clock=self.clock,
+            predicted_ttl_s=TTL_S,
+            max_predicted_blocks=MAX_PREDICTED,
+        )
         self.model: dict[WorkerKey, ModelWorker] = {}
+        # (worker, prefix) -> expiry, oldest (by insertion or refresh) first
+        self.predicted: dict[tuple[WorkerKey, Prefix], int] = {}
         self.next_engine_hash = 1000
 
     def worker(self, key: WorkerKey) -> ModelWorker:
@@ -129,7 +139,7 @@ class IndexerMachine(RuleBasedStateMachine):
             prefix = (*prefix, block.local_hash)
             target[block.engine_hash] = prefix
             if medium == "GPU":
-                model.predicted.pop(prefix, None)
+                self.predicted.pop((key, prefix), None)
 
     @rule(
         key=workers_st,
@@ -163,13 +173,14 @@ class IndexerMachine(RuleBasedStateMachine):
         assert self.send(key, event_id, Cleared())
         model.last_event_id = event_id
         model.blocks.clear()
-        model.predicted.clear()
+        self.forget_predictions(lambda k: k == key)
 
     @rule(key=workers_st)
     def reset(self, key: WorkerKey) -> None:
         self.indexer.reset_worker(key)
         if key in self.model:
             self.model[key] = ModelWorker()
+        self.forget_predictions(lambda k: k == key)
 
     @rule(worker_id=st.sampled_from([0, 1, 2]), all_ranks=st.booleans())
     def remove_worker(self, worker_id: int, all_ranks: bool) -> None:
@@ -177,18 +188,28 @@ class IndexerMachine(RuleBasedStateMachine):
         for key in list(self.model):
             if key.worker_id == worker_id and (all_ranks or key.dp_rank == 0):
                 del self.model[key]
+        self.forget_predictions(
+            lambda k: k.worker_id == worker_id and (all_ranks or k.dp_rank == 0)
+        )
+
+    def forget_predictions(self, which: Callable[[WorkerKey], bool]) -> None:
+        self.predicted = {p: e for p, e in self.predicted.items() if not which(p[0])}
 
     @rule(key=workers_st, new=locals_st, ttl=st.sampled_from([None, 3]))
     def predict(self, key: WorkerKey, new: list[int], ttl: int | None) -> None:
         self.indexer.add_predicted(key, new, ttl_s=ttl)
         model = self.worker(key)
         now = int(self.clock())
-        model.predicted = {p: e for p, e in model.predicted.items() if e > now}
+        predicted = {p: e for p, e in self.predicted.items() if e > now}
         real = model.held("GPU")
         for i in range(1, len(new) + 1):
             prefix = tuple(new[:i])
             if prefix not in real:
-                model.predicted[prefix] = now + (TTL_S if ttl is None else ttl)
+                predicted.pop((key, prefix), None)  # a refresh makes it the youngest
+                predicted[(key, prefix)] = now + (TTL_S if ttl is None else ttl)
+        while len(predicted) > MAX_PREDICTED:
+            del predicted[next(iter(predicted))]
+        self.predicted = predicted
 
     @rule(delta=st.integers(0, 6))
     def advance(self, delta: int) -> None:
@@ -204,7 +225,7 @@ class IndexerMachine(RuleBasedStateMachine):
         prompts: set[Prefix] = set()
         device: dict[WorkerKey, set[Prefix]] = {}
         for key, model in self.model.items():
-            live = {p for p, e in model.predicted.items() if e > now}
+            live = {p for (k, p), e in self.predicted.items() if k == key and e > now}
             device[key] = model.held("GPU") | live
             prompts |= device[key]
             for blocks in model.blocks.values():
@@ -230,6 +251,8 @@ class IndexerMachine(RuleBasedStateMachine):
         stats = self.indexer.stats()
         entries = sum(len(b) for m in self.model.values() for b in m.blocks.values())
         assert stats.num_entries == entries
+        now = self.clock()
+        assert stats.num_predicted == sum(1 for e in self.predicted.values() if e > now)
         for key in WORKERS:
             expected = self.model[key].last_event_id if key in self.model else None
             assert self.indexer.last_event_id(key) == expected

@@ -1,0 +1,103 @@
+"""The gateway's routing core: exclusion for retries, side-effect-free previews."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvrouter.clock import ManualClock
+from kvrouter.errors import NoWorkerAvailable
+from kvrouter.events.model import WorkerKey
+from kvrouter.gateway.config import GatewayConfig
+from kvrouter.gateway.kvcore import KvRoutingCore
+from kvrouter.gateway.overrides import RoutingOverrides
+from kvrouter.gateway.prompts import prepare_prompt
+from kvrouter.load.metrics import ForwardPassMetrics
+from kvrouter.tokenizer import ByteTokenizer
+
+W0, W1, W2 = WorkerKey(0), WorkerKey(1), WorkerKey(2)
+NONE = RoutingOverrides()
+
+
+def _core(workers: tuple[WorkerKey, ...] = (W0, W1, W2)) -> KvRoutingCore:
+    core = KvRoutingCore(GatewayConfig(block_size=4), clock=ManualClock())
+    for worker in workers:
+        core.add_worker(worker)
+    return core
+
+
+def _prompt(text: str = "abcdefghijklmnop"):  # type: ignore[no-untyped-def]
+    return prepare_prompt(
+        ByteTokenizer(), {"prompt": text}, "completion", block_size=4, max_prompt_tokens=100
+    )
+
+
+def test_excluded_workers_are_skipped_but_stay_in_rotation() -> None:
+    core = _core()
+    prompt = _prompt()
+    first = core.route("a", prompt, NONE)
+    core.on_finish("a")
+    # The prefix is now predicted on the first worker; excluding it sends the retry
+    # elsewhere, and the worker is still registered for everyone else.
+    retry = core.route("a", prompt, NONE, exclude=frozenset({first.worker}))
+    assert retry.worker != first.worker
+    assert core.scheduler.workers == (W0, W1, W2)
+    core.on_finish("a")
+    again = core.route("b", prompt, NONE)
+    assert again.worker in (first.worker, retry.worker)
+    assert again.overlap_blocks == 4
+
+
+def test_excluding_every_worker_is_no_worker_available() -> None:
+    core = _core((W0, W1))
+    with pytest.raises(NoWorkerAvailable, match="excluded"):
+        core.route("a", _prompt(), NONE, exclude=frozenset({W0, W1}))
+    assert core.scheduler.stats().active.num_requests == 0
+
+
+def test_direct_routing_ignores_exclusion() -> None:
+    core = _core((W0, W1))
+    route = core.route("a", _prompt(), NONE, worker=W1, exclude=frozenset({W1}))
+    assert route.worker == W1
+
+
+def test_preview_books_nothing_and_counts_nothing() -> None:
+    core = _core()
+    prompt = _prompt()
+    chosen = core.route("a", prompt, NONE)
+    core.on_first_token("a")
+    core.route("b", _prompt("0123456789abcdef"), NONE)  # stays in flight
+    before_index = {w: core.indexer.tree_size(w) for w in (W0, W1, W2)}
+    before = core.scheduler.stats()
+    preview = core.preview(prompt, NONE)
+    assert preview.worker == chosen.worker  # where the prefix is cached
+    assert (preview.overlap_blocks, preview.request_blocks) == (4, 4)
+    assert len(preview.explanation) == 3
+    assert sum("(Selected)" in line for line in preview.explanation) == 1
+    after = core.scheduler.stats()
+    assert (after.num_decisions, after.active.num_requests) == (before.num_decisions, 2)
+    assert after.active == before.active
+    assert {w: core.indexer.tree_size(w) for w in (W0, W1, W2)} == before_index
+
+
+def test_preview_of_a_new_prompt_records_no_predicted_entries() -> None:
+    core = _core((W0,))
+    preview = core.preview(_prompt("zzzzyyyyxxxxwwww"), NONE)
+    assert preview.worker == W0
+    assert core.indexer.tree_size(W0) == 0
+
+
+def test_explanations_are_formatted_on_demand() -> None:
+    core = _core((W0, W1))
+    route = core.route("a", _prompt(), NONE)
+    assert route.decision is not None
+    assert route.explanation == tuple(route.decision.explain())
+
+
+def test_pushed_metrics_reach_the_aggregator() -> None:
+    core = _core((W0, W1))
+    core.update_metrics(ForwardPassMetrics(worker_id=1, kv_active_blocks=5, kv_total_blocks=10))
+    endpoints = {e.worker: e for e in core.aggregator.get_metrics().endpoints}
+    assert endpoints[W1].kv_active_blocks == 5
+    assert W0 not in endpoints
+    state = core.debug_state()["workers"]["1"]
+    assert (state["decisions"], state["index_size"]) == (0, 0)
