@@ -198,6 +198,9 @@ class EngineServer:
         self._port = _bound_port(runner, self.config.port)
         self._engine_task = asyncio.create_task(self._run_engine(), name="engine-loop")
         self._engine_task.add_done_callback(self._on_engine_done)
+        if self._metrics_publisher is not None:
+            # An idle worker takes no steps; announce its (empty) load at once.
+            self._metrics_publisher.update(self._core.metrics())
         logger.info("engine server listening on %s", self.url)
 
     async def aclose(self) -> None:
