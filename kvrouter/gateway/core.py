@@ -100,8 +100,9 @@ class RoutingCore(Protocol):
         """The request ended (completion, error, disconnect, timeout); free its booking."""
         ...
 
-    def add_worker(self, worker: WorkerKey) -> None:
-        """A worker joined (or rejoined) the rotation."""
+    def add_worker(self, worker: WorkerKey, *, publishes_events: bool = True) -> None:
+        """A worker joined (or rejoined) the rotation; ``publishes_events=False``: its
+        cache is known only from predictions (approximate mode)."""
         ...
 
     def remove_worker(self, worker: WorkerKey) -> None:

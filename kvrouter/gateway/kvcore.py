@@ -144,8 +144,8 @@ class KvRoutingCore:
         self.scheduler.on_finish(request_id)
 
     # -- workers ---------------------------------------------------------------------------
-    def add_worker(self, worker: WorkerKey) -> None:
-        self.scheduler.add_worker(worker)
+    def add_worker(self, worker: WorkerKey, *, publishes_events: bool = True) -> None:
+        self.scheduler.add_worker(worker, publishes_events=publishes_events)
 
     def remove_worker(self, worker: WorkerKey) -> None:
         # The scheduler also drops the worker's index entries and metrics.

@@ -189,7 +189,7 @@ class Gateway:
         self.core.remove_worker(state.key)
 
     def _on_up(self, state: WorkerState) -> None:
-        self.core.add_worker(state.key)
+        self.core.add_worker(state.key, publishes_events=bool(state.spec.kv_events))
 
     # -- background loops ----------------------------------------------------------------
     async def _health_loop(self) -> None:

@@ -147,6 +147,7 @@ class SchedulerStats:
 @dataclass(slots=True)
 class _Worker:
     total_blocks: int | None
+    publishes_events: bool = True
 
 
 class _TreeSizes(Mapping[WorkerKey, int]):
@@ -250,9 +251,21 @@ class KvScheduler:
 
     # -- workers -----------------------------------------------------------------
 
-    def add_worker(self, worker: WorkerKey | int, total_blocks: int | None = None) -> None:
-        """Register a worker (again: updates ``total_blocks``)."""
-        self._workers[_key(worker)] = _Worker(total_blocks)
+    def add_worker(
+        self,
+        worker: WorkerKey | int,
+        total_blocks: int | None = None,
+        *,
+        publishes_events: bool = True,
+    ) -> None:
+        """Register a worker (again: updates its settings).
+
+        ``publishes_events=False`` marks a worker whose cache is known only from the
+        router's own predictions (approximate mode): every routed block is predicted and
+        refreshed. For a worker that publishes KV events, the prefix it already holds is
+        known from its events, so only the request's new blocks are predicted.
+        """
+        self._workers[_key(worker)] = _Worker(total_blocks, publishes_events)
         self._order = sorted(self._workers.items())
         self._views_valid = False
 
@@ -484,7 +497,12 @@ class KvScheduler:
             num_private_blocks=partial_tail,
         )
         if self._predict and local and self.indexer is not None:
-            self.indexer.add_predicted_sequence(worker, seq, ttl_s=self._predicted_ttl_s)
+            state = self._workers.get(worker)
+            start = view.overlap(worker) if state is not None and state.publishes_events else 0
+            if start < len(seq):
+                self.indexer.add_predicted_sequence(
+                    worker, seq[start:], ttl_s=self._predicted_ttl_s
+                )
 
     def _record(self, decision: Decision, latency_s: float) -> None:
         self._num_decisions += 1

@@ -326,3 +326,31 @@ def test_views_follow_load_metrics_and_worker_changes() -> None:
     assert sched.schedule(ScheduleRequest("e", token_ids=[1])).worker == WorkerKey(0)
     sched.remove_worker(0)
     assert sched.schedule(ScheduleRequest("f", token_ids=[1])).worker == WorkerKey(2)
+
+
+def test_event_workers_predict_only_new_blocks() -> None:
+    sched, indexer, _ = _scheduler()
+    _store(indexer, WORKERS[2], _prompt(4, 0, 0))
+    decision = sched.schedule(ScheduleRequest("a", token_ids=_prompt(4, 1, 2)))
+    assert decision.worker == WORKERS[2]
+    # The 4 blocks held from events are known; only the 2 new ones are predicted.
+    assert indexer.stats().num_predicted == 2
+    assert indexer.find_matches_sequence(hash_request(_prompt(4, 1, 2), BS)[1]).scores == {
+        WORKERS[2]: 6
+    }
+
+
+def test_approximate_workers_predict_and_refresh_every_block() -> None:
+    sched, indexer, clock = _scheduler(predicted_ttl_s=10.0)
+    for worker in WORKERS:
+        sched.add_worker(worker, total_blocks=1000, publishes_events=False)
+    prompt = _prompt(4, 1, 2)
+    first = sched.schedule(ScheduleRequest("a", token_ids=prompt)).worker
+    sched.on_finish("a")
+    assert indexer.stats().num_predicted == 6
+    clock.advance(8.0)
+    assert sched.schedule(ScheduleRequest("b", token_ids=prompt)).worker == first
+    sched.on_finish("b")
+    clock.advance(8.0)  # 16 s after the first booking, 8 s after the refresh
+    seq = hash_request(prompt, BS)[1]
+    assert indexer.find_matches_sequence(seq).scores == {first: 6}
