@@ -93,6 +93,7 @@ def _sim_config(
     block_size: int,
     num_gpu_blocks: int,
     seed: int,
+    max_decode_steps: int = 256,
 ) -> SimConfig:
     from kvrouter.bench.simulate import SimConfig
     from kvrouter.engine import EngineConfig
@@ -101,7 +102,11 @@ def _sim_config(
         block_size=block_size, num_gpu_blocks=num_gpu_blocks, speedup_ratio=engine_speedup
     )
     return SimConfig(
-        num_workers=workers, engine=engine, event_delay_s=event_delay_ms / 1e3, seed=seed
+        num_workers=workers,
+        engine=engine,
+        event_delay_s=event_delay_ms / 1e3,
+        seed=seed,
+        max_decode_steps=max_decode_steps,
     )
 
 
@@ -138,6 +143,10 @@ def simulate_command(
     ] = 1.0,
     block_size: Annotated[int, typer.Option(help="Engine and router block size.")] = 64,
     num_gpu_blocks: Annotated[int, typer.Option(help="KV blocks per engine.")] = 16384,
+    max_decode_steps: Annotated[
+        int,
+        typer.Option(min=1, help="Decode steps an engine may run in one call (1: step by step)."),
+    ] = 256,
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     out: Annotated[
@@ -156,6 +165,7 @@ def simulate_command(
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
         seed=seed,
+        max_decode_steps=max_decode_steps,
     )
     names = _policies(policies)
     limit_value = prefix_reuse_limit(

@@ -143,6 +143,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, outcome: _Outcome, start: f
         data = line[5:].strip()
         if data == b"[DONE]":
             outcome.finish_s = time.monotonic() - start
+            # Read to the end of the body: closing a connection before the server's
+            # final empty chunk makes it see a reset, and the connection is not reused.
+            await resp.read()
             return
         chunk = _chunk_decoder.decode(data)
         if chunk.usage is not None:

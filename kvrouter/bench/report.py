@@ -8,6 +8,7 @@
     DIR/load.png         requests in flight per worker over time, one panel per run
     DIR/hit_rate.png     prefix-cache hit rate over time
     DIR/sweep.png        mean TTFT against speedup (only for sweep results)
+    DIR/sweep_throughput.png  output tokens/s against speedup (sweeps)
 
 A results file is either one run per policy (``{"policies": ..., "reuse_limit": ...}``)
 or a sweep (``{"sweep": [{"speedup": s, "policies": ...}, ...], ...}``).
@@ -233,8 +234,11 @@ def plot_hit_rate(runs: Mapping[str, RunResult], reuse_limit: float | None) -> b
     return _png(fig)
 
 
-def plot_sweep(sweep: Sequence[Mapping[str, Any]], key: str = "ttft_mean_ms") -> bytes:
-    """One figure against speedup, one line per policy (log-scaled y)."""
+def plot_sweep(
+    sweep: Sequence[Mapping[str, Any]], key: str = "ttft_mean_ms", *, log_y: bool = True
+) -> bytes:
+    """One figure against speedup, one line per policy (log-scaled y unless ``log_y``
+    is false)."""
     fig = _figure()
     ax = fig.add_subplot()
     names = sorted({name for point in sweep for name in point["policies"]})
@@ -246,7 +250,8 @@ def plot_sweep(sweep: Sequence[Mapping[str, Any]], key: str = "ttft_mean_ms") ->
                 xs.append(point["speedup"])
                 ys.append(value)
         ax.plot(xs, ys, marker="o", label=name)
-    ax.set_yscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("trace speedup")
     ax.set_ylabel(key)
     ax.set_title(f"{key} against load")
@@ -256,6 +261,12 @@ def plot_sweep(sweep: Sequence[Mapping[str, Any]], key: str = "ttft_mean_ms") ->
 
 
 # -------------------------------------------------------------------------- output
+
+_SWEEP_TABLES = (
+    ("Mean TTFT (ms)", "ttft_mean_ms"),
+    ("Output tokens/s", "throughput_tok_s"),
+    ("Prefix reuse", "prefix_reuse"),
+)
 
 
 def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> ReportFiles:
@@ -279,8 +290,11 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> ReportFile
         images["load.png"] = plot_load(runs)
         images["hit_rate.png"] = plot_hit_rate(runs, limit)
     for i, sweep in enumerate(sweeps):
-        parts.append("Mean TTFT (ms) by speedup:\n\n" + sweep_markdown(sweep))
-        images[f"sweep{i or ''}.png"] = plot_sweep(sweep)
+        suffix = str(i or "")
+        for title, key in _SWEEP_TABLES:
+            parts.append(f"{title} by speedup:\n\n" + sweep_markdown(sweep, key))
+        images[f"sweep{suffix}.png"] = plot_sweep(sweep)
+        images[f"sweep_throughput{suffix}.png"] = plot_sweep(sweep, "throughput_tok_s", log_y=False)
     written = []
     for name, data in images.items():
         target = out / name

@@ -27,6 +27,7 @@ a simulated run exercises the same bytes a live one does.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from kvrouter.events.vllm import KVEventBatch, VllmEventDecoder, encode_batch
 from kvrouter.hashing import hash_request
 from kvrouter.index import KvIndexer
 from kvrouter.load import KvMetricsAggregator
+from kvrouter.load.metrics import ForwardPassMetrics
+from kvrouter.routing.policies import Policy
 from kvrouter.routing.scheduler import KvScheduler, ScheduleRequest
 
 __all__ = ["SimConfig", "Simulation", "simulate"]
@@ -50,10 +53,9 @@ __all__ = ["SimConfig", "Simulation", "simulate"]
 # Heap entry kinds. Ties at one instant run in this order: finished steps first (they
 # free capacity and report tokens), then transport deliveries, then new arrivals.
 _STEP_DONE = 0
-_KV_EVENTS = 1
-_METRICS = 2
-_ARRIVAL = 3
-_SAMPLE = 4
+_DELIVERY = 1
+_ARRIVAL = 2
+_SAMPLE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,11 @@ class SimConfig:
 
     ``event_delay_s`` / ``metrics_delay_s`` model transport lag between an engine and
     the router; ``metrics_delay_s`` ``None`` means the same as ``event_delay_s``.
+    ``max_decode_steps`` > 1 lets an engine run that many decode-only steps in one call
+    when its batch cannot change before the next arrival (``EngineCore.step``'s decode
+    windows): first tokens, finishes and admissions keep their exact virtual times; the
+    window's tokens, KV events and metrics are delivered once, at its end. 1 is the
+    step-by-step behaviour of the live server.
     """
 
     num_workers: int = 8
@@ -72,8 +79,11 @@ class SimConfig:
     sample_interval_s: float = 1.0
     seed: int = 0
     predict_cache: bool = True
+    max_decode_steps: int = 256
 
     def __post_init__(self) -> None:
+        if self.max_decode_steps < 1:
+            raise ValueError(f"max_decode_steps must be >= 1, got {self.max_decode_steps}")
         if self.num_workers <= 0:
             raise ValueError(f"num_workers must be positive, got {self.num_workers}")
         if self.event_delay_s < 0 or (self.metrics_delay_s or 0.0) < 0:
@@ -94,7 +104,7 @@ class _Tracked:
 class Simulation:
     """One run of one policy over one workload; call :meth:`run` once."""
 
-    def __init__(self, policy: str, config: SimConfig) -> None:
+    def __init__(self, policy: str | Policy, config: SimConfig) -> None:
         self.config = config
         self.clock = ManualClock()
         block_size = config.engine.block_size
@@ -126,7 +136,12 @@ class Simulation:
         self._window = [0, 0]  # prompt tokens, cached tokens finished since the last sample
         self._pending: list[Request] = []
         self._next_arrival = 0
+        # Virtual time of the next open-loop arrival: the horizon of decode windows.
+        self._next_arrival_s = math.inf
         self._closed_loop = False
+        self._metrics_delay_s = (
+            config.event_delay_s if config.metrics_delay_s is None else config.metrics_delay_s
+        )
         self.num_decode_errors = 0
         self.num_rejected_events = 0
 
@@ -167,10 +182,8 @@ class Simulation:
             clock.now_s = at_s  # the heap only ever moves forward
             if kind == _STEP_DONE:
                 self._on_step_done(worker, payload)
-            elif kind == _KV_EVENTS:
-                self._on_kv_events(worker, payload)
-            elif kind == _METRICS:
-                self.aggregator.update(payload)
+            elif kind == _DELIVERY:
+                self._on_delivery(worker, payload)
             elif kind == _ARRIVAL:
                 self._on_arrival(payload)
             else:
@@ -181,6 +194,10 @@ class Simulation:
         if index < len(self._pending):
             self._next_arrival = index + 1
             self._push(at_s, _ARRIVAL, 0, self._pending[index])
+            if not self._closed_loop:
+                self._next_arrival_s = at_s
+        elif not self._closed_loop:
+            self._next_arrival_s = math.inf
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -204,9 +221,8 @@ class Simulation:
         worker = decision.worker.worker_id
         core = self.cores[worker]
         try:
-            core.add_request(
-                EngineRequest(request.request_id, tokens.tolist(), request.output_length)
-            )
+            # The numpy array itself: the engine neither copies nor changes a prompt.
+            core.add_request(EngineRequest(request.request_id, tokens, request.output_length))
         except ValueError as exc:
             self.scheduler.on_finish(request.request_id)
             self._fail(request, now, worker, str(exc))
@@ -218,7 +234,11 @@ class Simulation:
 
     def _start_step(self, worker: int) -> None:
         core = self.cores[worker]
-        result = core.step()
+        # Nothing but an arrival can change an engine's batch, so a decode window may
+        # run up to the next one (closed loop: arrivals follow finishes, which end a
+        # window anyway).
+        horizon_s = self._next_arrival_s - self.clock.now_s
+        result = core.step(self.config.max_decode_steps, horizon_s)
         if result.duration_s <= 0 and not result.outputs and not result.kv_events:
             # Nothing could run (e.g. waiting for blocks): wait for the next arrival.
             self._stepping[worker] = False
@@ -239,16 +259,30 @@ class Simulation:
                 self._finish(tracked, output.num_cached_tokens, output.num_output_tokens)
         core = self.cores[worker]
         config = self.config
+        payload = None
         if result.kv_events:
-            batch = KVEventBatch(now, list(result.kv_events), config.engine.dp_rank)
+            batch = KVEventBatch(now, result.kv_events, config.engine.dp_rank)
             payload = encode_batch(batch, form=config.event_form)
-            self._push(now + config.event_delay_s, _KV_EVENTS, worker, payload)
-        delay = config.event_delay_s if config.metrics_delay_s is None else config.metrics_delay_s
-        self._push(now + delay, _METRICS, worker, core.metrics())
+        metrics = core.metrics()
+        if self._metrics_delay_s == config.event_delay_s:
+            self._push(now + config.event_delay_s, _DELIVERY, worker, (payload, metrics))
+        else:
+            if payload is not None:
+                self._push(now + config.event_delay_s, _DELIVERY, worker, (payload, None))
+            self._push(now + self._metrics_delay_s, _DELIVERY, worker, (None, metrics))
         if core.has_unfinished_requests():
             self._start_step(worker)
         else:
             self._stepping[worker] = False
+
+    def _on_delivery(
+        self, worker: int, delivery: tuple[bytes | None, ForwardPassMetrics | None]
+    ) -> None:
+        payload, metrics = delivery
+        if payload is not None:
+            self._on_kv_events(worker, payload)
+        if metrics is not None:
+            self.aggregator.update(metrics)
 
     def _on_kv_events(self, worker: int, payload: bytes) -> None:
         batch = self._decoders[worker].decode(payload)
@@ -337,7 +371,7 @@ class Simulation:
 
 def simulate(
     requests: Sequence[Request],
-    policy: str,
+    policy: str | Policy,
     config: SimConfig | None = None,
     arrivals: Arrivals | None = None,
 ) -> RunResult:

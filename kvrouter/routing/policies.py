@@ -12,6 +12,7 @@ removes busy workers; a policy only chooses. Policies that need randomness take 
 ``least_loaded``   the least loaded candidate
 ``kv``             the cost model, DESIGN 4 (default)
 ``score``          the seed rule ``hit_rate * weight_cache - load * weight_load``
+``prefix_affinity`` the cost model with recomputed prefix tokens weighed more
 ``pkg.mod:func``   a user's ``func(matches, metrics) -> worker_id``
 =================  ==========================================================
 
@@ -46,6 +47,7 @@ __all__ = [
     "LeastLoadedPolicy",
     "Policy",
     "PowerOfTwoPolicy",
+    "PrefixAffinityPolicy",
     "RandomPolicy",
     "RequestView",
     "RoundRobinPolicy",
@@ -484,6 +486,67 @@ class KvCostPolicy:
         )
 
 
+class PrefixAffinityPolicy:
+    """The cost model, with the prompt tokens a worker would have to recompute weighed
+    ``cache_weight`` times; the lowest cost wins (ties: smaller tree, then random).
+
+    ``cost = (queued_prefill_tokens + cache_weight * uncached_tokens) / block_size
+    + decode_weight * decode_blocks``. With both weights 1 it ranks workers exactly as
+    ``kv`` does. Why weigh a miss more: a prompt prefix recomputed on a worker that did
+    not hold it delays that request *and* takes prefill capacity from every request
+    queued behind it there, while ``kv`` charges only the former. When the fleet is
+    near or past its prefill capacity the second effect dominates, and keeping a
+    conversation on the worker that holds its prefix is what keeps queues short.
+    """
+
+    name = "prefix_affinity"
+
+    def __init__(
+        self,
+        cache_weight: float = 16.0,
+        decode_weight: float = 1.0,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        _check_non_negative(cache_weight=cache_weight, decode_weight=decode_weight)
+        self.cache_weight = cache_weight
+        self.decode_weight = decode_weight
+        self._rng = rng or random.Random()
+
+    def costs(self, request: RequestView, workers: Sequence[WorkerView]) -> list[float]:
+        """Every worker's cost (the common case, no overlap, is one comprehension)."""
+        bs = request.block_size
+        num_tokens = request.num_tokens
+        total_blocks = -(-num_tokens // bs)
+        miss = self.cache_weight / bs
+        dw = self.decode_weight
+        base = miss * num_tokens + dw * total_blocks
+        costs = [v.prefill_tokens / bs + dw * v.active_blocks + base for v in workers]
+        overlaps = request.overlaps
+        shared = request.shared_active
+        if overlaps or shared:
+            pos = dict(zip([v.worker for v in workers], range(len(workers)), strict=True))
+            for worker in overlaps.keys() | shared.keys():
+                i = pos.get(worker)
+                if i is None:
+                    continue  # not a candidate
+                view = workers[i]
+                uncached = max(0, num_tokens - overlaps.get(worker, 0) * bs)
+                new = max(0, total_blocks - shared.get(worker, 0))
+                costs[i] = (
+                    view.prefill_tokens / bs + miss * uncached + dw * (view.active_blocks + new)
+                )
+        return costs
+
+    def __call__(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
+        costs = self.costs(request, workers)
+        order = _ranked(costs, higher_is_better=False)
+        chosen = _pick_tied(costs, order, request, workers, self._rng)
+        return _decide(
+            self.name, request, workers, chosen, scores=costs, score_name="cost", order=order
+        )
+
+
 class ScorePolicy:
     """The seed rule: ``score = cache_hit_rate * weight_cache - load * weight_load``;
     the highest score wins (ties: smaller tree, then random)."""
@@ -586,8 +649,9 @@ _FACTORIES: dict[str, Callable[..., Policy]] = {
     "least_loaded": LeastLoadedPolicy,
     "kv": KvCostPolicy,
     "score": ScorePolicy,
+    "prefix_affinity": PrefixAffinityPolicy,
 }
-_TAKES_RNG = frozenset({"random", "power_of_two", "least_loaded", "kv", "score"})
+_TAKES_RNG = frozenset({"random", "power_of_two", "least_loaded", "kv", "score", "prefix_affinity"})
 POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 

@@ -70,3 +70,21 @@ def test_report_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "round_robin" in result.stdout
     assert (tmp_path / "r" / "report.md").read_text().count("| round_robin |") == 1
+
+
+def test_simulate_step_by_step_and_a_bad_window() -> None:
+    args = [
+        "bench", "simulate", "--workload", "shared-prefix", "--limit", "16", "--workers", "2",
+        "--rate", "20", "--policies", "prefix_affinity", "--json",
+    ]  # fmt: skip
+    single = runner.invoke(app, [*args, "--max-decode-steps", "1"])
+    windowed = runner.invoke(app, args)
+    assert single.exit_code == windowed.exit_code == 0, single.output + windowed.output
+    a = json.loads(single.stdout)["policies"]["prefix_affinity"]
+    b = json.loads(windowed.stdout)["policies"]["prefix_affinity"]
+    assert a["completed"] == b["completed"] == 16
+    assert a["engine_steps"] == b["engine_steps"]
+    assert abs(a["ttft_mean_ms"] - b["ttft_mean_ms"]) < 1e-6
+    bad = runner.invoke(app, [*args, "--max-decode-steps", "0"])
+    assert bad.exit_code == 2
+    assert "max-decode-steps" in bad.output

@@ -109,8 +109,8 @@ def test_report_renders_every_file(tmp_path: Path) -> None:
                     {
                         "speedup": 2,
                         "policies": {
-                            "kv": {"ttft_mean_ms": 70.0},
-                            "random": {"ttft_mean_ms": 900.0},
+                            "kv": {"ttft_mean_ms": 70.0, "throughput_tok_s": 120.0},
+                            "random": {"ttft_mean_ms": 900.0, "throughput_tok_s": 95.5},
                         },
                     },
                 ],
@@ -120,14 +120,22 @@ def test_report_renders_every_file(tmp_path: Path) -> None:
     )
     files = write_report([kv, rr, sweep], tmp_path / "report")
     names = sorted(p.name for p in files.images)
-    assert names == ["hit_rate.png", "load.png", "sweep.png", "ttft_cdf.png"]
+    assert names == [
+        "hit_rate.png",
+        "load.png",
+        "sweep.png",
+        "sweep_throughput.png",
+        "ttft_cdf.png",
+    ]
     for image in files.images:
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = files.markdown.read_text()
     assert "| kv |" in markdown and "| round_robin |" in markdown
     assert "| 2 | 70.0 | 900.0 |" in markdown
+    assert "| 2 | 120.0 | 95.5 |" in markdown  # output tokens/s
+    assert "| 1 | - | - |" in markdown  # a figure the sweep point lacks
     page = files.html.read_text()
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
     assert "<td>round_robin</td>" in page
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,11 @@ from kvrouter.bench.workloads import (
     Segment,
     apply_arrivals,
     load_mooncake_trace,
+    multi_turn_requests,
     shared_prefix_requests,
 )
 from kvrouter.engine import EngineConfig
+from kvrouter.routing.policies import PrefixAffinityPolicy
 
 SMALL_ENGINE = EngineConfig(block_size=16, num_gpu_blocks=2048)
 
@@ -113,3 +116,55 @@ def test_shared_trace_slice(trace_path: Path) -> None:
         sum(w["cached_tokens"] for w in result.per_worker.values())
         / sum(r.input_length for r in requests)
     )
+
+
+def _multi_turn() -> list[Request]:
+    requests = multi_turn_requests(
+        num_sessions=6, turns=4, system_prompt_len=256, user_len=48, output_len=40, seed=3
+    )
+    return apply_arrivals(requests, Arrivals("trace", speedup=4.0))
+
+
+@pytest.mark.parametrize("policy", ["kv", "round_robin"])
+def test_decode_windows_keep_every_time_exact(policy: str) -> None:
+    requests = _multi_turn()
+    single = simulate(
+        requests, policy, SimConfig(num_workers=2, engine=SMALL_ENGINE, max_decode_steps=1)
+    )
+    windowed = simulate(
+        requests, policy, SimConfig(num_workers=2, engine=SMALL_ENGINE, max_decode_steps=256)
+    )
+    assert windowed.figures["completed"] == single.figures["completed"] == len(requests)
+    # Equal up to float rounding: a window adds its steps' durations before the clock.
+    assert windowed.ttft_ms == pytest.approx(single.ttft_ms, rel=1e-9)
+    assert windowed.per_worker == single.per_worker
+    assert windowed.extra["engine_steps"] == single.extra["engine_steps"]
+    for key in ("e2e_mean_ms", "ttft_mean_ms", "prefix_reuse", "throughput_tok_s"):
+        assert windowed.figures[key] == pytest.approx(single.figures[key], rel=1e-9)
+
+
+def test_a_policy_object_is_accepted() -> None:
+    requests = _shared_prefix()[:20]
+    policy = PrefixAffinityPolicy(cache_weight=8.0, rng=random.Random(0))
+    result = simulate(requests, policy, SimConfig(num_workers=2, engine=SMALL_ENGINE))
+    assert result.figures["completed"] == 20
+    assert result.extra["decode_errors"] == result.extra["rejected_events"] == 0
+
+
+def test_bad_window_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_decode_steps"):
+        SimConfig(max_decode_steps=0)
+
+
+def test_separate_metrics_delay_delivers_both_streams() -> None:
+    requests = _shared_prefix()[:30]
+    config = SimConfig(
+        num_workers=2, engine=SMALL_ENGINE, event_delay_s=0.002, metrics_delay_s=0.05
+    )
+    sim = Simulation("kv", config)
+    result = sim.run(requests)
+    assert result.figures["completed"] == 30
+    assert result.extra["decode_errors"] == result.extra["rejected_events"] == 0
+    # Both engines' metrics reached the aggregator, and their events the index.
+    assert {e.worker_id for e in sim.aggregator.get_metrics().endpoints} == {0, 1}
+    assert sim.indexer.stats().events_applied > 0

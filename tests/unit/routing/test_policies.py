@@ -289,6 +289,7 @@ def test_make_policy_registry() -> None:
         "least_loaded",
         "kv",
         "score",
+        "prefix_affinity",
     )
     for name in POLICY_NAMES:
         assert make_policy(name).name == name
