@@ -301,6 +301,7 @@ class RequestForwarder:
     ) -> web.StreamResponse:
         chunks = aiter(upstream.iter_chunks())
         finished = False
+        response: web.StreamResponse | None = None
         try:
             first = await self._first_chunk(chunks, state)
             self._core.on_first_token(request_id)
@@ -314,7 +315,10 @@ class RequestForwarder:
             return response
         except ConnectionResetError:
             # The client went away: drop the upstream connection so the worker aborts.
+            # Once the response has started there is nobody to answer; end quietly.
             self._counters.num_disconnects += 1
+            if response is not None:
+                return response
             raise
         except asyncio.CancelledError:
             self._counters.num_disconnects += 1
