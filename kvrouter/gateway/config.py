@@ -44,7 +44,15 @@ __all__ = [
 
 ENV_PREFIX = "KVROUTER_"
 # The built-in policies of kvrouter.routing.policies (``direct`` is per request).
-ROUTER_MODES = ("kv", "score", "random", "round_robin", "power_of_two", "least_loaded")
+ROUTER_MODES = (
+    "kv",
+    "score",
+    "prefix_affinity",
+    "random",
+    "round_robin",
+    "power_of_two",
+    "least_loaded",
+)
 TOKENIZER_BUILTIN = "builtin"
 TOKENIZER_WORKER = "worker"
 

@@ -11,6 +11,7 @@ from kvrouter.routing.policies import (
     LeastLoadedPolicy,
     Policy,
     PowerOfTwoPolicy,
+    PrefixAffinityPolicy,
     RandomPolicy,
     RequestView,
     RoundRobinPolicy,
@@ -28,6 +29,7 @@ from kvrouter.routing.scheduler import (
     SchedulerStats,
 )
 from kvrouter.routing.stats import Histogram
+from kvrouter.routing.table import WorkerTable
 
 __all__ = [
     "POLICY_NAMES",
@@ -45,6 +47,7 @@ __all__ = [
     "LeastLoadedPolicy",
     "Policy",
     "PowerOfTwoPolicy",
+    "PrefixAffinityPolicy",
     "RandomPolicy",
     "RequestView",
     "RoundRobinPolicy",
@@ -53,6 +56,7 @@ __all__ = [
     "SchedulerStats",
     "ScorePolicy",
     "WorkerLoad",
+    "WorkerTable",
     "WorkerView",
     "load_policy",
     "make_policy",

@@ -50,6 +50,7 @@ from kvrouter.routing.policies import (
     make_policy,
 )
 from kvrouter.routing.stats import Histogram, HistogramBuilder
+from kvrouter.routing.table import WorkerTable
 
 __all__ = [
     "BusyThresholds",
@@ -177,7 +178,9 @@ class KvScheduler:
     ``explain_every`` > 0 logs one decision in that many at INFO, as one line.
 
     Worker views are cached and rebuilt only when a worker's router-side load or the
-    metrics snapshot changes, so a decision over a large fleet costs one tight loop.
+    metrics snapshot changes; the candidates are a :class:`WorkerTable` whose rows are
+    updated in place, so policies score a large fleet with a few vectorised operations
+    plus Python-level work for the workers that hold part of the prompt.
     The metrics snapshot is re-read when the aggregator changed (at most every
     ``metrics_min_interval_s``; raise it for large fleets that push often) and at least
     every ``metrics_max_age_s`` (so staleness is noticed).
@@ -221,7 +224,7 @@ class KvScheduler:
         self._order: list[tuple[WorkerKey, _Worker]] = []
         # Cached views, in worker order; see _current_views().
         self._views: list[WorkerView] = []
-        self._candidates: list[WorkerView] = []
+        self._candidates = WorkerTable()
         self._pos: dict[WorkerKey, int] = {}
         self._views_valid = False
         self._views_active: ActiveSequences | None = None
@@ -378,7 +381,7 @@ class KvScheduler:
 
     def _build_views(
         self, seq: Sequence[int], target: WorkerKey | None
-    ) -> tuple[dict[WorkerKey, int], list[WorkerView], list[WorkerView]]:
+    ) -> tuple[dict[WorkerKey, int], Sequence[WorkerView], Sequence[WorkerView]]:
         overlaps: dict[WorkerKey, int] = {}
         if seq and self.indexer is not None:
             scores = self.indexer.find_matches_sequence(seq).scores
@@ -422,18 +425,31 @@ class KvScheduler:
         if changed is None:
             self._views = [self._view(key, state) for key, state in self._order]
             self._pos = {key: i for i, (key, _) in enumerate(self._order)}
+            self._candidates = WorkerTable(v for v in self._views if not v.busy)
         elif changed:
-            views, pos, workers = self._views, self._pos, self._workers
-            for key in set(changed):
-                index = pos.get(key)
-                if index is not None:
-                    views[index] = self._view(key, workers[key])
-        if changed is None or changed:
-            self._candidates = [v for v in self._views if not v.busy]
+            self._update_changed(set(changed))
         self._views_valid = True
         self._views_active = active
         self._views_active_version = active.current_version
         self._views_epoch = self._metrics_epoch
+
+    def _update_changed(self, changed: set[WorkerKey]) -> None:
+        """Rebuild the views of ``changed`` workers; the candidate table changes row by
+        row unless a worker became busy or stopped being busy."""
+        views, pos, workers, table = self._views, self._pos, self._workers, self._candidates
+        regroup = False
+        for key in changed:
+            index = pos.get(key)
+            if index is None:
+                continue
+            old = views[index]
+            view = views[index] = self._view(key, workers[key])
+            if old.busy != view.busy:
+                regroup = True
+            elif not view.busy:
+                table.update(view)
+        if regroup:
+            self._candidates = WorkerTable(v for v in views if not v.busy)
 
     def _view(self, key: WorkerKey, state: _Worker) -> WorkerView:
         load = self.active.load(key)
@@ -550,7 +566,7 @@ def _key(worker: WorkerKey | int) -> WorkerKey:
 
 
 def _without(
-    exclude: frozenset[WorkerKey], candidates: list[WorkerView], views: list[WorkerView]
+    exclude: frozenset[WorkerKey], candidates: Sequence[WorkerView], views: Sequence[WorkerView]
 ) -> tuple[list[WorkerView], list[WorkerView]]:
     """``candidates`` and ``views`` less the excluded workers (new lists: the cached
     ones are shared between requests)."""
