@@ -58,7 +58,9 @@ def serve(
         "'URL,kv_events=tcp://h:5557,replay=tcp://h:5558,dp_rank=0,worker_id=3'.",
     ),
     router_mode: str | None = typer.Option(
-        None, help="kv | score | random | round_robin | power_of_two | least_loaded [kv]."
+        None,
+        help="kv | prefix_affinity | score | random | round_robin | power_of_two"
+        " | least_loaded [kv].",
     ),
     router_policy: str | None = typer.Option(
         None, help="A policy name or a user policy 'pkg.mod:func' (overrides --router-mode)."
@@ -67,6 +69,9 @@ def serve(
     temperature: float | None = typer.Option(None, help="kv policy: softmax temperature [0]."),
     weight_cache: float | None = typer.Option(None, help="score policy: cache weight [1.0]."),
     weight_load: float | None = typer.Option(None, help="score policy: load weight [1.0]."),
+    cache_weight: float | None = typer.Option(
+        None, help="prefix_affinity policy: weight of uncached tokens [16]."
+    ),
     block_size: int | None = typer.Option(
         None, help="Tokens per KV block; must match workers [16]."
     ),

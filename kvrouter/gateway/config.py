@@ -94,6 +94,7 @@ class GatewayConfig:
     temperature: float = 0.0
     weight_cache: float = 1.0
     weight_load: float = 1.0
+    cache_weight: float = 16.0
     block_size: int = 16
     tokenizer: str = TOKENIZER_BUILTIN
     chat_template: str | None = None
@@ -126,7 +127,7 @@ def _validate(cfg: GatewayConfig) -> None:
         )
     if cfg.block_size <= 0:
         raise ConfigError(f"block_size must be positive, got {cfg.block_size}")
-    for name in ("overlap_weight", "temperature", "weight_cache", "weight_load"):
+    for name in ("overlap_weight", "temperature", "weight_cache", "weight_load", "cache_weight"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("max_body_bytes", "max_prompt_tokens", "max_connections", "decision_history"):

@@ -47,6 +47,8 @@ def build_policy(cfg: GatewayConfig) -> Policy:
         params = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.temperature}
     elif name == "score":
         params = {"weight_cache": cfg.weight_cache, "weight_load": cfg.weight_load}
+    elif name == "prefix_affinity":
+        params = {"cache_weight": cfg.cache_weight}
     return make_policy(name, **params)
 
 

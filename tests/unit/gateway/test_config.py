@@ -149,3 +149,15 @@ def test_duplicate_worker_ids_rejected() -> None:
         build_config(
             flags={"workers": ["http://a:1,worker_id=1", "http://b:1,worker_id=1"]}, env={}
         )
+
+
+def test_prefix_affinity_mode_takes_its_cache_weight() -> None:
+    from kvrouter.gateway.kvcore import build_policy
+    from kvrouter.routing import PrefixAffinityPolicy
+
+    cfg = build_config(flags={"router_mode": "prefix_affinity", "cache_weight": 4.0})
+    policy = build_policy(cfg)
+    assert isinstance(policy, PrefixAffinityPolicy)
+    assert policy.cache_weight == 4.0
+    with pytest.raises(ConfigError, match="cache_weight"):
+        build_config(flags={"cache_weight": -1.0})
