@@ -30,14 +30,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from kvrouter.engine import EngineCore, EngineRequest, RequestOutput
 from kvrouter.errors import InvalidRequest, RequestError, RequestTooLarge
 from kvrouter.events.vllm import KVCacheEvent
+from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.protocol import (
     ChatCompletionRequest,
@@ -151,7 +151,7 @@ class _Generation:
         return Usage.of(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
 
 
-class EngineServer:
+class EngineServer(AsyncLifecycle):
     """Serves one engine core over vLLM's HTTP API; an async context manager."""
 
     def __init__(
@@ -228,18 +228,6 @@ class EngineServer:
             await asyncio.gather(self._engine_task, return_exceptions=True)
         for request_id in list(self._waiters):
             self._abort(request_id)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @property
     def port(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from kvrouter.errors import UpstreamError, UpstreamTimeout
+from kvrouter.lifecycle import AsyncLifecycle
 
 __all__ = ["UpstreamClient", "UpstreamFailure", "UpstreamResponse"]
 
@@ -79,7 +80,7 @@ class UpstreamResponse:
         return {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
 
 
-class UpstreamClient:
+class UpstreamClient(AsyncLifecycle):
     """The gateway's one :class:`aiohttp.ClientSession`, pooled for its concurrency.
 
     Use as an async context manager or call :meth:`start` / :meth:`aclose`.
@@ -119,13 +120,6 @@ class UpstreamClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-
-    async def __aenter__(self) -> UpstreamClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     @property
     def session(self) -> aiohttp.ClientSession:

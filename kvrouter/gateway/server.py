@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Self
 
 from aiohttp import web
 
@@ -25,6 +24,7 @@ from kvrouter.gateway.kvcore import KvRoutingCore
 from kvrouter.gateway.metrics import GatewayCollector
 from kvrouter.gateway.routes import build_app
 from kvrouter.gateway.service import Gateway
+from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.tokenizer import Tokenizer, load_tokenizer
 
@@ -52,7 +52,7 @@ def install_uvloop() -> bool:
     return True
 
 
-class GatewayServer:
+class GatewayServer(AsyncLifecycle):
     """The gateway listening on ``cfg.host:cfg.port`` (port 0: any free port)."""
 
     def __init__(self, cfg: GatewayConfig, *, tokenizer: Tokenizer | None = None) -> None:
@@ -118,13 +118,6 @@ class GatewayServer:
         if runner is not None:
             await runner.cleanup()
         await self.gateway.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 async def wait_for_signal() -> None:

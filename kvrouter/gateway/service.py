@@ -24,7 +24,7 @@ import logging
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 import msgspec
 
@@ -45,6 +45,7 @@ from kvrouter.gateway.prompts import (
 from kvrouter.gateway.proxy import UpstreamClient
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import GatewayCounters
+from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.tokenizer import Tokenizer
 
@@ -65,7 +66,7 @@ class EventFeeds(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Gateway:
+class Gateway(AsyncLifecycle):
     """Everything behind the HTTP routes; see the module docstring."""
 
     def __init__(
@@ -138,13 +139,6 @@ class Gateway:
                 await feeds.aclose()
         await self.upstream.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"kvrouter-{name}")

@@ -22,10 +22,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 from kvrouter.errors import DecodeError
+from kvrouter.lifecycle import AsyncLifecycle
 
 __all__ = [
     "END_SEQ",
@@ -152,7 +152,7 @@ class Subscription(abc.ABC):
         """Stop receiving and release resources; idempotent."""
 
 
-class EventTransport(abc.ABC):
+class EventTransport(AsyncLifecycle, abc.ABC):
     """Publish sequenced messages and subscribe to publishers.
 
     The publishing side is optional: a transport built without a publish address can
@@ -193,18 +193,6 @@ class EventTransport(abc.ABC):
     def replay_address(self) -> str | None:
         """The replay address subscribers connect to, once started."""
         return None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 TRANSPORT_KINDS = ("inproc", "zmq")

@@ -24,13 +24,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
-from typing import Self
+from types import MappingProxyType
 
 import msgspec
 
 from kvrouter.clock import Clock
 from kvrouter.errors import EventStreamError
+from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.transport.base import EventTransport, Malformed, Message, Subscription, parse_frames
 from kvrouter.transport.subscriber import WorkerEndpoint
@@ -70,7 +70,7 @@ class MetricsPublisherStats:
     num_dropped: int
 
 
-class WorkerMetricsPublisher:
+class WorkerMetricsPublisher(AsyncLifecycle):
     """Publish a worker's load metrics: on change (debounced) and as a keep-alive.
 
     Takes ownership of ``transport``. ``clock`` stamps messages (wall-clock seconds by
@@ -169,18 +169,6 @@ class WorkerMetricsPublisher:
                 await task
         await self.transport.aclose()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     def stats(self) -> MetricsPublisherStats:
         return MetricsPublisherStats(
             num_sent=self._seq,
@@ -221,7 +209,7 @@ class _MetricsStream:
         )
 
 
-class MetricsSubscriber:
+class MetricsSubscriber(AsyncLifecycle):
     """Router side of :class:`WorkerMetricsPublisher`: listens to many workers.
 
     Every received snapshot goes to each listener with ``worker_id`` (and a forced
@@ -295,18 +283,6 @@ class MetricsSubscriber:
             await _cancel(stream.task)
         if self._owns_transport:
             await self._transport.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def stats(self) -> tuple[MetricsStreamStats, ...]:
         """Per-endpoint counters."""

@@ -18,8 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from kvrouter.clock import Clock
 from kvrouter.events.vllm import (
@@ -30,6 +29,7 @@ from kvrouter.events.vllm import (
     KVEventBatch,
     encode_batch,
 )
+from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.transport.base import EventTransport, Message
 
 __all__ = ["KvEventPublisher", "PublisherStats"]
@@ -46,7 +46,7 @@ class PublisherStats:
     num_dropped_batches: int
 
 
-class KvEventPublisher:
+class KvEventPublisher(AsyncLifecycle):
     """Collects one engine step's KV events and publishes them as one sequenced batch.
 
     The publisher takes ownership of ``transport`` (starts it on ``__aenter__`` /
@@ -158,18 +158,6 @@ class KvEventPublisher:
         self._closed = True
         self._pending.clear()
         await self.transport.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def stats(self) -> PublisherStats:
         """A frozen snapshot of the counters."""

@@ -30,12 +30,13 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
-from typing import Protocol, Self
+from types import MappingProxyType
+from typing import Protocol
 
 from kvrouter.errors import DecodeError, EventStreamError
 from kvrouter.events.model import RouterEvent, WorkerKey
 from kvrouter.events.vllm import VllmEventDecoder
+from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.transport.base import (
     EventTransport,
     Malformed,
@@ -169,7 +170,7 @@ class _Stream:
         )
 
 
-class KvEventSubscriber:
+class KvEventSubscriber(AsyncLifecycle):
     """Subscribe to many workers' KV event streams and apply them to an index.
 
     ``transport``: how to reach publishers (default: a subscribe-only ZeroMQ transport
@@ -269,18 +270,6 @@ class KvEventSubscriber:
         logger.debug("KV event subscriber closed; %d stream tasks cancelled", cancelled)
         if self._owns_transport:
             await self._transport.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def stats(self) -> SubscriberStats:
         """A frozen snapshot of every stream's counters."""
