@@ -26,6 +26,7 @@ a simulated run exercises the same bytes a live one does.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -93,6 +94,16 @@ class SimConfig:
 
 
 @dataclass(slots=True)
+class _Window:
+    """A decode window an engine may run, committed lazily (see ``Simulation``)."""
+
+    ends_s: list[float]  # virtual end time of each planned step
+    delivered_s: list[float]  # when each step's events and metrics reach the router
+    generation: int  # tells its own window-end entry from a cancelled one's
+    done: int = 0  # steps committed so far
+
+
+@dataclass(slots=True)
 class _Tracked:
     """A request in flight: what the record at its end needs."""
 
@@ -122,10 +133,13 @@ class Simulation:
         self.cores: list[EngineCore] = []
         self._decoders: list[VllmEventDecoder] = []
         for worker in range(config.num_workers):
-            self.cores.append(EngineCore(config.engine, worker_id=worker))
+            # Sparse outputs: the records need first tokens and finishes only.
+            self.cores.append(EngineCore(config.engine, worker_id=worker, sparse_outputs=True))
             self._decoders.append(VllmEventDecoder(block_size))
             self.scheduler.add_worker(worker, total_blocks=config.engine.num_gpu_blocks)
         self._stepping = [False] * config.num_workers
+        self._windows: list[_Window | None] = [None] * config.num_workers
+        self._generation = 0
         self._event_ids = [0] * config.num_workers
         self._in_flight = [0] * config.num_workers
         self._heap: list[tuple[float, int, int, int, Any]] = []
@@ -142,8 +156,15 @@ class Simulation:
         self._metrics_delay_s = (
             config.event_delay_s if config.metrics_delay_s is None else config.metrics_delay_s
         )
+        # Lazy windows need one delivery per step carrying both events and metrics.
+        self._lazy_windows = (
+            config.max_decode_steps > 1 and self._metrics_delay_s == config.event_delay_s
+        )
         self.num_decode_errors = 0
         self.num_rejected_events = 0
+        self.num_windows = 0  # decode windows opened (lazily committed)
+        self.num_windows_cut = 0  # ... ended early by an arrival for their engine
+        self.num_window_flushes = 0  # ... partly committed before a routing decision
 
     # -- the event loop ------------------------------------------------------------------
 
@@ -157,6 +178,8 @@ class Simulation:
         arrivals = arrivals or Arrivals()
         self._pending = apply_arrivals(requests, arrivals)
         self._closed_loop = arrivals.closed_loop
+        # Closed loop: arrivals follow finishes, which end windows anyway.
+        self._lazy_windows = self._lazy_windows and not self._closed_loop
         if self._closed_loop:
             for _ in range(min(arrivals.concurrency, len(self._pending))):
                 self._queue_next_arrival(0.0)
@@ -203,6 +226,8 @@ class Simulation:
 
     def _on_arrival(self, request: Request) -> None:
         now = self.clock.now_s
+        if self._lazy_windows:
+            self._roll_forward(now)
         if not self._closed_loop:
             following = self._next_arrival
             if following < len(self._pending):
@@ -220,6 +245,8 @@ class Simulation:
             return
         worker = decision.worker.worker_id
         core = self.cores[worker]
+        if self._windows[worker] is not None:
+            self._cut_window(worker, now)
         try:
             # The numpy array itself: the engine neither copies nor changes a prompt.
             core.add_request(EngineRequest(request.request_id, tokens, request.output_length))
@@ -234,11 +261,14 @@ class Simulation:
 
     def _start_step(self, worker: int) -> None:
         core = self.cores[worker]
-        # Nothing but an arrival can change an engine's batch, so a decode window may
-        # run up to the next one (closed loop: arrivals follow finishes, which end a
-        # window anyway).
-        horizon_s = self._next_arrival_s - self.clock.now_s
-        result = core.step(self.config.max_decode_steps, horizon_s)
+        if self._lazy_windows:
+            durations = core.plan_window(self.config.max_decode_steps)
+            if durations:
+                self._open_window(worker, durations)
+                return
+            result = core.step()
+        else:
+            result = self._step_to_horizon(core)
         if result.duration_s <= 0 and not result.outputs and not result.kv_events:
             # Nothing could run (e.g. waiting for blocks): wait for the next arrival.
             self._stepping[worker] = False
@@ -246,8 +276,21 @@ class Simulation:
         self._stepping[worker] = True
         self._push(self.clock.now_s + result.duration_s, _STEP_DONE, worker, result)
 
-    def _on_step_done(self, worker: int, result: StepResult) -> None:
+    def _step_to_horizon(self, core: EngineCore) -> StepResult:
+        # Nothing but an arrival can change an engine's batch, so a decode window may
+        # run up to the next one (closed loop: arrivals follow finishes, which end a
+        # window anyway).
+        horizon_s = self._next_arrival_s - self.clock.now_s
+        return core.step(self.config.max_decode_steps, horizon_s)
+
+    def _on_step_done(self, worker: int, result: StepResult | int) -> None:
         now = self.clock.now_s
+        if isinstance(result, int):  # the end of a decode window
+            window = self._windows[worker]
+            if window is None or window.generation != result:
+                return  # cut short by an arrival; its last step has its own entry
+            self._windows[worker] = None
+            result = self._close_window(worker, window, now)
         for output in result.outputs:
             tracked = self._tracked.get(output.request_id)
             if tracked is None:
@@ -305,6 +348,78 @@ class Simulation:
         self._window = [0, 0]
         if self._heap:  # anything else left to happen: keep sampling
             self._push(self.clock.now_s + self.config.sample_interval_s, _SAMPLE, 0, None)
+
+    # -- lazy decode windows -------------------------------------------------------------
+    #
+    # An engine whose batch is decode-only plans a window of up to max_decode_steps steps
+    # and commits it lazily. The router must see exactly what it would step by step, so
+    # before every routing decision each open window commits the steps whose delivery
+    # (end + event delay) is due and hands their events and metrics over at once (nobody
+    # looked in between); an arrival routed to the engine cuts its window after the step
+    # in progress, whose outputs and deliveries then follow the step-by-step path.
+
+    def _open_window(self, worker: int, durations: list[float]) -> None:
+        ends_s: list[float] = []
+        end_s = self.clock.now_s
+        for duration_s in durations:
+            end_s += duration_s  # summed as the step-by-step clock would be
+            ends_s.append(end_s)
+        delay_s = self.config.event_delay_s
+        self._generation += 1
+        self.num_windows += 1
+        self._windows[worker] = _Window(ends_s, [e + delay_s for e in ends_s], self._generation)
+        self._stepping[worker] = True
+        self._push(ends_s[-1], _STEP_DONE, worker, self._generation)
+
+    def _roll_forward(self, now: float) -> None:
+        for worker, window in enumerate(self._windows):
+            if window is not None:
+                self._flush_window(worker, window, now)
+
+    def _flush_window(self, worker: int, window: _Window, now: float) -> None:
+        """Commit the steps whose delivery is due by ``now``; deliver them now."""
+        due = bisect.bisect_right(window.delivered_s, now, window.done)
+        due = min(due, len(window.ends_s) - 1)  # the last step ends the window
+        if due > window.done:
+            result = self.cores[worker].commit_window(due - window.done)
+            assert not result.outputs, "a window reports only at its last step"
+            window.done = due
+            self.num_window_flushes += 1
+            self._on_delivery(worker, (self._encode(result, now), self.cores[worker].metrics()))
+
+    def _commit_steps_until(self, worker: int, window: _Window, until: int) -> None:
+        """Commit steps one by one, each delivered at its own end + event delay."""
+        core = self.cores[worker]
+        while window.done < until:
+            result = core.commit_window(1)
+            payload = self._encode(result, window.ends_s[window.done])
+            self._push(
+                window.delivered_s[window.done], _DELIVERY, worker, (payload, core.metrics())
+            )
+            window.done += 1
+
+    def _close_window(self, worker: int, window: _Window, now: float) -> StepResult:
+        """At a window's end: commit what is left; the last step returns as a result."""
+        self._flush_window(worker, window, now)
+        self._commit_steps_until(worker, window, len(window.ends_s) - 1)
+        return self.cores[worker].commit_window(1)
+
+    def _cut_window(self, worker: int, now: float) -> None:
+        """An arrival for ``worker``: end its window with the step in progress."""
+        window = self._windows[worker]
+        assert window is not None
+        self._windows[worker] = None  # its window-end entry is now stale
+        self.num_windows_cut += 1
+        in_progress = bisect.bisect_right(window.ends_s, now, window.done)
+        self._commit_steps_until(worker, window, in_progress)
+        result = self.cores[worker].commit_window(1)
+        self._push(window.ends_s[in_progress], _STEP_DONE, worker, result)
+
+    def _encode(self, result: StepResult, at_s: float) -> bytes | None:
+        if not result.kv_events:
+            return None
+        batch = KVEventBatch(at_s, result.kv_events, self.config.engine.dp_rank)
+        return encode_batch(batch, form=self.config.event_form)
 
     # -- bookkeeping ---------------------------------------------------------------------
 

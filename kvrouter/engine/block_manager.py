@@ -34,6 +34,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,11 @@ class BlockManager:
     def free_queue(self) -> list[int]:
         """Free block ids, the next one to be reused first."""
         return list(self._free)
+
+    def head_block_hashes(self, num_blocks: int) -> list[int | None]:
+        """Cache hashes of the next ``num_blocks`` blocks :meth:`allocate` would take."""
+        block_hash = self._block_hash
+        return [block_hash[block_id] for block_id in islice(self._free, num_blocks)]
 
     def find_cached_prefix(self, block_hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Block ids holding the longest cached prefix of ``block_hashes[:max_blocks]``."""

@@ -89,16 +89,18 @@ class EngineCore:
         *,
         timing: TimingModel | None = None,
         worker_id: int = 0,
+        sparse_outputs: bool = False,
     ) -> None:
         self.config = config if config is not None else EngineConfig()
         self.timing: TimingModel = timing if timing is not None else DefaultTiming()
+        self._decode_monotone = _decode_is_monotone(self.timing)
         self.worker_id = worker_id
         self.block_manager = BlockManager(
             self.config.num_gpu_blocks,
             self.config.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
-        self._scheduler = Scheduler(self.config, self.block_manager)
+        self._scheduler = Scheduler(self.config, self.block_manager, sparse_outputs=sparse_outputs)
         self._requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._steps = 0
@@ -107,7 +109,6 @@ class EngineCore:
         self._requests_finished = 0
         self._requests_aborted = 0
         self._prefill_tokens_computed = 0
-        self._output_tokens = 0
 
     # -- requests ----------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class EngineCore:
                 f"request {request.request_id!r} needs {needed} token slots; "
                 f"the cache holds {capacity}"
             )
-        state = Request(request, config.block_size, config.enable_prefix_caching)
+        state = Request(request, config.block_size, config.enable_prefix_caching, config.vocab_size)
         self._requests[request.request_id] = state
         self._scheduler.add(state)
         self._requests_added += 1
@@ -191,7 +192,7 @@ class EngineCore:
         outputs = self._pending_outputs
         self._pending_outputs = []
         duration_s = 0.0
-        if max_decode_steps > 1 and scheduler.running:
+        if max_decode_steps > 1 and scheduler.running and self._window_may_last(max_duration_s):
             plan = scheduler.plan_decode_window(max_decode_steps)
             if plan is not None and len(plan) > 1:
                 duration_s = self._run_window(plan, max_duration_s, outputs)
@@ -211,32 +212,82 @@ class EngineCore:
                 outputs.extend(self._finish_step(scheduler.update(batch)))
         return StepResult(duration_s, outputs, self.block_manager.drain_events())
 
+    def _window_may_last(self, max_duration_s: float) -> bool:
+        """False when a window would surely stop after its first step (not worth planning).
+
+        With a decode time that never falls as blocks fill up, a decode step takes at least
+        ``decode_ms`` at the current usage.
+        """
+        if max_duration_s == math.inf or not self._decode_monotone:
+            return True
+        manager = self.block_manager
+        first_ms = self.timing.decode_ms(manager.num_used_blocks / manager.num_blocks)
+        return first_ms / (1000.0 * self.config.speedup_ratio) < max_duration_s
+
+    def _window_durations(self, plan: list[int]) -> list[float]:
+        """Each planned decode step's duration, computed exactly as a single step's."""
+        manager = self.block_manager
+        decode_ms = self.timing.decode_ms
+        divisor = 1000.0 * self.config.speedup_ratio
+        used = manager.num_used_blocks
+        total = manager.num_blocks
+        durations: list[float] = []
+        for new_blocks in plan:
+            used += new_blocks
+            durations.append(decode_ms(used / total) / divisor)
+        return durations
+
     def _run_window(
         self, plan: list[int], max_duration_s: float, outputs: list[RequestOutput]
     ) -> float:
         """Time the planned decode steps, cut at ``max_duration_s``, then run them."""
-        manager = self.block_manager
-        decode_ms = self.timing.decode_ms
-        scale = 1.0 / (1000.0 * self.config.speedup_ratio)
-        used = manager.num_used_blocks
-        total = manager.num_blocks
         duration_s = 0.0
         num_steps = 0
-        for new_blocks in plan:
-            used += new_blocks
-            duration_s += decode_ms(used / total) * scale
+        for step_s in self._window_durations(plan):
+            duration_s += step_s
             num_steps += 1
             if duration_s >= max_duration_s:
                 break
-        self._steps += num_steps
-        self._busy_s += duration_s
-        step_outputs = self._scheduler.run_decode_window(num_steps)
-        self._output_tokens += len(step_outputs) * (num_steps - 1)
-        outputs.extend(self._finish_step(step_outputs))
+        self._commit_window(num_steps, duration_s, outputs)
         return duration_s
 
+    def _commit_window(
+        self, num_steps: int, duration_s: float, outputs: list[RequestOutput]
+    ) -> None:
+        self._steps += num_steps
+        self._busy_s += duration_s
+        outputs.extend(self._finish_step(self._scheduler.run_decode_window(num_steps)))
+
+    def plan_window(self, max_steps: int) -> list[float]:
+        """The durations of the decode window that could run now; ``[]`` if none.
+
+        For a virtual-time driver that commits windows lazily: it may run any prefix of
+        the plan with :meth:`commit_window`, as long as nothing else touches the engine
+        in between (an :meth:`add_request` included). Planning changes nothing. A window
+        here may have one step; it is then exactly one decode-only :meth:`step`.
+        """
+        if not self._scheduler.running:
+            return []
+        plan = self._scheduler.plan_decode_window(max_steps)
+        return self._window_durations(plan) if plan else []
+
+    def commit_window(self, num_steps: int) -> StepResult:
+        """Run the first ``num_steps`` steps of the window :meth:`plan_window` offered.
+
+        The state afterwards equals ``num_steps`` single steps; the result's duration
+        is their sum, its outputs the window's (see :meth:`step`) and its KV events those
+        of the steps run.
+        """
+        plan = self._scheduler.plan_decode_window(num_steps)
+        if plan is None or len(plan) < num_steps:
+            raise ValueError(f"no decode window of {num_steps} steps can run now")
+        outputs = self._pending_outputs
+        self._pending_outputs = []
+        duration_s = math.fsum(self._window_durations(plan))
+        self._commit_window(num_steps, duration_s, outputs)
+        return StepResult(duration_s, outputs, self.block_manager.drain_events())
+
     def _finish_step(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        self._output_tokens += len(outputs)
         requests = self._requests
         for output in outputs:
             if output.finished:
@@ -290,7 +341,7 @@ class EngineCore:
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
             prefill_tokens_computed=self._prefill_tokens_computed,
-            output_tokens=self._output_tokens,
+            output_tokens=scheduler.num_output_tokens,
             blocks_total=blocks.num_blocks,
             blocks_used=blocks.num_used_blocks,
             blocks_free=blocks.num_free_blocks,
@@ -299,3 +350,11 @@ class EngineCore:
             blocks_stored=blocks.num_stored_blocks,
             blocks_deduplicated=blocks.num_deduplicated_blocks,
         )
+
+
+def _decode_is_monotone(timing: TimingModel) -> bool:
+    """Whether ``decode_ms`` never decreases on [0, 1] (known for the default quadratic)."""
+    if not isinstance(timing, DefaultTiming):
+        return False
+    # The derivative 2 a p + b is linear in p: non-negative at both ends is enough.
+    return timing.decode_b >= 0 and 2 * timing.decode_a + timing.decode_b >= 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from kvrouter.bench.results import FIGURE_KEYS, results_document
+from kvrouter.bench.results import FIGURE_KEYS, RunResult, results_document
 from kvrouter.bench.simulate import SimConfig, Simulation, simulate
 from kvrouter.bench.workloads import (
     Arrivals,
@@ -125,22 +126,61 @@ def _multi_turn() -> list[Request]:
     return apply_arrivals(requests, Arrivals("trace", speedup=4.0))
 
 
+def _run_windowed(
+    requests: list[Request], policy: str, max_decode_steps: int, **overrides: object
+) -> tuple[RunResult, Simulation]:
+    config = SimConfig(
+        num_workers=2, engine=SMALL_ENGINE, max_decode_steps=max_decode_steps, **overrides
+    )  # type: ignore[arg-type]
+    sim = Simulation(policy, config)
+    return sim.run(requests), sim
+
+
 @pytest.mark.parametrize("policy", ["kv", "round_robin"])
 def test_decode_windows_keep_every_time_exact(policy: str) -> None:
     requests = _multi_turn()
-    single = simulate(
-        requests, policy, SimConfig(num_workers=2, engine=SMALL_ENGINE, max_decode_steps=1)
-    )
-    windowed = simulate(
-        requests, policy, SimConfig(num_workers=2, engine=SMALL_ENGINE, max_decode_steps=256)
-    )
+    single, single_sim = _run_windowed(requests, policy, 1)
+    windowed, windowed_sim = _run_windowed(requests, policy, 256)
+    assert windowed_sim.num_windows > 0 and single_sim.num_windows == 0
     assert windowed.figures["completed"] == single.figures["completed"] == len(requests)
-    # Equal up to float rounding: a window adds its steps' durations before the clock.
-    assert windowed.ttft_ms == pytest.approx(single.ttft_ms, rel=1e-9)
+    # Windows are committed lazily but their steps are timed and delivered exactly as
+    # single steps: the router sees the same events and metrics at every decision.
+    assert windowed.ttft_ms == single.ttft_ms
     assert windowed.per_worker == single.per_worker
-    assert windowed.extra["engine_steps"] == single.extra["engine_steps"]
+    assert windowed.extra == single.extra
     for key in ("e2e_mean_ms", "ttft_mean_ms", "prefix_reuse", "throughput_tok_s"):
-        assert windowed.figures[key] == pytest.approx(single.figures[key], rel=1e-9)
+        assert windowed.figures[key] == single.figures[key]
+    # A window takes each request's blocks in one allocation, so evictions may be grouped
+    # into fewer BlockRemoved events; what they remove is the same.
+    assert replace(windowed_sim.indexer.stats(), events_applied=0) == replace(
+        single_sim.indexer.stats(), events_applied=0
+    )
+
+
+@pytest.mark.parametrize("policy", ["kv", "round_robin"])
+def test_lazy_windows_match_single_steps_on_a_trace_slice(trace_path: Path, policy: str) -> None:
+    requests = apply_arrivals(
+        load_mooncake_trace(trace_path, limit=120), Arrivals("trace", speedup=1.0)
+    )
+    runs = []
+    for steps in (1, 256):
+        sim = Simulation(policy, SimConfig(num_workers=4, max_decode_steps=steps))
+        runs.append((sim.run(requests), sim))
+    (single, _), (windowed, sim) = runs
+    # Windows ran across arrivals, were rolled forward before decisions and were cut.
+    assert sim.num_windows > 0 and sim.num_windows_cut > 0 and sim.num_window_flushes > 0
+    assert windowed.ttft_ms == single.ttft_ms
+    assert windowed.per_worker == single.per_worker
+    assert windowed.extra == single.extra
+
+
+def test_windows_with_a_separate_metrics_delay_stop_at_arrivals() -> None:
+    requests = _multi_turn()
+    single, _ = _run_windowed(requests, "kv", 1, metrics_delay_s=0.02)
+    windowed, sim = _run_windowed(requests, "kv", 256, metrics_delay_s=0.02)
+    assert sim.num_windows == 0  # windows cut at every arrival instead (inside the engine)
+    assert windowed.ttft_ms == pytest.approx(single.ttft_ms, rel=1e-9)
+    assert windowed.extra["engine_steps"] == single.extra["engine_steps"]
 
 
 def test_a_policy_object_is_accepted() -> None:
