@@ -111,11 +111,6 @@ class ActiveSequences:
         # Insertion order is arrival order, so expiry only ever looks at the front.
         self._requests: OrderedDict[str, _Request] = OrderedDict()
         self._workers: dict[WorkerKey, _Worker] = {}
-        # For shared_blocks() without visiting every worker: how many active requests
-        # hold each sequence hash (at any position), and, per first hash of a request,
-        # how many requests on each worker start with it.
-        self._num_holding: dict[int, int] = {}
-        self._starts: dict[int, dict[WorkerKey, int]] = {}
         self._version = 0
         # (version, worker) per change, in version order: lets a reader that cached
         # per-worker views find the few that changed instead of checking every worker.
@@ -151,10 +146,6 @@ class ActiveSequences:
         state.private_blocks += num_private_blocks
         state.num_requests += 1
         _count_elements(state.counts, hashes)  # C speed: this runs once per routed request
-        if hashes:
-            _count_elements(self._num_holding, hashes)
-            starts = self._starts.setdefault(hashes[0], {})
-            starts[worker] = starts.get(worker, 0) + 1
         self._touch(state, worker)
         self._num_added += 1
 
@@ -196,36 +187,18 @@ class ActiveSequences:
         state.private_blocks -= req.private_blocks
         state.num_requests -= 1
         counts = state.counts
-        holding = self._num_holding
         for h in req.seq_hashes:
             left = counts[h] - 1
             if left:
                 counts[h] = left
             else:
                 del counts[h]
-            left = holding[h] - 1
-            if left:
-                holding[h] = left
-            else:
-                del holding[h]
-        if req.seq_hashes:
-            self._unstart(req.seq_hashes[0], worker)
         self._touch(state, worker)
         if state.num_requests == 0:
             assert state.distinct_blocks == state.prefill_tokens == state.private_blocks == 0, (
                 f"worker {worker} has no requests but holds load: {state}"
             )
             del self._workers[worker]
-
-    def _unstart(self, first: int, worker: WorkerKey) -> None:
-        starts = self._starts[first]
-        left = starts[worker] - 1
-        if left:
-            starts[worker] = left
-        elif len(starts) > 1:
-            del starts[worker]
-        else:
-            del self._starts[first]
 
     def expire(self) -> int:
         """Free every request older than ``expiry_s``; returns how many were freed."""
@@ -281,24 +254,16 @@ class ActiveSequences:
 
         Sequence hashes name whole prefixes, so a worker holding block ``i`` of a prompt
         holds every block before it; the walk stops at the first block nobody holds.
-        Only the workers holding the first block are visited (found through the index
-        of requests' first blocks when that index accounts for every holder).
         """
         out: dict[WorkerKey, int] = {}
         if not seq_hashes:
             return out
         first = seq_hashes[0]
-        num_holding = self._num_holding.get(first, 0)
-        if not num_holding:
-            return out
-        # Usually every request holding the first block starts with it (a sequence
-        # hash names a position), and its holders are exactly the workers those
-        # requests are on; otherwise look at every worker.
-        starts = self._starts.get(first, {})
         workers = self._workers
-        holders = starts if sum(starts.values()) == num_holding else workers
-        for worker in holders:
-            counts = workers[worker].counts
+        # One dict probe per worker with requests: cheaper on the request path than
+        # keeping a fleet-wide index of every booked block up to date.
+        for worker, state in workers.items():
+            counts = state.counts
             if first not in counts:
                 continue
             # Prefix-closed: find the first block not held by bisection.
