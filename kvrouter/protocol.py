@@ -233,15 +233,8 @@ class CompletionResponse(msgspec.Struct, kw_only=True):
     object: str = "text_completion"
 
 
-class CompletionChunk(msgspec.Struct, kw_only=True):
-    """One SSE event of a streamed completion (same ``object`` as the response)."""
-
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    object: str = "text_completion"
+# One SSE event of a streamed completion: OpenAI gives it the response's exact shape.
+CompletionChunk = CompletionResponse
 
 
 class ChatResponseMessage(msgspec.Struct, kw_only=True):

@@ -29,11 +29,10 @@ from types import MappingProxyType
 import msgspec
 
 from kvrouter.clock import Clock
-from kvrouter.errors import EventStreamError
 from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.transport.base import EventTransport, Malformed, Message, Subscription, parse_frames
-from kvrouter.transport.subscriber import WorkerEndpoint
+from kvrouter.transport.subscriber import WorkerEndpoint, follow
 
 __all__ = [
     "METRICS_TOPIC",
@@ -293,28 +292,10 @@ class MetricsSubscriber(AsyncLifecycle):
         stream.task = asyncio.create_task(self._follow(stream), name=name)
 
     async def _follow(self, stream: _MetricsStream) -> None:
-        min_s, max_s = self._backoff_s
-        backoff_s = min_s
-        while True:
-            try:
-                subscription = await self._transport.subscribe(
-                    stream.endpoint.subscription_endpoint()
-                )
-            except EventStreamError as exc:
-                logger.warning("worker %d metrics: %s", stream.endpoint.worker_id, exc)
-            else:
-                stream.subscription = subscription
-                try:
-                    while True:
-                        self._on_frames(stream, await subscription.recv())
-                        backoff_s = min_s
-                except EventStreamError as exc:
-                    logger.warning("worker %d metrics broke: %s", stream.endpoint.worker_id, exc)
-                finally:
-                    stream.subscription = None
-                    await subscription.aclose()
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, max_s)
+        async def on_frames(frames: list[bytes]) -> None:
+            self._on_frames(stream, frames)
+
+        await follow(self._transport, stream, on_frames, backoff_s=self._backoff_s, what="metrics")
 
     def _on_frames(self, stream: _MetricsStream, frames: list[bytes]) -> None:
         message = parse_frames(frames)

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -299,29 +299,21 @@ class KvEventSubscriber(AsyncLifecycle):
 
     async def _follow(self, stream: _Stream) -> None:
         """Receive forever; on a broken connection, resubscribe with exponential backoff."""
-        min_s, max_s = self._backoff_s
-        backoff_s = min_s
-        while True:
-            try:
-                subscription = await self._transport.subscribe(
-                    stream.endpoint.subscription_endpoint()
-                )
-            except EventStreamError as exc:
-                logger.warning("worker %d: cannot subscribe: %s", stream.endpoint.worker_id, exc)
-            else:
-                stream.subscription = subscription
-                try:
-                    while True:
-                        await self._on_frames(stream, await subscription.recv())
-                        backoff_s = min_s
-                except EventStreamError as exc:
-                    stream.num_reconnects += 1
-                    logger.warning("worker %d: stream broke: %s", stream.endpoint.worker_id, exc)
-                finally:
-                    stream.subscription = None
-                    await subscription.aclose()
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, max_s)
+
+        async def on_frames(frames: list[bytes]) -> None:
+            await self._on_frames(stream, frames)
+
+        def on_broken() -> None:
+            stream.num_reconnects += 1
+
+        await follow(
+            self._transport,
+            stream,
+            on_frames,
+            backoff_s=self._backoff_s,
+            what="events",
+            on_broken=on_broken,
+        )
 
     async def _on_frames(self, stream: _Stream, frames: list[bytes]) -> None:
         """Handle one received message (the sequence check of the module docstring)."""
@@ -436,3 +428,43 @@ class KvEventSubscriber(AsyncLifecycle):
             "?" if seq is None else seq,
             reason,
         )
+
+
+class _Followed(Protocol):
+    endpoint: WorkerEndpoint
+    subscription: Subscription | None
+
+
+async def follow(
+    transport: EventTransport,
+    stream: _Followed,
+    on_frames: Callable[[list[bytes]], Awaitable[None]],
+    *,
+    backoff_s: tuple[float, float],
+    what: str,
+    on_broken: Callable[[], None] = lambda: None,
+) -> None:
+    """Feed every message of ``stream.endpoint`` to ``on_frames``, forever; a failed or
+    broken subscription is retried with exponential backoff (``backoff_s`` = min, max)."""
+    min_s, max_s = backoff_s
+    delay_s = min_s
+    worker_id = stream.endpoint.worker_id
+    while True:
+        try:
+            subscription = await transport.subscribe(stream.endpoint.subscription_endpoint())
+        except EventStreamError as exc:
+            logger.warning("worker %d %s: cannot subscribe: %s", worker_id, what, exc)
+        else:
+            stream.subscription = subscription
+            try:
+                while True:
+                    await on_frames(await subscription.recv())
+                    delay_s = min_s
+            except EventStreamError as exc:
+                on_broken()
+                logger.warning("worker %d %s: stream broke: %s", worker_id, what, exc)
+            finally:
+                stream.subscription = None
+                await subscription.aclose()
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, max_s)
