@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -28,6 +28,7 @@ WorkloadOpt = Annotated[
     str,
     typer.Option(help="Built-in workload without --trace: multi-turn, shared-prefix, no-reuse."),
 ]
+EventForm = Literal["direct", "array", "map"]
 LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N requests.")]
 SpeedupOpt = Annotated[
     float, typer.Option(help="Divide trace timestamps by this (open loop, trace arrivals).")
@@ -94,6 +95,7 @@ def _sim_config(
     num_gpu_blocks: int,
     seed: int,
     max_decode_steps: int = 256,
+    event_form: EventForm = "direct",
 ) -> SimConfig:
     from kvrouter.bench.simulate import SimConfig
     from kvrouter.engine import EngineConfig
@@ -107,6 +109,7 @@ def _sim_config(
         event_delay_s=event_delay_ms / 1e3,
         seed=seed,
         max_decode_steps=max_decode_steps,
+        event_form=event_form,
     )
 
 
@@ -147,6 +150,13 @@ def simulate_command(
         int,
         typer.Option(min=1, help="Decode steps an engine may run in one call (1: step by step)."),
     ] = 256,
+    event_form: Annotated[
+        EventForm,
+        typer.Option(
+            help="How KV events reach the router: the engine's structs (direct) or "
+            "msgpack bytes in vLLM's array or map form."
+        ),
+    ] = "direct",
     seed: SeedOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     out: Annotated[
@@ -166,6 +176,7 @@ def simulate_command(
         num_gpu_blocks=num_gpu_blocks,
         seed=seed,
         max_decode_steps=max_decode_steps,
+        event_form=event_form,
     )
     names = _policies(policies)
     limit_value = prefix_reuse_limit(

@@ -7,15 +7,17 @@ timed events and a :class:`~kvrouter.clock.ManualClock`, and drives the real pie
                       ▲   ▲                        │ step(): StepResult(duration_s, ...)
                       │   │                        ▼ at now + duration_s
                       │   │ on_first_token / on_finish ◀── outputs
-                      │   └── KvIndexer.apply_event ◀── VllmEventDecoder ◀── encode_batch
+                      │   └── KvIndexer.apply_event ◀── VllmEventDecoder ◀── KVEventBatch
                       │                                   (kv_events, after event_delay_s)
                       └────── KvMetricsAggregator.update ◀── core.metrics()
                                                           (after metrics_delay_s)
 
 An engine steps back to back while it has work, as the live server's loop does: the
 batch is planned when the step starts and its outputs and KV events become visible when
-it ends. KV events cross the real vLLM wire codec (msgpack, then decode and re-hash), so
-a simulated run exercises the same bytes a live one does.
+it ends. KV events reach the router's real decoder, which checks them and re-hashes
+their token ids as it does for a live engine: handed over in-process as the engine's
+structs by default, or as msgpack bytes in vLLM's wire form (``event_form``); the runs
+are identical either way (tested).
 
 >>> from kvrouter.bench.workloads import shared_prefix_requests, Arrivals, apply_arrivals
 >>> reqs = apply_arrivals(shared_prefix_requests(num_groups=2, prompts_per_group=4,
@@ -58,6 +60,9 @@ _DELIVERY = 1
 _ARRIVAL = 2
 _SAMPLE = 3
 
+# KV events on their way to the router: the engine's structs ("direct") or msgpack bytes.
+_Payload = KVEventBatch | bytes
+
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
@@ -69,14 +74,17 @@ class SimConfig:
     when its batch cannot change before the next arrival (``EngineCore.step``'s decode
     windows): first tokens, finishes and admissions keep their exact virtual times; the
     window's tokens, KV events and metrics are delivered once, at its end. 1 is the
-    step-by-step behaviour of the live server.
+    step-by-step behaviour of the live server. ``event_form`` ``"direct"`` hands each
+    step's KV event batch to the router's decoder as the engine's structs
+    (:meth:`VllmEventDecoder.convert`: the same checks and re-hashing, no bytes);
+    ``"array"`` / ``"map"`` send it through the msgpack wire codec in that form.
     """
 
     num_workers: int = 8
     engine: EngineConfig = field(default_factory=EngineConfig)
     event_delay_s: float = 0.005
     metrics_delay_s: float | None = None
-    event_form: Literal["array", "map"] = "array"
+    event_form: Literal["direct", "array", "map"] = "direct"
     sample_interval_s: float = 1.0
     seed: int = 0
     predict_cache: bool = True
@@ -302,10 +310,7 @@ class Simulation:
                 self._finish(tracked, output.num_cached_tokens, output.num_output_tokens)
         core = self.cores[worker]
         config = self.config
-        payload = None
-        if result.kv_events:
-            batch = KVEventBatch(now, result.kv_events, config.engine.dp_rank)
-            payload = encode_batch(batch, form=config.event_form)
+        payload = self._encode(result, now)
         metrics = core.metrics()
         if self._metrics_delay_s == config.event_delay_s:
             self._push(now + config.event_delay_s, _DELIVERY, worker, (payload, metrics))
@@ -319,7 +324,7 @@ class Simulation:
             self._stepping[worker] = False
 
     def _on_delivery(
-        self, worker: int, delivery: tuple[bytes | None, ForwardPassMetrics | None]
+        self, worker: int, delivery: tuple[_Payload | None, ForwardPassMetrics | None]
     ) -> None:
         payload, metrics = delivery
         if payload is not None:
@@ -327,8 +332,12 @@ class Simulation:
         if metrics is not None:
             self.aggregator.update(metrics)
 
-    def _on_kv_events(self, worker: int, payload: bytes) -> None:
-        batch = self._decoders[worker].decode(payload)
+    def _on_kv_events(self, worker: int, payload: _Payload) -> None:
+        decoder = self._decoders[worker]
+        if isinstance(payload, KVEventBatch):
+            batch = decoder.convert(payload)
+        else:
+            batch = decoder.decode(payload)
         self.num_decode_errors += len(batch.errors)
         apply = self.indexer.apply_event
         event_id = self._event_ids[worker]
@@ -415,11 +424,13 @@ class Simulation:
         result = self.cores[worker].commit_window(1)
         self._push(window.ends_s[in_progress], _STEP_DONE, worker, result)
 
-    def _encode(self, result: StepResult, at_s: float) -> bytes | None:
+    def _encode(self, result: StepResult, at_s: float) -> _Payload | None:
+        """A step's KV events as the router receives them (``None``: there are none)."""
         if not result.kv_events:
             return None
         batch = KVEventBatch(at_s, result.kv_events, self.config.engine.dp_rank)
-        return encode_batch(batch, form=self.config.event_form)
+        form = self.config.event_form
+        return batch if form == "direct" else encode_batch(batch, form=form)
 
     # -- bookkeeping ---------------------------------------------------------------------
 

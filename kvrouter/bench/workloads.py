@@ -111,17 +111,23 @@ def synthesize_tokens(
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.uint32)
-    starts = np.cumsum(lengths) - lengths
-    # Position of each token inside its own segment.
-    pos = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-    x = np.repeat(ids * _GOLDEN, lengths) + pos.astype(np.uint64)
+    starts = (np.cumsum(lengths) - lengths).astype(np.uint64)
+    # id * golden + position inside the segment, as global index + (id * golden - start);
+    # uint64 arithmetic wraps, as splitmix64's does. Everything below works in place.
+    x = np.arange(total, dtype=np.uint64)
+    x += np.repeat(ids * _GOLDEN - starts, lengths)
     x ^= x >> np.uint64(30)
     x *= _MIX_1
     x ^= x >> np.uint64(27)
     x *= _MIX_2
     x ^= x >> np.uint64(31)
-    span = np.uint64(vocab_size - _FIRST_TOKEN_ID)
-    return (x % span + np.uint64(_FIRST_TOKEN_ID)).astype(np.uint32)
+    # Into [first, vocab_size) by the high 32 bits times the span (no 64-bit division).
+    x >>= np.uint64(32)
+    x *= np.uint64(vocab_size - _FIRST_TOKEN_ID)
+    x >>= np.uint64(32)
+    tokens = x.astype(np.uint32)
+    tokens += np.uint32(_FIRST_TOKEN_ID)
+    return tokens
 
 
 def prompt_text(request: Request, vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:

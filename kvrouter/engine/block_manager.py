@@ -317,7 +317,7 @@ class BlockManager:
         end: int,
         *,
         block_hashes: Sequence[int],
-        token_ids: Sequence[int],
+        token_ids: Tokens,
         lora_name: str | None = None,
     ) -> None:
         """Register blocks ``start..end-1`` of a request, now completely filled, as cached.
@@ -394,7 +394,7 @@ class BlockManager:
         end: int,
         *,
         block_hashes: Sequence[int],
-        token_ids: Sequence[int],
+        token_ids: Tokens,
         lora_name: str | None,
     ) -> None:
         if end <= start:
@@ -413,7 +413,7 @@ class BlockManager:
             BlockStored(
                 block_hashes=list(block_hashes[start:end]),
                 parent_block_hash=block_hashes[start - 1] if start > 0 else None,
-                token_ids=token_list(token_ids[start * size : end * size]),
+                token_ids=token_ids[start * size : end * size],
                 block_size=size,
                 lora_id=None,
                 medium=self.medium,

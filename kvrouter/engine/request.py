@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, overload
 
+import numpy as np
 import xxhash
 
 from kvrouter.engine.block_manager import (
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: consecutive positions spread out
+_VECTOR_MIN = 32  # output tokens from which numpy generates them faster than a loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +174,17 @@ class Request:
         if have < wanted:
             seed = self.token_seed
             vocab_size = self.vocab_size
-            # synthetic_token(), inlined: this runs once per generated token.
-            out.extend([(seed + p * _GOLDEN) % vocab_size for p in range(have + 1, wanted + 1)])
+            if wanted - have < _VECTOR_MIN:
+                # synthetic_token(), inlined: this runs once per generated token.
+                out.extend([(seed + p * _GOLDEN) % vocab_size for p in range(have + 1, wanted + 1)])
+            else:
+                # The same values in bulk: (s + p*g) % v == (s % v + p * (g % v)) % v, and
+                # every term fits in int64 (p * (g % v) < 2**63 for any real length).
+                positions = np.arange(have + 1, wanted + 1, dtype=np.int64)
+                positions *= _GOLDEN % vocab_size
+                positions += seed % vocab_size
+                positions %= vocab_size
+                out.extend(positions.tolist())
         return out
 
     def take_new_tokens(self) -> list[int]:

@@ -542,13 +542,16 @@ class Scheduler:
         manager = self._block_manager
         start = request.num_cached_blocks
         if manager.enable_prefix_caching:
-            hashes = request.ensure_hashes(num_full, self._config.block_size)
+            block_size = self._config.block_size
+            hashes = request.ensure_hashes(num_full, block_size)
+            # Prompt blocks: slices of the prompt as given (a numpy prompt is not copied).
+            within_prompt = num_full * block_size <= request.num_prompt_tokens
             manager.cache_full_blocks(
                 request.block_ids,
                 start,
                 num_full,
                 block_hashes=hashes,
-                token_ids=request.tokens,
+                token_ids=request.prompt if within_prompt else request.tokens,
                 lora_name=request.lora_name,
             )
         request.num_cached_blocks = num_full

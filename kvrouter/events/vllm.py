@@ -29,11 +29,12 @@ from itertools import repeat
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
+import numpy as np
 from msgspec.msgpack import Decoder
 
 from kvrouter.errors import DecodeError
 from kvrouter.events.model import DEFAULT_MEDIUM, Cleared, Removed, Stored, StoredBlock
-from kvrouter.hashing import compute_block_hashes, make_salt
+from kvrouter.hashing import Tokens, compute_block_hashes, make_salt
 
 __all__ = [
     "AllBlocksCleared",
@@ -58,11 +59,15 @@ _new_stored_block = partial(tuple.__new__, StoredBlock)
 
 
 class BlockStored(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    """Blocks stored as a chain; ``token_ids`` holds ``len(block_hashes) * block_size`` ids."""
+    """Blocks stored as a chain; ``token_ids`` holds ``len(block_hashes) * block_size`` ids.
+
+    ``token_ids`` may be a numpy integer array (an engine's prompt slice, no copy); it is
+    written as a msgpack array of ints either way.
+    """
 
     block_hashes: list[int]
     parent_block_hash: int | None
-    token_ids: list[int]
+    token_ids: Tokens
     block_size: int
     lora_id: int | None = None
     medium: str | None = None
@@ -96,7 +101,13 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     data_parallel_rank: int | None = None
 
 
-_encoder = msgspec.msgpack.Encoder()
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise NotImplementedError(f"cannot encode {type(value).__name__} in a KV event")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
 def encode_batch(batch: KVEventBatch, *, form: Literal["array", "map"] = "array") -> bytes:
@@ -259,6 +270,24 @@ class VllmEventDecoder:
             ts, dp_rank, raw_events, errors = self._decode_per_event(payload)
         else:
             ts, dp_rank, raw_events, errors = parsed.ts, parsed.dp_rank, parsed.events, []
+        return self._convert_all(ts, dp_rank or 0, raw_events, errors)
+
+    def convert(self, batch: KVEventBatch) -> DecodedBatch:
+        """Convert a batch handed over in-process, as the engine's structs, without bytes.
+
+        Checks and results are those of :meth:`decode` on ``encode_batch(batch)``; an
+        in-process engine (the virtual-time simulator) skips the msgpack round trip.
+        """
+        self._num_batches += 1
+        return self._convert_all(batch.ts, batch.data_parallel_rank or 0, batch.events, [])
+
+    def _convert_all(
+        self,
+        ts: float,
+        dp_rank: int,
+        raw_events: Sequence[_MapEvent | KVCacheEvent | None],
+        errors: list[DecodeError],
+    ) -> DecodedBatch:
         events: list[Stored | Removed | Cleared] = []
         append = events.append
         for index, raw in enumerate(raw_events):
@@ -270,7 +299,7 @@ class VllmEventDecoder:
                 errors.append(DecodeError(f"event {index}: {exc}"))
         self._num_events += len(events)
         self._num_bad_events += len(errors)
-        return DecodedBatch(ts, dp_rank or 0, events, errors)
+        return DecodedBatch(ts, dp_rank, events, errors)
 
     def _decode_typed(
         self, payload: bytes | bytearray | memoryview
@@ -314,16 +343,16 @@ class VllmEventDecoder:
             return cast(_MapEvent, self._map_event_decoder.decode(data))
         return cast(_ArrEvent, self._array_event_decoder.decode(data))
 
-    def _convert(self, event: _MapEvent) -> Stored | Removed | Cleared:
-        if isinstance(event, _MapStored):
+    def _convert(self, event: _MapEvent | KVCacheEvent) -> Stored | Removed | Cleared:
+        if isinstance(event, _MapStored | BlockStored):
             return self._convert_stored(event)
-        if isinstance(event, _MapRemoved):
+        if isinstance(event, _MapRemoved | BlockRemoved):
             if not event.block_hashes:
                 raise DecodeError("BlockRemoved has no block hashes")
             return Removed(_engine_hashes(event.block_hashes), event.medium or DEFAULT_MEDIUM)
         return Cleared()
 
-    def _convert_stored(self, event: _MapStored) -> Stored:
+    def _convert_stored(self, event: _MapStored | BlockStored) -> Stored:
         block_size = self.block_size
         if event.block_size != block_size:
             raise DecodeError(

@@ -208,3 +208,22 @@ def test_separate_metrics_delay_delivers_both_streams() -> None:
     # Both engines' metrics reached the aggregator, and their events the index.
     assert {e.worker_id for e in sim.aggregator.get_metrics().endpoints} == {0, 1}
     assert sim.indexer.stats().events_applied > 0
+
+
+def test_event_forms_give_identical_runs() -> None:
+    # Structs handed over in-process and msgpack bytes in either wire form are the same
+    # events to the router: every figure matches.
+    requests = _multi_turn()
+    runs = {
+        form: Simulation("kv", SimConfig(num_workers=2, engine=SMALL_ENGINE, event_form=form))
+        for form in ("direct", "array", "map")
+    }
+    results = {form: sim.run(requests) for form, sim in runs.items()}
+    direct = results["direct"]
+    assert direct.figures["completed"] == len(requests)
+    assert runs["direct"].indexer.stats().events_applied > 0
+    for form in ("array", "map"):
+        assert results[form].ttft_ms == direct.ttft_ms
+        assert results[form].per_worker == direct.per_worker
+        assert results[form].extra == direct.extra
+        assert runs[form].indexer.stats() == runs["direct"].indexer.stats()

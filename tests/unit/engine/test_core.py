@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -15,7 +16,13 @@ from kvrouter.engine import (
     TableTiming,
 )
 from kvrouter.errors import ConfigError
-from kvrouter.events.vllm import AllBlocksCleared, BlockStored
+from kvrouter.events.vllm import (
+    AllBlocksCleared,
+    BlockStored,
+    KVEventBatch,
+    VllmEventDecoder,
+    encode_batch,
+)
 from kvrouter.load.metrics import ForwardPassMetrics
 
 from .helpers import run_to_completion, small_config
@@ -104,8 +111,16 @@ def test_numpy_prompts_are_accepted() -> None:
     assert result.outputs[0].finished
     stored = result.kv_events[0]
     assert isinstance(stored, BlockStored)
-    assert stored.token_ids == prompt(0, 8)
-    assert all(type(t) is int for t in stored.token_ids)
+    # The event holds a slice of the prompt as given (no copy) ...
+    assert isinstance(stored.token_ids, np.ndarray)
+    assert stored.token_ids.tolist() == prompt(0, 8)
+    # ... and goes on the wire as plain msgpack ints.
+    wire = msgspec.msgpack.decode(encode_batch(KVEventBatch(0.0, [stored])))
+    assert wire[1][0][3] == prompt(0, 8)
+    decoded = VllmEventDecoder(block_size=4).decode(encode_batch(KVEventBatch(0.0, [stored])))
+    assert (
+        decoded.events == VllmEventDecoder(block_size=4).convert(KVEventBatch(0.0, [stored])).events
+    )
 
 
 # -- scheduling ------------------------------------------------------------------------

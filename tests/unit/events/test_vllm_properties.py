@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -182,3 +183,32 @@ def test_round_trip(events: list[KVCacheEvent], ts: float, dp_rank: int | None, 
     payload = encode_batch(KVEventBatch(ts, events, dp_rank), form=form)
     batch = VllmEventDecoder(BLOCK_SIZE).decode(payload)
     assert batch == DecodedBatch(ts, dp_rank or 0, [expected(e) for e in events], [])
+
+
+@st.composite
+def engine_events(draw: st.DrawFn) -> KVCacheEvent:
+    """Events as an in-process engine hands them over: numpy token ids, odd block sizes."""
+    event = draw(events_strategy)
+    if isinstance(event, BlockStored):
+        if draw(st.booleans()):
+            event.token_ids = np.asarray(event.token_ids, dtype=np.uint32)
+        if draw(st.booleans()):
+            event.block_size = draw(st.integers(1, 4))  # mismatches are errors
+    return event
+
+
+@PROPERTY_SETTINGS
+@given(
+    events=st.lists(engine_events(), max_size=5),
+    ts=st.floats(allow_nan=False),
+    dp_rank=st.none() | st.integers(0, 64),
+)
+def test_convert_equals_decode(events: list[KVCacheEvent], ts: float, dp_rank: int | None) -> None:
+    batch = KVEventBatch(ts, events, dp_rank)
+    wire_decoder, direct_decoder = VllmEventDecoder(BLOCK_SIZE), VllmEventDecoder(BLOCK_SIZE)
+    wire = wire_decoder.decode(encode_batch(batch))
+    direct = direct_decoder.convert(batch)
+    assert direct.events == wire.events
+    assert [str(e) for e in direct.errors] == [str(e) for e in wire.errors]
+    assert (direct.ts, direct.dp_rank) == (wire.ts, wire.dp_rank)
+    assert direct_decoder.stats() == wire_decoder.stats()
