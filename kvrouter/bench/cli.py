@@ -158,6 +158,12 @@ def simulate_command(
         ),
     ] = "direct",
     seed: SeedOpt = 0,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Simulations run at once, in worker processes (figures do not change)."
+        ),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     out: Annotated[
         Path | None, typer.Option(help="Write results.json (with plot data) and a report here.")
@@ -195,7 +201,14 @@ def simulate_command(
     if sweep is not None:
         speedups = [float(s) for s in sweep.split(",") if s.strip()]
         doc = _run_sweep(
-            requests, names, config, speedups, limit_value=limit_value, meta=meta, quiet=as_json
+            requests,
+            names,
+            config,
+            speedups,
+            limit_value=limit_value,
+            meta=meta,
+            quiet=as_json,
+            jobs=jobs,
         )
         if out is not None:
             save_results(out / "sweep.json", doc)
@@ -205,7 +218,7 @@ def simulate_command(
         return
     arrivals = _arrivals(trace, speedup, rate, concurrency, seed)
     meta["arrivals"] = _describe(arrivals)
-    runs = _run_policies(requests, names, config, arrivals, quiet=as_json)
+    runs = _run_policies(requests, names, config, arrivals, quiet=as_json, jobs=jobs)
     if out is not None:
         path = save_results(
             out / "results.json", results_document(runs, reuse_limit=limit_value, meta=meta)
@@ -232,20 +245,39 @@ def _run_policies(
     arrivals: Arrivals,
     *,
     quiet: bool,
+    jobs: int = 1,
 ) -> dict[str, RunResult]:
-    from kvrouter.bench.simulate import simulate
+    results = _simulate_all(requests, [(n, arrivals) for n in names], config, quiet, jobs)
+    return dict(zip(names, results, strict=True))
+
+
+def _simulate_all(
+    requests: list[Request],
+    runs: list[tuple[str, Arrivals]],
+    config: SimConfig,
+    quiet: bool,
+    jobs: int,
+) -> list[RunResult]:
+    from kvrouter.bench.simulate import simulate_many
     from kvrouter.errors import ConfigError
 
-    runs = {}
-    for name in names:
-        try:
-            runs[name] = simulate(requests, name, config, arrivals)
-        except ConfigError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--policies") from exc
+    def done(index: int, result: RunResult) -> None:
         if not quiet:
-            wall = runs[name].figures["wall_s"]
-            print(f"{name}: {len(requests)} requests simulated in {wall:.1f} s", file=sys.stderr)
-    return runs
+            name, arrivals = runs[index]
+            at = (
+                f" at speedup {arrivals.speedup:g}"
+                if len(runs) > 1 and arrivals.kind == "trace"
+                else ""
+            )
+            wall = result.figures["wall_s"]
+            print(
+                f"{name}{at}: {len(requests)} requests simulated in {wall:.1f} s", file=sys.stderr
+            )
+
+    try:
+        return simulate_many(requests, runs, config, jobs=jobs, on_done=done)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policies") from exc
 
 
 def _run_sweep(
@@ -257,19 +289,24 @@ def _run_sweep(
     limit_value: float,
     meta: dict[str, Any],
     quiet: bool,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     from kvrouter.bench.workloads import Arrivals
 
+    runs = [
+        (name, Arrivals("trace", speedup=speedup, seed=config.seed))
+        for speedup in speedups
+        for name in names
+    ]
+    results = iter(_simulate_all(requests, runs, config, quiet, jobs))
     points = []
     for speedup in speedups:
-        arrivals = Arrivals("trace", speedup=speedup, seed=config.seed)
-        runs = _run_policies(requests, names, config, arrivals, quiet=quiet)
-        points.append(
-            {
-                "speedup": speedup,
-                "policies": {name: run.to_json(full=False) for name, run in runs.items()},
-            }
-        )
+        point_runs = {name: next(results) for name in names}
+        if not quiet:
+            print(f"trace speedup {speedup:g}:", file=sys.stderr)
+            _print_table(point_runs, limit_value)
+        policies = {name: run.to_json(full=False) for name, run in point_runs.items()}
+        points.append({"speedup": speedup, "policies": policies})
     return {"sweep": points, "reuse_limit": limit_value, "meta": meta}
 
 

@@ -31,9 +31,11 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import multiprocessing
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,7 +53,7 @@ from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.routing.policies import Policy
 from kvrouter.routing.scheduler import KvScheduler, ScheduleRequest
 
-__all__ = ["SimConfig", "Simulation", "simulate"]
+__all__ = ["SimConfig", "Simulation", "simulate", "simulate_many"]
 
 # Heap entry kinds. Ties at one instant run in this order: finished steps first (they
 # free capacity and report tokens), then transport deliveries, then new arrivals.
@@ -504,3 +506,62 @@ def simulate(
     """Simulate ``requests`` (arrival times as given, or set by ``arrivals``) under
     ``policy`` and summarise; see the module docstring."""
     return Simulation(policy, config or SimConfig()).run(requests, arrivals)
+
+
+# Requests of the running simulate_many(), set once per worker process.
+_shared_requests: Sequence[Request] = ()
+
+
+def _init_worker(requests: Sequence[Request]) -> None:
+    global _shared_requests
+    _shared_requests = requests
+
+
+def _simulate_shared(policy: str, config: SimConfig, arrivals: Arrivals) -> RunResult:
+    return simulate(_shared_requests, policy, config, arrivals)
+
+
+def simulate_many(
+    requests: Sequence[Request],
+    runs: Sequence[tuple[str, Arrivals]],
+    config: SimConfig | None = None,
+    *,
+    jobs: int = 1,
+    on_done: Callable[[int, RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Simulate each ``(policy, arrivals)`` of ``runs`` over ``requests``, in that order.
+
+    ``jobs`` > 1 runs that many simulations at once in worker processes (each is
+    single-threaded and deterministic, so the figures do not depend on ``jobs``; only
+    ``wall_s`` does). ``on_done(index, result)`` is called as each run finishes.
+    Policies are named here (a process cannot receive a policy object).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    config = config or SimConfig()
+    results: list[RunResult | None] = [None] * len(runs)
+    if jobs == 1 or len(runs) <= 1:
+        for index, (policy, arrivals) in enumerate(runs):
+            result = simulate(requests, policy, config, arrivals)
+            results[index] = result
+            if on_done is not None:
+                on_done(index, result)
+    else:
+        context = multiprocessing.get_context("spawn")  # no inherited state or threads
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(runs)),
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(list(requests),),
+        ) as pool:
+            futures = {
+                pool.submit(_simulate_shared, policy, config, arrivals): index
+                for index, (policy, arrivals) in enumerate(runs)
+            }
+            for future in as_completed(futures):
+                index = futures[future]
+                result = future.result()
+                results[index] = result
+                if on_done is not None:
+                    on_done(index, result)
+    return [r for r in results if r is not None]

@@ -47,6 +47,24 @@ def test_simulate_sweep(tmp_path: Path) -> None:
     assert doc["sweep"][1]["policies"]["random"]["completed"] == 6
 
 
+def test_sweep_in_worker_processes_matches_one_process() -> None:
+    args = [
+        "bench", "simulate", "--workload", "multi-turn", "--limit", "24", "--workers", "2",
+        "--policies", "kv,round_robin", "--sweep", "1,4", "--json",
+    ]  # fmt: skip
+    docs = []
+    for jobs in ("1", "2"):
+        result = runner.invoke(app, [*args, "--jobs", jobs])
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(result.stdout))
+    for doc in docs:
+        for point in doc["sweep"]:
+            assert list(point["policies"]) == ["kv", "round_robin"]
+            for figures in point["policies"].values():
+                figures.pop("wall_s")
+    assert docs[0] == docs[1]
+
+
 def test_unknown_policy_is_a_usage_error() -> None:
     result = runner.invoke(
         app, ["bench", "simulate", "--workload", "no-reuse", "--limit", "2", "--policies", "nope"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvrouter.bench.results import FIGURE_KEYS, RunResult, results_document
-from kvrouter.bench.simulate import SimConfig, Simulation, simulate
+from kvrouter.bench.simulate import SimConfig, Simulation, simulate, simulate_many
 from kvrouter.bench.workloads import (
     Arrivals,
     Request,
@@ -227,3 +227,20 @@ def test_event_forms_give_identical_runs() -> None:
         assert results[form].per_worker == direct.per_worker
         assert results[form].extra == direct.extra
         assert runs[form].indexer.stats() == runs["direct"].indexer.stats()
+
+
+def test_simulate_many_in_processes_equals_one_by_one() -> None:
+    requests = _multi_turn()
+    config = SimConfig(num_workers=2, engine=SMALL_ENGINE)
+    runs = [("kv", Arrivals("trace", speedup=4.0)), ("round_robin", Arrivals("trace", speedup=2.0))]
+    done: list[int] = []
+    parallel = simulate_many(requests, runs, config, jobs=2, on_done=lambda i, _: done.append(i))
+    serial = simulate_many(requests, runs, config)
+    assert sorted(done) == [0, 1]
+    for a, b in zip(parallel, serial, strict=True):
+        assert a.ttft_ms == b.ttft_ms
+        assert a.per_worker == b.per_worker
+        assert a.extra == b.extra
+    assert parallel[0].ttft_ms != parallel[1].ttft_ms  # two different runs, in order
+    with pytest.raises(ValueError, match="jobs"):
+        simulate_many(requests, runs, config, jobs=0)
