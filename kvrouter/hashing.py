@@ -8,9 +8,12 @@ A block is ``block_size`` consecutive tokens; a trailing partial block is not ha
   ``seq[i] = xxh3_64(seed=1337)(le_u64(seq[i-1]) + le_u64(local[i]))``. It says what the
   block holds *and everything before it*, so equal sequence hashes mean equal prefixes.
 
-A **salt** (LoRA adapter name, a tenant's cache salt, multimodal content hashes; see
-:func:`make_salt`) changes every local hash by changing the seed to
-``xxh3_64(salt, seed=1337)``. With no salt the hashes equal Dynamo's exactly.
+A **salt** (LoRA adapter name, multimodal content hashes; see :func:`make_salt`) changes
+every local hash by changing the seed to ``xxh3_64(salt, seed=1337)``. A **cache salt**
+(vLLM's per-request ``cache_salt``, which isolates a tenant's cache) changes only the
+first block's local hash, as vLLM does for its own block hashes: its seed becomes
+``xxh3_64(salt + b"\x1fsalt=" + cache_salt, seed=1337)``, and every sequence hash after
+it changes through the chain. With neither the hashes equal Dynamo's exactly.
 
 >>> compute_block_hashes([1, 2, 3, 4, 5], block_size=2)   # the 5th token is ignored
 [10773075109927122010, 2662118915037317746]
@@ -29,6 +32,7 @@ import xxhash
 
 __all__ = [
     "HASH_SEED",
+    "cache_salt_seed",
     "compute_block_hashes",
     "compute_sequence_hashes",
     "hash_request",
@@ -56,24 +60,20 @@ def salt_seed(salt: Salt) -> int:
     return _xxh3(data, HASH_SEED)
 
 
-def make_salt(
-    *,
-    lora_name: str | None = None,
-    cache_salt: str | None = None,
-    mm_hashes: Iterable[str | int] = (),
-) -> bytes | None:
-    """Combine everything that changes what a block means into one salt (or ``None``).
+def make_salt(*, lora_name: str | None = None, mm_hashes: Iterable[str | int] = ()) -> bytes | None:
+    """Combine what changes the meaning of every block into one salt (or ``None``).
+
+    A request's ``cache_salt`` is not part of it: it changes the first block only (see
+    :func:`compute_block_hashes`).
 
     >>> make_salt() is None
     True
-    >>> make_salt(lora_name="sql-adapter") != make_salt(cache_salt="sql-adapter")
-    True
+    >>> make_salt(lora_name="sql-adapter")
+    b'lora=sql-adapter'
     """
     parts: list[str] = []
     if lora_name:
         parts.append(f"lora={lora_name}")
-    if cache_salt:
-        parts.append(f"salt={cache_salt}")
     for mm in mm_hashes:
         parts.append(f"mm={mm}")
     if not parts:
@@ -106,9 +106,12 @@ def _array_token_bytes(arr: np.ndarray[Any, Any]) -> bytes:
     return arr.tobytes()
 
 
-def compute_block_hashes(tokens: Tokens, block_size: int, *, salt: Salt = None) -> list[int]:
+def compute_block_hashes(
+    tokens: Tokens, block_size: int, *, salt: Salt = None, cache_salt: str | None = None
+) -> list[int]:
     """Local hashes of every full block of ``tokens`` (a list of ints or a numpy array).
 
+    ``salt`` changes every block, ``cache_salt`` the first one only (module docstring).
     Raises ``ValueError`` for a non-positive ``block_size`` or a token id outside u32.
     """
     if block_size <= 0:
@@ -121,7 +124,16 @@ def compute_block_hashes(tokens: Tokens, block_size: int, *, salt: Salt = None) 
     step = block_size * 4
     seed = salt_seed(salt)
     xxh3 = _xxh3
-    return [xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
+    out = [xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
+    if cache_salt:
+        out[0] = xxh3(data[:step], cache_salt_seed(salt, cache_salt))
+    return out
+
+
+def cache_salt_seed(salt: Salt, cache_salt: str) -> int:
+    """The xxh3 seed of the first block's local hash under ``cache_salt``."""
+    head = salt.encode() if isinstance(salt, str) else bytes(salt or b"")
+    return _xxh3(head + b"\x1fsalt=" + cache_salt.encode(), HASH_SEED)
 
 
 def compute_sequence_hashes(local_hashes: Sequence[int]) -> list[int]:
@@ -152,8 +164,8 @@ def _chain(local_hashes: Sequence[int]) -> list[int]:
 
 
 def hash_request(
-    tokens: Tokens, block_size: int, *, salt: Salt = None
+    tokens: Tokens, block_size: int, *, salt: Salt = None, cache_salt: str | None = None
 ) -> tuple[list[int], list[int]]:
     """Both hash lists of a prompt, computed once: ``(local_hashes, sequence_hashes)``."""
-    local = compute_block_hashes(tokens, block_size, salt=salt)
+    local = compute_block_hashes(tokens, block_size, salt=salt, cache_salt=cache_salt)
     return local, compute_sequence_hashes(local)

@@ -17,7 +17,10 @@ takes it out of the queue wherever it is (``touch``).
 
 Engine hashes are deliberately *not* the router's hashes (DESIGN 3.2: engine hashes are
 opaque): ``h[i] = xxh3_64(le_u32 tokens of block i, seed=h[i-1] ^ s)`` with ``h[-1] = 0``
-and ``s`` a seed of our own, salted by the LoRA adapter name.
+and ``s`` a seed of our own, salted by the LoRA adapter name; a request's ``cache_salt``
+replaces ``h[-1]`` (vLLM, too, hashes the cache salt into the first block only). Stored
+events list those extras per block in ``extra_keys`` as vLLM does: the adapter name on
+every block, the cache salt last on block 0.
 
 >>> bm = BlockManager(num_blocks=4, block_size=2)
 >>> blocks = bm.allocate(2)
@@ -49,6 +52,7 @@ __all__ = [
     "BlockManagerStats",
     "Tokens",
     "engine_hash_seed",
+    "engine_root_hash",
     "hash_token_blocks",
     "token_bytes",
     "token_list",
@@ -65,11 +69,32 @@ _U32 = np.dtype("<u4")
 Tokens = Sequence[int] | np.ndarray[Any, Any]
 
 
+def engine_root_hash(cache_salt: str | None) -> int:
+    """The parent hash of a request's first block: a cache salt starts its own chains."""
+    if not cache_salt:
+        return ROOT_PARENT_HASH
+    return _xxh3(b"salt=" + cache_salt.encode(), ENGINE_HASH_SEED & _U64)
+
+
 def engine_hash_seed(lora_name: str | None) -> int:
     """The engine's hash seed for blocks computed under ``lora_name`` (``None``: base model)."""
     if not lora_name:
         return ENGINE_HASH_SEED
     return _xxh3(b"lora=" + lora_name.encode(), ENGINE_HASH_SEED & _U64)
+
+
+def _extra_keys(
+    start: int, end: int, lora_name: str | None, cache_salt: str | None
+) -> list[tuple[Any, ...] | None] | None:
+    """vLLM's per-block extra keys of blocks ``start..end-1``; ``None`` when there are none."""
+    salted = bool(cache_salt) and start == 0
+    if not lora_name and not salted:
+        return None
+    lora: tuple[str, ...] = (lora_name,) if lora_name else ()
+    keys: list[tuple[Any, ...] | None] = [lora or None] * (end - start)
+    if salted:
+        keys[0] = (*lora, cache_salt)
+    return keys
 
 
 def token_bytes(tokens: Tokens) -> bytes:
@@ -319,13 +344,15 @@ class BlockManager:
         block_hashes: Sequence[int],
         token_ids: Tokens,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """Register blocks ``start..end-1`` of a request, now completely filled, as cached.
 
         ``block_hashes[i]`` is the engine hash of block ``i`` and ``token_ids`` the
-        request's tokens. When another block already holds the same content (two requests
-        computed one prefix at once), the request adopts the cached block and its own copy
-        goes back to the free queue: ``block_ids`` is updated in place.
+        request's tokens; ``lora_name`` and ``cache_salt`` go into the events. When another
+        block already holds the same content (two requests computed one prefix at once),
+        the request adopts the cached block and its own copy goes back to the free queue:
+        ``block_ids`` is updated in place.
         """
         if not self.enable_prefix_caching or end <= start:
             return
@@ -341,6 +368,7 @@ class BlockManager:
                 block_hashes=block_hashes,
                 token_ids=token_ids,
                 lora_name=lora_name,
+                cache_salt=cache_salt,
             )
             self._adopt(block_ids, index, existing)
             run_start = index + 1
@@ -351,6 +379,7 @@ class BlockManager:
             block_hashes=block_hashes,
             token_ids=token_ids,
             lora_name=lora_name,
+            cache_salt=cache_salt,
         )
 
     def clear(self) -> bool:
@@ -396,6 +425,7 @@ class BlockManager:
         block_hashes: Sequence[int],
         token_ids: Tokens,
         lora_name: str | None,
+        cache_salt: str | None,
     ) -> None:
         if end <= start:
             return
@@ -418,6 +448,7 @@ class BlockManager:
                 lora_id=None,
                 medium=self.medium,
                 lora_name=lora_name,
+                extra_keys=_extra_keys(start, end, lora_name, cache_salt),
             )
         )
 

@@ -11,9 +11,9 @@ import numpy as np
 import xxhash
 
 from kvrouter.engine.block_manager import (
-    ROOT_PARENT_HASH,
     Tokens,
     engine_hash_seed,
+    engine_root_hash,
     hash_token_blocks,
     token_bytes,
     token_list,
@@ -71,6 +71,7 @@ class EngineRequest:
     prompt_token_ids: Tokens  # a list of ints, an array("I") or a numpy array; not copied
     max_tokens: int
     lora_name: str | None = None
+    cache_salt: str | None = None  # isolates the request's prefix cache (vLLM's cache_salt)
     # The engine never samples EOS, so these are satisfied by construction; they are
     # accepted so callers can pass vLLM's sampling parameters through unchanged.
     min_tokens: int = 0
@@ -107,6 +108,7 @@ class Request:
     __slots__ = (
         "block_hashes",
         "block_ids",
+        "cache_salt",
         "decode_base",
         "hash_seed",
         "lora_name",
@@ -143,6 +145,7 @@ class Request:
         self.max_tokens = request.max_tokens
         self.lora_name = request.lora_name
         self.hash_seed = engine_hash_seed(request.lora_name)
+        self.cache_salt = request.cache_salt or None
         self.token_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
         self.num_computed_tokens = 0
         self.num_output_tokens = 0
@@ -198,7 +201,7 @@ class Request:
         hashes = self.block_hashes
         have = len(hashes)
         if num_blocks > have:
-            parent = hashes[-1] if hashes else ROOT_PARENT_HASH
+            parent = hashes[-1] if hashes else engine_root_hash(self.cache_salt)
             # Blocks past the prompt include output tokens: read them through the view.
             within_prompt = num_blocks * block_size <= self.num_prompt_tokens
             source: Tokens = self.prompt if within_prompt else self.tokens

@@ -553,6 +553,7 @@ class Scheduler:
                 block_hashes=hashes,
                 token_ids=request.prompt if within_prompt else request.tokens,
                 lora_name=request.lora_name,
+                cache_salt=request.cache_salt,
             )
         request.num_cached_blocks = num_full
 

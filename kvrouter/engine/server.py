@@ -388,6 +388,7 @@ class EngineServer(AsyncLifecycle):
                 sub_id,
                 ids,
                 req.output_tokens(),
+                cache_salt=req.cache_salt,
                 min_tokens=req.min_tokens,
                 ignore_eos=req.ignore_eos,
             )

@@ -135,7 +135,7 @@ def _event_as_map(event: KVCacheEvent) -> dict[str, Any]:
 #
 # The decode structs are lenient versions of the wire structs: hashes may be ints or
 # bytes, fields the router does not use are typed Any so that odd values there do not
-# cost an event, and anything after ``lora_name`` is ignored (msgspec skips extra
+# cost an event, and anything after ``extra_keys`` is ignored (msgspec skips extra
 # trailing array items and unknown map keys). The array forms subclass the map forms,
 # so one isinstance check covers both.
 # --------------------------------------------------------------------------------------
@@ -152,6 +152,7 @@ class _MapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
     lora_id: Any = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: Any = None  # read for the cache salt only; see _cache_salt()
 
 
 class _MapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
@@ -370,11 +371,15 @@ class VllmEventDecoder:
             )
         lora_name = event.lora_name or None
         salt = make_salt(lora_name=lora_name) if lora_name else None
+        parent = event.parent_block_hash
+        # Only a chain's first block carries the request's cache salt.
+        cache_salt = _cache_salt(event.extra_keys, lora_name) if parent is None else None
         try:
-            local = compute_block_hashes(event.token_ids, block_size, salt=salt)
+            local = compute_block_hashes(
+                event.token_ids, block_size, salt=salt, cache_salt=cache_salt
+            )
         except ValueError as exc:
             raise DecodeError(f"BlockStored token ids: {exc}") from exc
-        parent = event.parent_block_hash
         medium = event.medium or DEFAULT_MEDIUM
         blocks = tuple(
             map(_new_stored_block, zip(_engine_hashes(event.block_hashes), local, repeat(medium)))
@@ -382,6 +387,33 @@ class VllmEventDecoder:
         return Stored(
             None if parent is None else _engine_hash(parent), blocks, lora_name, block_size
         )
+
+
+def _cache_salt(extra_keys: Any, lora_name: str | None) -> str | None:
+    """The request's ``cache_salt`` among the first block's extra keys, if any.
+
+    vLLM lists per block what went into its hash besides the tokens. Older senders give
+    bare values: the LoRA name (every block), ``[mm_id, offset]`` pairs, prompt-embedding
+    bytes, and the cache salt (first block, last). Newer ones (``event_version`` 1) give
+    tagged maps such as ``{"type": "cache_salt", "salt": ...}``. Anything else is no salt.
+    """
+    if not isinstance(extra_keys, list | tuple) or not extra_keys:
+        return None
+    first = extra_keys[0]
+    if not isinstance(first, list | tuple):
+        return None
+    salt: str | None = None
+    lora_pending = lora_name is not None
+    for key in first:
+        if isinstance(key, dict):
+            if key.get("type") == "cache_salt" and isinstance(key.get("salt"), str):
+                salt = key["salt"]
+        elif isinstance(key, str):
+            if lora_pending and key == lora_name:
+                lora_pending = False  # the adapter's own key, not a salt
+            else:
+                salt = key
+    return salt or None
 
 
 def _engine_hashes(hashes: Sequence[int | bytes]) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ __all__ = [
     "first_prompt",
     "parse_body",
     "prepare_prompt",
+    "request_cache_salt",
     "request_salt",
     "tokenize_locally",
 ]
@@ -73,6 +74,7 @@ class PreparedPrompt:
     local_hashes: list[int]
     sequence_hashes: list[int]
     salt: bytes | None
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -146,13 +148,16 @@ def _is_token_id(value: Any) -> bool:
 
 
 def request_salt(payload: Mapping[str, Any]) -> bytes | None:
-    """The hash salt of a request: LoRA adapter (the model name is not one) and cache salt."""
-    cache_salt = payload.get("cache_salt")
+    """The hash salt of every block of a request: its LoRA adapter (the model name is
+    not one)."""
     lora = payload.get("lora_name")
-    return make_salt(
-        lora_name=lora if isinstance(lora, str) else None,
-        cache_salt=cache_salt if isinstance(cache_salt, str) else None,
-    )
+    return make_salt(lora_name=lora if isinstance(lora, str) else None)
+
+
+def request_cache_salt(payload: Mapping[str, Any]) -> str | None:
+    """The request's ``cache_salt`` (vLLM's per-tenant cache isolation), if any."""
+    cache_salt = payload.get("cache_salt")
+    return cache_salt if isinstance(cache_salt, str) and cache_salt else None
 
 
 def can_prepare_inline(tokenizer: Tokenizer | None, parsed: ParsedBody, kind: Kind) -> bool:
@@ -200,8 +205,9 @@ def prepare_prompt(
             f"the prompt has {len(tokens)} tokens, over the limit of {max_prompt_tokens}"
         )
     salt = request_salt(payload)
-    local, seq = hash_request(tokens, block_size, salt=salt)
-    return PreparedPrompt(tokens, local, seq, salt)
+    cache_salt = request_cache_salt(payload)
+    local, seq = hash_request(tokens, block_size, salt=salt, cache_salt=cache_salt)
+    return PreparedPrompt(tokens, local, seq, salt, cache_salt)
 
 
 def tokenize_locally(

@@ -418,11 +418,14 @@ class KvIndexer(PredictedEntries):
         return OverlapScores(scores, tiers, {key: sizes[key] for key in scores})
 
     def find_matches_for_request(
-        self, token_ids: Sequence[int], salt: str | bytes | None = None
+        self,
+        token_ids: Sequence[int],
+        salt: str | bytes | None = None,
+        cache_salt: str | None = None,
     ) -> dict[int, int]:
         """``{worker_id: matched_blocks}`` for a prompt's token ids (device tier; the
         best of a worker's data-parallel ranks)."""
-        local = compute_block_hashes(token_ids, self.block_size, salt=salt)
+        local = compute_block_hashes(token_ids, self.block_size, salt=salt, cache_salt=cache_salt)
         out: dict[int, int] = {}
         for key, score in self.find_matches(local).scores.items():
             if score > out.get(key.worker_id, 0):

@@ -102,7 +102,8 @@ class ScheduleRequest:
     local_hashes: Sequence[int] | None = None
     seq_hashes: Sequence[int] | None = None
     num_tokens: int | None = None
-    salt: Salt = None
+    salt: Salt = None  # changes every block's hash (a LoRA adapter)
+    cache_salt: str | None = None  # changes the first block's (vLLM's cache_salt)
     overrides: RoutingOverrides | None = None
     worker: WorkerKey | int | None = None  # direct routing
     policy: str | None = None  # a registered policy name or "pkg.mod:func"
@@ -376,7 +377,9 @@ class KvScheduler:
             return local, seq, max(num_tokens, len(local) * self.block_size)
         if request.token_ids is None:
             raise InvalidRequest("a request needs token_ids or local_hashes")
-        local, seq = hash_request(request.token_ids, self.block_size, salt=request.salt)
+        local, seq = hash_request(
+            request.token_ids, self.block_size, salt=request.salt, cache_salt=request.cache_salt
+        )
         return local, seq, len(request.token_ids)
 
     def _build_views(

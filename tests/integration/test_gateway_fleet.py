@@ -134,9 +134,9 @@ async def eventually(check: Any, timeout_s: float = 5.0) -> None:
 
 
 async def complete(
-    client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int = 4
+    client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int = 4, **extra: Any
 ) -> tuple[int, dict[str, Any]]:
-    body = {"model": "kvrouter-mock", "prompt": prompt, "max_tokens": max_tokens}
+    body = {"model": "kvrouter-mock", "prompt": prompt, "max_tokens": max_tokens, **extra}
     async with client.post(url + "/v1/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
         return int(resp.headers["x-kvrouter-worker"]), await resp.json()
@@ -165,6 +165,30 @@ async def test_same_prefix_goes_where_the_prefix_is_cached(
         assert chosen == [first] * 4
         decisions = gw.gateway.counters.recent_decisions(4)
         assert all(d.overlap_blocks >= 36 for d in decisions)
+
+
+async def test_a_cache_salted_prefix_is_found_again(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    # vLLM announces a request's cache_salt among the first block's extra keys; the
+    # router hashes the salted prompt the same way, so a tenant's prefix is routed to.
+    async with GatewayServer(gateway_config(fleet)) as gw:
+        shared = "Salted tenant prompt, kept apart. " * 17  # 578 bytes: 36 full blocks
+        first, _ = await complete(client, gw.url, shared + "One?", cache_salt="tenant-s")
+        key = gw.gateway.registry.get(first).key  # type: ignore[union-attr]
+        tokens = ByteTokenizer().encode(shared)
+        salted = compute_block_hashes(tokens, BLOCK, cache_salt="tenant-s")
+        await eventually(lambda: gw.core.indexer.find_matches(salted).scores.get(key, 0) == 36)
+        assert not gw.core.indexer.find_matches(prompt_hashes(shared)).scores  # unsalted: no
+        for i in range(3):
+            worker, body = await complete(client, gw.url, shared + f"Q{i}?", cache_salt="tenant-s")
+            assert worker == first
+            assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 36 * BLOCK
+        assert all(d.overlap_blocks >= 36 for d in gw.gateway.counters.recent_decisions(3))
+        # Another tenant's identical prompt shares nothing with it.
+        _, body = await complete(client, gw.url, shared + "Q0?", cache_salt="tenant-t")
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert gw.gateway.counters.recent_decisions(1)[0].overlap_blocks == 0
 
 
 async def test_distinct_prompts_are_balanced_under_load(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from kvrouter.engine import EngineConfig, EngineCore, EngineRequest, StepResult
-from kvrouter.engine.block_manager import ROOT_PARENT_HASH, engine_hash_seed, hash_token_blocks
+from kvrouter.engine.block_manager import engine_hash_seed, engine_root_hash, hash_token_blocks
 from kvrouter.events.vllm import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 
@@ -32,6 +32,16 @@ def run_to_completion(core: EngineCore, max_steps: int = 10_000) -> list[StepRes
     raise AssertionError(f"engine still busy after {max_steps} steps")
 
 
+def _announced_cache_salt(event: BlockStored) -> str | None:
+    """The cache salt a chain's first event lists last among block 0's extra keys."""
+    keys = event.extra_keys[0] if event.extra_keys else None
+    if not keys or len(keys) == (1 if event.lora_name else 0):
+        return None
+    salt = keys[-1]
+    assert isinstance(salt, str)
+    return salt
+
+
 def replay(events: list[KVCacheEvent], model: dict[int, list[int]]) -> None:
     """Apply engine KV events to a naive model: engine hash -> the block's token ids."""
     for event in events:
@@ -47,7 +57,9 @@ def replay(events: list[KVCacheEvent], model: dict[int, list[int]]) -> None:
                 len(event.block_hashes),
                 block_size=size,
                 parent_hash=(
-                    ROOT_PARENT_HASH if event.parent_block_hash is None else event.parent_block_hash
+                    engine_root_hash(_announced_cache_salt(event))
+                    if event.parent_block_hash is None
+                    else event.parent_block_hash
                 ),
                 seed=engine_hash_seed(event.lora_name),
             )
@@ -66,9 +78,11 @@ def replay(events: list[KVCacheEvent], model: dict[int, list[int]]) -> None:
 
 class RandomWorkload:
     """Random requests over a few shared prefixes, on a cache small enough to evict and
-    preempt; with aborts, LoRA requests and cache clears. Deterministic per seed."""
+    preempt; with aborts, LoRA requests, cache salts and cache clears. Deterministic per
+    seed."""
 
     LORAS = (None, None, None, "sql")
+    CACHE_SALTS = (None, None, None, "tenant-a", "tenant-b")
 
     def __init__(self, seed: int, config: EngineConfig) -> None:
         import random
@@ -79,7 +93,7 @@ class RandomWorkload:
             [self.rng.randrange(1000) for _ in range(self.rng.randrange(1, 4) * config.block_size)]
             for _ in range(3)
         ]
-        self.prompts: list[tuple[list[int], str | None]] = []
+        self.prompts: list[tuple[list[int], str | None, str | None]] = []
         self.next_id = 0
 
     def new_request(self) -> EngineRequest:
@@ -87,9 +101,16 @@ class RandomWorkload:
         tail = [rng.randrange(1000) for _ in range(rng.randrange(1, 3 * self.config.block_size))]
         tokens = [*rng.choice(self.prefixes), *tail]
         lora = rng.choice(self.LORAS)
-        self.prompts.append((tokens, lora))
+        cache_salt = rng.choice(self.CACHE_SALTS)
+        self.prompts.append((tokens, lora, cache_salt))
         self.next_id += 1
-        return EngineRequest(f"w{self.next_id}", tokens, rng.randrange(1, 12), lora_name=lora)
+        return EngineRequest(
+            f"w{self.next_id}",
+            tokens,
+            rng.randrange(1, 12),
+            lora_name=lora,
+            cache_salt=cache_salt,
+        )
 
     def drive(self, core: EngineCore, num_steps: int) -> Iterator[StepResult]:
         """Step ``core`` ``num_steps`` times, adding, aborting and clearing at random."""

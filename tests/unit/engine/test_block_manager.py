@@ -161,11 +161,34 @@ def test_full_blocks_are_stored_with_parent_and_tokens() -> None:
             lora_id=None,
             medium="GPU",
             lora_name="x",
+            extra_keys=[("x",)],  # as vLLM lists the adapter among each block's extra keys
         ),
     ]
     assert bm.cached_hashes() == {hashes[0]: 0, hashes[1]: 1}
     assert [bm.block_hash(b) for b in blocks] == [hashes[0], hashes[1], None]
     assert bm.drain_events() == []
+
+
+def test_cache_salt_is_an_extra_key_of_the_first_block_only() -> None:
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    tokens = list(range(12))
+    hashes = hashes_of(tokens)
+    blocks = bm.allocate(3)
+    assert blocks is not None
+    bm.cache_full_blocks(blocks, 0, 2, block_hashes=hashes, token_ids=tokens, cache_salt="t")
+    bm.cache_full_blocks(blocks, 2, 3, block_hashes=hashes, token_ids=tokens, cache_salt="t")
+    first, second = bm.drain_events()
+    assert isinstance(first, BlockStored) and isinstance(second, BlockStored)
+    assert first.extra_keys == [("t",), None]
+    assert second.extra_keys is None  # a later run of the chain: nothing extra
+    blocks = bm.allocate(1)
+    assert blocks is not None
+    bm.cache_full_blocks(
+        blocks, 0, 1, block_hashes=[7], token_ids=tokens, lora_name="a", cache_salt="t"
+    )
+    (event,) = bm.drain_events()
+    assert isinstance(event, BlockStored)
+    assert event.extra_keys == [("a", "t")]  # vLLM's order: adapter, then the salt
 
 
 def test_prefix_lookup_stops_at_the_first_miss_and_respects_the_limit() -> None:

@@ -99,6 +99,21 @@ async def test_repeated_prompt_reports_cached_tokens(harness: Harness) -> None:
     assert again.usage.prompt_tokens_details.cached_tokens == 40
 
 
+async def test_cache_salt_isolates_the_prefix_cache(harness: Harness) -> None:
+    async def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else None
+        result = await harness.client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, extra_body=extra
+        )
+        assert result.usage is not None and result.usage.prompt_tokens_details is not None
+        return result.usage.prompt_tokens_details.cached_tokens or 0
+
+    assert await cached("tenant-a") == 0
+    assert await cached("tenant-a") == 40  # the same tenant reuses its prefix
+    assert await cached("tenant-b") == 0  # another tenant does not
+    assert await cached(None) == 0  # nor does a request without a salt
+
+
 async def test_token_id_prompt_and_default_max_tokens(harness: Harness) -> None:
     result = await harness.client.completions.create(model=MODEL, prompt=list(range(3, 23)))
     assert result.usage is not None

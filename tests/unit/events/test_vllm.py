@@ -35,6 +35,12 @@ def stored_array(*fields: Any) -> list[Any]:
     return ["BlockStored", *fields]
 
 
+def _as_map(fields: list[Any]) -> dict[str, Any]:
+    names = ["block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id"]
+    names += ["medium", "lora_name", "extra_keys"]
+    return {"type": "BlockStored", "event_version": 1, **dict(zip(names, fields, strict=False))}
+
+
 def decode_one(event: Any, *, block_size: int = 4) -> Stored | Removed | Cleared:
     batch = VllmEventDecoder(block_size).decode(pack([1.5, [event], 0]))
     assert batch.errors == []
@@ -114,6 +120,51 @@ class TestStored:
             4,
         )
         assert salted[0] != LOCAL_1_4
+
+    @pytest.mark.parametrize(
+        ("lora", "first_keys"),
+        [
+            (None, ["tenant-a"]),  # older vLLM: bare values
+            ("sql", ["sql", "tenant-a"]),  # the adapter first, the salt last
+            ("x", ["x", "x"]),  # an adapter and a salt of the same name
+            (None, [{"type": "cache_salt", "salt": "tenant-a"}]),  # event_version 1
+            ("sql", [{"type": "lora", "name": "sql"}, {"type": "cache_salt", "salt": "tenant-a"}]),
+            (None, [["mm-1", 0], b"embeds", "tenant-a"]),  # multimodal and embeddings ignored
+        ],
+    )
+    def test_cache_salt_from_extra_keys(self, lora: str | None, first_keys: list[Any]) -> None:
+        salt = "x" if first_keys == ["x", "x"] else "tenant-a"
+        fields = [[10, 11], None, TOKENS, 4, None, None, lora, [first_keys, None]]
+        expected = compute_block_hashes(TOKENS, 4, salt=make_salt(lora_name=lora), cache_salt=salt)
+        for event in (stored_array(*fields), _as_map(fields)):
+            decoded = decode_one(event)
+            assert isinstance(decoded, Stored)
+            assert [b.local_hash for b in decoded.blocks] == expected
+
+    @pytest.mark.parametrize(
+        "extra_keys",
+        [
+            None,
+            5,
+            [],
+            [None, ["tenant-a"]],  # a salt only counts on the first block
+            [[{"type": "cache_salt", "salt": 3}]],
+            [[{"type": "lora", "name": "z"}]],
+            [[["mm", 0]]],
+            ["not-a-list"],
+        ],
+    )
+    def test_no_cache_salt(self, extra_keys: Any) -> None:
+        decoded = decode_one(stored_array([10, 11], None, TOKENS, 4, None, None, None, extra_keys))
+        assert isinstance(decoded, Stored)
+        assert [b.local_hash for b in decoded.blocks] == [LOCAL_1_4, LOCAL_5_8]
+
+    def test_cache_salt_of_a_chain_continuation_is_not_read(self) -> None:
+        # vLLM lists the salt on the request's first block only; an event that continues
+        # a chain (it has a parent) is hashed without, and differs through its parent.
+        decoded = decode_one(stored_array([11], 10, TOKENS[4:], 4, None, None, None, [["s"]]))
+        assert isinstance(decoded, Stored)
+        assert decoded.blocks[0].local_hash == LOCAL_5_8
 
     def test_lora_id_without_name_is_base_model(self) -> None:
         assert decode_one(stored_array([10, 11], 99, TOKENS, 4, 7)) == EXPECTED_STORED

@@ -107,8 +107,18 @@ def test_cache_salt_changes_the_hashes() -> None:
         block_size=4,
         max_prompt_tokens=9,
     )
-    assert salted.salt == make_salt(cache_salt="tenant-a")
-    assert salted.local_hashes != plain.local_hashes
+    assert salted.salt is None and salted.cache_salt == "tenant-a"
+    # The first block's hash changes, and through the chain every sequence hash.
+    assert salted.local_hashes[0] != plain.local_hashes[0]
+    assert all(a != b for a, b in zip(salted.sequence_hashes, plain.sequence_hashes, strict=True))
+    with_lora = prepare_prompt(
+        tok,
+        {"prompt": "abcd", "lora_name": "sql"},
+        "completion",
+        block_size=4,
+        max_prompt_tokens=9,
+    )
+    assert with_lora.salt == make_salt(lora_name="sql") and with_lora.cache_salt is None
 
 
 def test_prompt_token_limit() -> None:

@@ -161,10 +161,9 @@ class TestSalt:
         "salt",
         [
             make_salt(lora_name="sql-adapter"),
-            make_salt(cache_salt="tenant-a"),
             make_salt(mm_hashes=["abc123"]),
             make_salt(mm_hashes=[42]),
-            make_salt(lora_name="a", cache_salt="b", mm_hashes=["c"]),
+            make_salt(lora_name="a", mm_hashes=["c"]),
         ],
     )
     def test_salt_changes_every_hash(self, salt: bytes | None) -> None:
@@ -178,15 +177,31 @@ class TestSalt:
         assert salted == reference_local(self.TOKENS, 16, seed=seed)
 
     def test_salts_are_distinct(self) -> None:
-        salts = {
-            make_salt(lora_name="x"),
-            make_salt(cache_salt="x"),
-            make_salt(mm_hashes=["x"]),
-            make_salt(lora_name="x", cache_salt="x"),
-        }
-        assert len(salts) == 4
+        salts = {make_salt(lora_name="x"), make_salt(mm_hashes=["x"])}
+        assert len(salts) == 2
         hashes = {compute_block_hashes(self.TOKENS, 16, salt=s)[0] for s in salts}
+        hashes |= {compute_block_hashes(self.TOKENS, 16, cache_salt="x")[0]}
+        hashes |= {
+            compute_block_hashes(self.TOKENS, 16, salt=make_salt(lora_name="x"), cache_salt="x")[0]
+        }
         assert len(hashes) == 4
+
+    @pytest.mark.parametrize("lora", [None, "sql-adapter"])
+    def test_cache_salt_changes_the_first_block_only(self, lora: str | None) -> None:
+        # As in vLLM, where cache_salt is an extra key of the first block alone: the
+        # rest of the chain differs through the sequence hashes.
+        salt = make_salt(lora_name=lora)
+        plain_local, plain_seq = hash_request(self.TOKENS, 16, salt=salt)
+        local, seq = hash_request(self.TOKENS, 16, salt=salt, cache_salt="tenant-a")
+        assert local[0] != plain_local[0]
+        assert local[1:] == plain_local[1:]
+        assert all(a != b for a, b in zip(seq, plain_seq, strict=True))
+        # The documented rule for the first block's seed.
+        head = (salt or b"") + b"\x1fsalt=tenant-a"
+        seed = xxhash.xxh3_64_intdigest(head, seed=1337)
+        assert local[0] == reference_local(self.TOKENS[:16], 16, seed=seed)[0]
+        assert hash_request(self.TOKENS, 16, salt=salt, cache_salt="tenant-b")[0][0] != local[0]
+        assert hash_request(self.TOKENS, 16, salt=salt, cache_salt="")[0] == plain_local
 
     def test_str_and_bytes_salt_agree(self) -> None:
         assert compute_block_hashes(self.TOKENS, 16, salt="abc") == compute_block_hashes(
@@ -194,9 +209,7 @@ class TestSalt:
         )
 
     def test_make_salt_exact_bytes(self) -> None:
-        assert make_salt(lora_name="l", cache_salt="s", mm_hashes=["m", 7]) == (
-            b"lora=l\x1fsalt=s\x1fmm=m\x1fmm=7"
-        )
+        assert make_salt(lora_name="l", mm_hashes=["m", 7]) == b"lora=l\x1fmm=m\x1fmm=7"
 
 
 class TestSequenceHashes:
