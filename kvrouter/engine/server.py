@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,7 +34,21 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from kvrouter.engine import EngineCore, EngineRequest, RequestOutput
-from kvrouter.errors import InvalidRequest, RequestError, RequestTooLarge
+from kvrouter.engine.http import (
+    ModelNotFound,
+    ShuttingDown,
+    aborted_output,
+    bound_port,
+    error_response,
+    error_type,
+    finish_reason,
+    json_response,
+    read_body,
+    render_engine_metrics,
+    request_id_of,
+    sse,
+)
+from kvrouter.errors import InvalidRequest, RequestError
 from kvrouter.events.vllm import KVCacheEvent
 from kvrouter.lifecycle import AsyncLifecycle
 from kvrouter.load.metrics import ForwardPassMetrics
@@ -54,7 +67,6 @@ from kvrouter.protocol import (
     decode_completion_request,
     decode_tokenize_request,
     encode,
-    error_body,
 )
 from kvrouter.tokenizer import Tokenizer
 
@@ -195,7 +207,7 @@ class EngineServer(AsyncLifecycle):
         site = web.TCPSite(runner, self.config.host, self.config.port)
         await site.start()
         self._runner = runner
-        self._port = _bound_port(runner, self.config.port)
+        self._port = bound_port(runner, self.config.port)
         self._engine_task = asyncio.create_task(self._run_engine(), name="engine-loop")
         self._engine_task.add_done_callback(self._on_engine_done)
         if self._metrics_publisher is not None:
@@ -296,7 +308,7 @@ class EngineServer(AsyncLifecycle):
         self._failed = True
         for request_id, waiter in list(self._waiters.items()):
             del self._waiters[request_id]
-            waiter.queue.put_nowait((waiter.index, _aborted(request_id)))
+            waiter.queue.put_nowait((waiter.index, aborted_output(request_id)))
 
     def _deliver(self, outputs: Sequence[RequestOutput]) -> None:
         for output in outputs:
@@ -331,23 +343,23 @@ class EngineServer(AsyncLifecycle):
             return await handler(request)
         except RequestError as exc:
             self._counters.num_rejected += 1
-            return _error_response(exc.status, str(exc), _error_type(exc.status))
+            return error_response(exc.status, str(exc), error_type(exc.status))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error_response(exc.status, exc.reason, _error_type(exc.status))
+            return error_response(exc.status, exc.reason, error_type(exc.status))
 
     # --- generation ---------------------------------------------------------------
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_body(request)
+        body = await read_body(request)
         req = decode_completion_request(body)
         self._check_model(req.model)
         prompts = [await self._encode_prompt(p) for p in req.prompts()]
         return await self._generate(request, req, prompts, self._completion_format)
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_body(request)
+        body = await read_body(request)
         req = decode_chat_request(body)
         self._check_model(req.model)
         prompt = await self._encode_chat(req)
@@ -363,7 +375,7 @@ class EngineServer(AsyncLifecycle):
         max_tokens = req.output_tokens()
         for ids in prompts:
             self._check_length(len(ids), max_tokens)
-        gen = self._submit(_request_id(request, fmt.id_prefix), prompts, req)
+        gen = self._submit(request_id_of(request, fmt.id_prefix), prompts, req)
         try:
             if req.stream:
                 return await self._stream(request, gen, fmt, req.include_usage())
@@ -379,7 +391,7 @@ class EngineServer(AsyncLifecycle):
         req: CompletionRequest | ChatCompletionRequest,
     ) -> _Generation:
         if self._closed or self._failed:
-            raise _ShuttingDown("the server is shutting down or its engine failed")
+            raise ShuttingDown("the server is shutting down or its engine failed")
         many = len(prompts) > 1
         sub_ids = [f"{request_id}-{i}" if many else request_id for i in range(len(prompts))]
         gen = _Generation(request_id, sub_ids, int(time.time()), num_open=len(prompts))
@@ -411,7 +423,7 @@ class EngineServer(AsyncLifecycle):
             token_ids[index].extend(output.new_token_ids)
             gen.account(output)
             if output.finished:
-                reasons[index] = _finish_reason(output)
+                reasons[index] = finish_reason(output)
         texts = [self._tokenizer.decode(ids) for ids in token_ids]
         body = fmt.response(gen.request_id, gen.created, texts, reasons, gen.usage())
         response = web.Response(body=body, content_type="application/json")
@@ -429,16 +441,16 @@ class EngineServer(AsyncLifecycle):
             for index in range(len(gen.sub_ids)):
                 first = fmt.first_chunk(rid, created, index)
                 if first is not None:
-                    await response.write(_sse(first))
+                    await response.write(sse(first))
             while gen.num_open > 0:
                 index, output = await gen.queue.get()
                 gen.account(output)
-                reason = _finish_reason(output) if output.finished else None
+                reason = finish_reason(output) if output.finished else None
                 if output.new_token_ids or reason is not None:
                     text = self._tokenizer.decode(output.new_token_ids)
-                    await response.write(_sse(fmt.chunk(rid, created, index, text, reason)))
+                    await response.write(sse(fmt.chunk(rid, created, index, text, reason)))
             if include_usage:
-                await response.write(_sse(fmt.usage_chunk(rid, created, gen.usage())))
+                await response.write(sse(fmt.usage_chunk(rid, created, gen.usage())))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:
@@ -476,7 +488,7 @@ class EngineServer(AsyncLifecycle):
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
-            raise _ModelNotFound(f"The model `{model}` does not exist.")
+            raise ModelNotFound(f"The model `{model}` does not exist.")
 
     def _check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:
@@ -492,7 +504,7 @@ class EngineServer(AsyncLifecycle):
     # --- other endpoints ----------------------------------------------------------
 
     async def _tokenize(self, request: web.Request) -> web.Response:
-        req = decode_tokenize_request(await _read_body(request))
+        req = decode_tokenize_request(await read_body(request))
         self._check_model(req.model)
         if req.messages is not None:
             messages = [m.to_dict() for m in req.messages]
@@ -509,25 +521,25 @@ class EngineServer(AsyncLifecycle):
             tokens=tokens,
             token_strs=strs,
         )
-        return _json_response(encode(body))
+        return json_response(encode(body))
 
     async def _render_completions(self, request: web.Request) -> web.Response:
-        req = decode_completion_request(await _read_body(request))
+        req = decode_completion_request(await read_body(request))
         self._check_model(req.model)
         prompts = [await self._encode_prompt(p) for p in req.prompts()]
-        request_id = _request_id(request, "cmpl")
+        request_id = request_id_of(request, "cmpl")
         many = len(prompts) > 1
         rendered = [
             self._render_one(f"{request_id}-{i}" if many else request_id, ids, req)
             for i, ids in enumerate(prompts)
         ]
-        return _json_response(encode(rendered))
+        return json_response(encode(rendered))
 
     async def _render_chat(self, request: web.Request) -> web.Response:
-        req = decode_chat_request(await _read_body(request))
+        req = decode_chat_request(await read_body(request))
         self._check_model(req.model)
         ids = await self._encode_chat(req)
-        return _json_response(encode(self._render_one(_request_id(request, "chatcmpl"), ids, req)))
+        return json_response(encode(self._render_one(request_id_of(request, "chatcmpl"), ids, req)))
 
     def _render_one(
         self, request_id: str, token_ids: list[int], req: CompletionRequest | ChatCompletionRequest
@@ -540,7 +552,7 @@ class EngineServer(AsyncLifecycle):
         card = ModelCard(
             id=name, created=int(time.time()), max_model_len=self.config.max_model_len, root=name
         )
-        return _json_response(encode(ModelList(data=[card])))
+        return json_response(encode(ModelList(data=[card])))
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -548,86 +560,3 @@ class EngineServer(AsyncLifecycle):
     async def _metrics(self, request: web.Request) -> web.Response:
         text = render_engine_metrics(self._core, self.config.model_name)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-
-class _ModelNotFound(RequestError):
-    status = 404
-
-
-class _ShuttingDown(RequestError):
-    status = 503
-
-
-def _error_type(status: int) -> str:
-    names = {404: "NotFoundError", 413: "RequestTooLarge", 503: "ServiceUnavailableError"}
-    return names.get(status, "BadRequestError")
-
-
-def _error_response(status: int, message: str, error_type: str) -> web.Response:
-    return web.Response(
-        status=status, body=error_body(message, error_type, status), content_type="application/json"
-    )
-
-
-def _json_response(body: bytes) -> web.Response:
-    return web.Response(body=body, content_type="application/json")
-
-
-async def _read_body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestTooLarge(f"request body too large: {exc.text}") from exc
-
-
-def _sse(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n"
-
-
-def _request_id(request: web.Request, prefix: str) -> str:
-    given = request.headers.get("x-request-id")
-    return given if given else f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _aborted(request_id: str) -> RequestOutput:
-    return RequestOutput(request_id, [], True, "abort", 0, 0, 0)
-
-
-def _finish_reason(output: RequestOutput) -> str:
-    reason = output.finish_reason
-    return str(reason) if reason is not None else "length"
-
-
-def _bound_port(runner: web.AppRunner, requested: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return requested
-
-
-def render_engine_metrics(core: EngineCore, model_name: str) -> str:
-    """``/metrics``: vLLM's series (DESIGN 3.3) plus the cache size and a few counters."""
-    from kvrouter.transport.metrics import render_vllm_metrics
-
-    stats = core.stats()
-    text = render_vllm_metrics(
-        core.metrics(),
-        model_name=model_name,
-        prefix_cache_queries_total=stats.prefix_cache_queries,
-        prefix_cache_hits_total=stats.prefix_cache_hits,
-    )
-    label = '{model_name="' + model_name.replace('"', "") + '"}'
-    lines = [text.rstrip("\n")]
-    for name, value in (
-        ("num_preemptions_total", stats.preemptions),
-        ("generation_tokens_total", stats.output_tokens),
-        ("request_success_total", stats.requests_finished),
-    ):
-        lines += [f"# TYPE vllm:{name} counter", f"vllm:{name}{label} {value}"]
-    config = core.config
-    lines += [
-        "# TYPE vllm:cache_config_info gauge",
-        f'vllm:cache_config_info{{block_size="{config.block_size}",'
-        f'num_gpu_blocks="{config.num_gpu_blocks}"}} 1',
-    ]
-    return "\n".join(lines) + "\n"
