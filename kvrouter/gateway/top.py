@@ -6,8 +6,10 @@ every ``--interval`` seconds and redraws one table, one row per worker::
     kvrouter top --url http://127.0.0.1:8000 --interval 1
 
     worker  health  in flight  active blk  prefill tok  load  kv usage  metrics age  dec/s
-    0.0     up              3         120          512   12%       10%        0.4 s   41.0
-    1.0     DOWN            0           0            0    0%         -            -    0.0
+    0       up              3         120          512   12%       10%        0.4 s   41.0
+    1 dp1   DOWN            0           0            0    0%         -            -    0.0
+
+A worker is shown by its id, with its data-parallel rank when that is not 0.
 
 Rates (decisions/s, requests/s) are differences between two polls, so the first frame
 shows none. The fleet's cache hit rate is the router's: matched prompt blocks over all
@@ -126,7 +128,7 @@ def _row(
     healthy = bool(worker.get("healthy"))
     age = worker.get("metrics_age_s")
     return [
-        f"{worker.get('worker_id')}.{worker.get('dp_rank', 0)}",
+        _worker_label(worker),
         str(worker.get("url", "")),
         Text("up", style="green") if healthy else Text("DOWN", style="bold red"),
         str(worker.get("num_in_flight", 0)),
@@ -201,3 +203,8 @@ def run_top(
                     time.sleep(interval_s)
     except KeyboardInterrupt:
         pass
+
+
+def _worker_label(worker: Mapping[str, Any]) -> str:
+    rank = worker.get("dp_rank") or 0
+    return f"{worker.get('worker_id')}" + (f" dp{rank}" if rank else "")

@@ -49,7 +49,7 @@ def _document(decisions: int, requests: int, overlap: int, prompt: int) -> dict[
             },
             {
                 "worker_id": 1,
-                "dp_rank": 0,
+                "dp_rank": 1,
                 "url": "http://w1:8001",
                 "healthy": False,
                 "num_in_flight": 0,
@@ -82,11 +82,11 @@ def test_one_frame_with_rates_from_two_polls() -> None:
     assert "router hit rate 75%" in text  # (110 - 50) / (180 - 100)
     assert "upstream errors 2" in text
     assert _row(text, "http://w0:8001") == [
-        "0.0", "http://w0:8001", "up", "3", "120", "512", "12%", "10%", "55%", "2",
+        "0", "http://w0:8001", "up", "3", "120", "512", "12%", "10%", "55%", "2",
         "0.4 s", "980", "41.0", "180",
     ]  # fmt: skip
     assert _row(text, "http://w1:8001") == [
-        "1.0", "http://w1:8001", "DOWN", "0", "0", "0", "-", "-", "-", "-", "-", "0", "-", "0",
+        "1 dp1", "http://w1:8001", "DOWN", "0", "0", "0", "-", "-", "-", "-", "-", "0", "-", "0",
     ]  # fmt: skip
 
 
