@@ -380,6 +380,8 @@ class VllmEventDecoder:
             )
         except ValueError as exc:
             raise DecodeError(f"BlockStored token ids: {exc}") from exc
+        if event.extra_keys is not None:
+            _salt_content_blocks(local, event, block_size, lora_name, cache_salt)
         medium = event.medium or DEFAULT_MEDIUM
         blocks = tuple(
             map(_new_stored_block, zip(_engine_hashes(event.block_hashes), local, repeat(medium)))
@@ -387,6 +389,56 @@ class VllmEventDecoder:
         return Stored(
             None if parent is None else _engine_hash(parent), blocks, lora_name, block_size
         )
+
+
+def _salt_content_blocks(
+    local: list[int],
+    event: _MapStored | BlockStored,
+    block_size: int,
+    lora_name: str | None,
+    cache_salt: str | None,
+) -> None:
+    """Re-hash, in place, the blocks whose extra keys name multimodal or embedded content.
+
+    Such a block's tokens are placeholders that any image or embedding fills alike, so
+    its hash takes the content identifiers as a salt (:func:`make_salt` ``mm_hashes``):
+    the block, and through the chain everything after it, matches only a request
+    hashed with the same content. A text request never matches it.
+    """
+    extra_keys = event.extra_keys
+    if not isinstance(extra_keys, list | tuple):
+        return
+    for index, keys in enumerate(extra_keys[: len(local)]):
+        content = _content_ids(keys)
+        if not content:
+            continue
+        tokens = event.token_ids[index * block_size : (index + 1) * block_size]
+        local[index] = compute_block_hashes(
+            tokens,
+            block_size,
+            salt=make_salt(lora_name=lora_name, mm_hashes=content),
+            cache_salt=cache_salt if index == 0 else None,
+        )[0]
+
+
+def _content_ids(keys: Any) -> list[str]:
+    """Identifiers of the multimodal items and prompt embeddings among a block's keys."""
+    if not isinstance(keys, list | tuple):
+        return []
+    out: list[str] = []
+    for key in keys:
+        if isinstance(key, bytes):  # prompt-embedding hash (older senders)
+            out.append(key.hex())
+        elif isinstance(key, list | tuple) and len(key) == 2 and isinstance(key[0], str):
+            out.append(f"{key[0]}@{key[1]}")  # [mm identifier, offset] (older senders)
+        elif isinstance(key, dict):  # event_version 1
+            kind = key.get("type")
+            if kind == "mm":
+                out.append(f"{key.get('hash')}@{key.get('block_offset')}")
+            elif kind == "prompt_embeds":
+                value = key.get("hash")
+                out.append(value.hex() if isinstance(value, bytes) else str(value))
+    return out
 
 
 def _cache_salt(extra_keys: Any, lora_name: str | None) -> str | None:

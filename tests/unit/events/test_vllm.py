@@ -129,7 +129,6 @@ class TestStored:
             ("x", ["x", "x"]),  # an adapter and a salt of the same name
             (None, [{"type": "cache_salt", "salt": "tenant-a"}]),  # event_version 1
             ("sql", [{"type": "lora", "name": "sql"}, {"type": "cache_salt", "salt": "tenant-a"}]),
-            (None, [["mm-1", 0], b"embeds", "tenant-a"]),  # multimodal and embeddings ignored
         ],
     )
     def test_cache_salt_from_extra_keys(self, lora: str | None, first_keys: list[Any]) -> None:
@@ -150,7 +149,7 @@ class TestStored:
             [None, ["tenant-a"]],  # a salt only counts on the first block
             [[{"type": "cache_salt", "salt": 3}]],
             [[{"type": "lora", "name": "z"}]],
-            [[["mm", 0]]],
+            [[{"type": "legacy", "value": ["odd", "shape"]}]],
             ["not-a-list"],
         ],
     )
@@ -158,6 +157,39 @@ class TestStored:
         decoded = decode_one(stored_array([10, 11], None, TOKENS, 4, None, None, None, extra_keys))
         assert isinstance(decoded, Stored)
         assert [b.local_hash for b in decoded.blocks] == [LOCAL_1_4, LOCAL_5_8]
+
+    @pytest.mark.parametrize(
+        ("second_keys", "content"),
+        [
+            ([["img-1", 3]], ["img-1@3"]),  # older vLLM: [mm identifier, offset]
+            (
+                [{"type": "mm", "modality": "image", "hash": "img-1", "block_offset": 3}],
+                ["img-1@3"],
+            ),
+            ([b"\x01\x02"], ["0102"]),  # prompt-embedding hash
+            ([{"type": "prompt_embeds", "hash": b"\x01\x02"}], ["0102"]),
+        ],
+    )
+    def test_multimodal_blocks_are_salted_by_their_content(
+        self, second_keys: list[Any], content: list[str]
+    ) -> None:
+        # Placeholder tokens are the same for every image: the block (and so the rest of
+        # the chain) must only match the same content, never plain text.
+        fields = [[10, 11], None, TOKENS, 4, None, None, None, [None, second_keys]]
+        for event in (stored_array(*fields), _as_map(fields)):
+            decoded = decode_one(event)
+            assert isinstance(decoded, Stored)
+            second = compute_block_hashes(TOKENS[4:], 4, salt=make_salt(mm_hashes=content))[0]
+            assert [b.local_hash for b in decoded.blocks] == [LOCAL_1_4, second]
+            assert second != LOCAL_5_8
+
+    def test_multimodal_first_block_with_lora_and_cache_salt(self) -> None:
+        keys = [["sql", ["img-9", 0], "tenant-a"]]
+        decoded = decode_one(stored_array([10], None, TOKENS[:4], 4, None, None, "sql", keys))
+        assert isinstance(decoded, Stored)
+        salt = make_salt(lora_name="sql", mm_hashes=["img-9@0"])
+        expected = compute_block_hashes(TOKENS[:4], 4, salt=salt, cache_salt="tenant-a")
+        assert decoded.blocks[0].local_hash == expected[0]
 
     def test_cache_salt_of_a_chain_continuation_is_not_read(self) -> None:
         # vLLM lists the salt on the request's first block only; an event that continues
