@@ -124,9 +124,11 @@ def compute_block_hashes(
     step = block_size * 4
     seed = salt_seed(salt)
     xxh3 = _xxh3
-    out = [xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
-    if cache_salt:
-        out[0] = xxh3(data[:step], cache_salt_seed(salt, cache_salt))
+    if not cache_salt:
+        return [xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
+    # The cache salt seeds the first block alone.
+    out = [xxh3(data[:step], cache_salt_seed(salt, cache_salt))]
+    out.extend(xxh3(data[i : i + step], seed) for i in range(step, len(data), step))
     return out
 
 

@@ -196,18 +196,23 @@ class Request:
         self.num_reported_tokens = self.num_output_tokens
         return self.materialize_outputs()[start : self.num_output_tokens]
 
+    def token_source(self, num_blocks: int, block_size: int) -> Tokens:
+        """Tokens to read the first ``num_blocks`` full blocks from: the prompt as given
+        (a numpy prompt is not copied) while they lie within it, else the view that
+        includes output tokens."""
+        if num_blocks * block_size <= self.num_prompt_tokens:
+            return self.prompt
+        return self.tokens
+
     def ensure_hashes(self, num_blocks: int, block_size: int) -> list[int]:
         """Engine hashes of the first ``num_blocks`` full blocks, computed once each."""
         hashes = self.block_hashes
         have = len(hashes)
         if num_blocks > have:
             parent = hashes[-1] if hashes else engine_root_hash(self.cache_salt)
-            # Blocks past the prompt include output tokens: read them through the view.
-            within_prompt = num_blocks * block_size <= self.num_prompt_tokens
-            source: Tokens = self.prompt if within_prompt else self.tokens
             hashes.extend(
                 hash_token_blocks(
-                    source,
+                    self.token_source(num_blocks, block_size),
                     have,
                     num_blocks,
                     block_size=block_size,

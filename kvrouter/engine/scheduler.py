@@ -544,14 +544,12 @@ class Scheduler:
         if manager.enable_prefix_caching:
             block_size = self._config.block_size
             hashes = request.ensure_hashes(num_full, block_size)
-            # Prompt blocks: slices of the prompt as given (a numpy prompt is not copied).
-            within_prompt = num_full * block_size <= request.num_prompt_tokens
             manager.cache_full_blocks(
                 request.block_ids,
                 start,
                 num_full,
                 block_hashes=hashes,
-                token_ids=request.prompt if within_prompt else request.tokens,
+                token_ids=request.token_source(num_full, block_size),
                 lora_name=request.lora_name,
                 cache_salt=request.cache_salt,
             )
