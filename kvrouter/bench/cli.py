@@ -28,7 +28,7 @@ WorkloadOpt = Annotated[
     str,
     typer.Option(help="Built-in workload without --trace: multi-turn, shared-prefix, no-reuse."),
 ]
-EventForm = Literal["direct", "array", "map"]
+EventForm = Literal["direct", "array", "map", "map-batch"]
 LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N requests.")]
 SpeedupOpt = Annotated[
     float, typer.Option(help="Divide trace timestamps by this (open loop, trace arrivals).")
@@ -154,7 +154,7 @@ def simulate_command(
         EventForm,
         typer.Option(
             help="How KV events reach the router: the engine's structs (direct) or "
-            "msgpack bytes in vLLM's array or map form."
+            "msgpack bytes in one of vLLM's forms (array, map, map-batch)."
         ),
     ] = "direct",
     seed: SeedOpt = 0,

@@ -86,7 +86,7 @@ class SimConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     event_delay_s: float = 0.005
     metrics_delay_s: float | None = None
-    event_form: Literal["direct", "array", "map"] = "direct"
+    event_form: Literal["direct", "array", "map", "map-batch"] = "direct"
     sample_interval_s: float = 1.0
     seed: int = 0
     predict_cache: bool = True

@@ -30,6 +30,7 @@ import typer
 
 if TYPE_CHECKING:
     from kvrouter.engine.server import EngineServer
+    from kvrouter.events.vllm import EventForm
 
 __all__ = ["EngineBenchResult", "MockerOptions", "WorkerAddresses", "register", "start_workers"]
 
@@ -45,6 +46,7 @@ class MockerOptions:
     replay_base_port: int | None = None
     metrics_base_port: int | None = None
     kv_events_topic: str = ""
+    kv_events_form: EventForm = "array"
     worker_id_base: int = 0
     block_size: int = 64
     num_gpu_blocks: int = 16384
@@ -142,7 +144,10 @@ async def _start_publisher(options: MockerOptions, index: int, stack: AsyncExitS
         replay_endpoint=None if replay_port is None else _zmq_endpoint(options.host, replay_port),
     )
     publisher = KvEventPublisher(
-        transport, block_size=options.block_size, topic=options.kv_events_topic
+        transport,
+        block_size=options.block_size,
+        topic=options.kv_events_topic,
+        form=options.kv_events_form,
     )
     return await stack.enter_async_context(publisher)
 
@@ -158,6 +163,17 @@ async def _start_metrics_publisher(
 
     transport = make_event_transport("zmq", endpoint=_zmq_endpoint(options.host, port))
     return await stack.enter_async_context(WorkerMetricsPublisher(transport))
+
+
+def _event_form(value: str) -> EventForm:
+    from kvrouter.events.vllm import EVENT_FORMS
+
+    for form in EVENT_FORMS:
+        if value == form:
+            return form
+    raise typer.BadParameter(
+        f"{value!r} is not one of {', '.join(EVENT_FORMS)}", param_hint="--kv-events-form"
+    )
 
 
 def _zmq_endpoint(host: str, port: int) -> str:
@@ -409,6 +425,11 @@ def mocker(
         -1, help="Load-metrics PUB port of worker 0 (0: any free port; -1: none)."
     ),
     kv_events_topic: str = typer.Option("", help="Topic frame of every KV event message."),
+    kv_events_form: str = typer.Option(
+        "array",
+        help="KV event encoding: array (older vLLM, SGLang), map (map events), "
+        "map-batch (the newest vLLM: the batch a map too).",
+    ),
     worker_id_base: int = typer.Option(0, help="Worker id of worker 0."),
     block_size: int = typer.Option(64, help="Tokens per KV block."),
     num_gpu_blocks: int = typer.Option(16384, help="KV blocks per worker."),
@@ -430,6 +451,7 @@ def mocker(
         replay_base_port=None if replay_base_port < 0 else replay_base_port,
         metrics_base_port=None if metrics_base_port < 0 else metrics_base_port,
         kv_events_topic=kv_events_topic,
+        kv_events_form=_event_form(kv_events_form),
         worker_id_base=worker_id_base,
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,

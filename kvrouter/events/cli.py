@@ -111,7 +111,13 @@ def _event_payloads(num_tokens: int, block_size: int) -> dict[str, tuple[bytes, 
     * prefill: one BlockStored holding the whole prompt's full blocks;
     * decode step: 64 requests each completing one block, plus 16 evictions.
     """
-    from kvrouter.events.vllm import BlockRemoved, BlockStored, KVEventBatch, encode_batch
+    from kvrouter.events.vllm import (
+        EVENT_FORMS,
+        BlockRemoved,
+        BlockStored,
+        KVEventBatch,
+        encode_batch,
+    )
 
     tokens = _prompt_inputs(num_tokens)["list"]
     num_blocks = num_tokens // block_size
@@ -125,7 +131,7 @@ def _event_payloads(num_tokens: int, block_size: int) -> dict[str, tuple[bytes, 
     ]
     step += [BlockRemoved([20_000 + i]) for i in range(16)]
     out = {}
-    for form in ("array", "map"):
+    for form in EVENT_FORMS:
         out[f"prefill/{form}"] = (
             encode_batch(KVEventBatch(0.0, [prefill], 0), form=form),
             1,
@@ -184,12 +190,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [
             "",
             "KV event decoding (msgpack -> router events, local hashes recomputed)",
-            f"{'block':>5}  {'scenario':<18} {'bytes':>8} {'batch us':>9} "
+            f"{'block':>5}  {'scenario':<21} {'bytes':>8} {'batch us':>9} "
             f"{'events/s':>11} {'blocks/s':>11}",
         ]
         for row in report["events"]:
             lines.append(
-                f"{row['block_size']:>5}  {row['scenario']:<18} {row['payload_bytes']:>8} "
+                f"{row['block_size']:>5}  {row['scenario']:<21} {row['payload_bytes']:>8} "
                 f"{row['batch_us']:>9.1f} {row['events_per_s']:>11,.0f} "
                 f"{row['blocks_per_s']:>11,.0f}"
             )

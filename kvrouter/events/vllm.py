@@ -11,9 +11,18 @@ vLLM's tagged-array form::
            | ["AllBlocksCleared"]
 
 Newer senders (vLLM >= 0.24, newer SGLang) send each event as a map with a ``"type"``
-key and the same field names instead. :class:`VllmEventDecoder` accepts both, ignores
+key and the same field names instead, and the newest vLLM sends the batch itself as a
+map too: ``{"ts": ..., "events": [...], "data_parallel_rank": ...}``, leaving out the
+event fields that are unset. :class:`VllmEventDecoder` accepts all of these, ignores
 unknown keys and extra trailing array items, and turns each event into the router's
 model (:mod:`kvrouter.events.model`), recomputing local hashes from ``token_ids``.
+
+Hybrid models (sliding-window or Mamba layers beside full attention) keep one KV cache
+group per layer kind and tag each event with its ``group_idx``; stored events also name
+the group's ``kv_cache_spec_kind``. A prefix is reusable only as far as the
+full-attention group holds it, so the decoder indexes one group, the first one it sees
+that is not a window or recurrent-state group (:data:`PARTIAL_KINDS`), and skips (and
+counts) the events of the others.
 
 >>> payload = encode_batch(KVEventBatch(1.0, [AllBlocksCleared()]))
 >>> VllmEventDecoder(block_size=16).decode(payload).events
@@ -22,6 +31,7 @@ model (:mod:`kvrouter.events.model`), recomputing local hashes from ``token_ids`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,16 +47,21 @@ from kvrouter.events.model import DEFAULT_MEDIUM, Cleared, Removed, Stored, Stor
 from kvrouter.hashing import Tokens, compute_block_hashes, make_salt
 
 __all__ = [
+    "EVENT_FORMS",
+    "PARTIAL_KINDS",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
     "DecodedBatch",
     "DecoderStats",
+    "EventForm",
     "KVCacheEvent",
     "KVEventBatch",
     "VllmEventDecoder",
     "encode_batch",
 ]
+
+logger = logging.getLogger(__name__)
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 # StoredBlock(...) runs a Python-level __new__; building the tuples in C is ~35 % faster
@@ -110,23 +125,47 @@ def _enc_hook(value: Any) -> Any:
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
-def encode_batch(batch: KVEventBatch, *, form: Literal["array", "map"] = "array") -> bytes:
-    """Encode ``batch`` as vLLM does: events as tagged arrays, or as maps with ``"type"``.
+EventForm = Literal["array", "map", "map-batch"]
+EVENT_FORMS: tuple[EventForm, ...] = ("array", "map", "map-batch")
 
-    Both forms carry every field (``None`` where unset), as vLLM's encoder does; the
-    batch itself is always the array ``[ts, events, data_parallel_rank]``.
+# Fields the newest vLLM leaves out of a map event when they are unset (they have
+# defaults there); the others are always written, None or not.
+_OMITTED_WHEN_UNSET = frozenset(
+    ["extra_keys", "group_idx", "kv_cache_spec_kind", "kv_cache_spec_sliding_window"]
+)
+
+
+def encode_batch(batch: KVEventBatch, *, form: EventForm = "array") -> bytes:
+    """Encode ``batch`` as vLLM does, in one of the forms senders use.
+
+    ``"array"``: the batch ``[ts, events, data_parallel_rank]`` with tagged-array events
+    (older vLLM, SGLang). ``"map"``: the same batch array with each event a map with a
+    ``"type"`` key, every field written. ``"map-batch"``: the newest vLLM's, the batch a
+    map ``{"ts", "events", "data_parallel_rank"}`` of map events that leave out
+    ``extra_keys``, ``group_idx`` and the cache-spec fields when unset.
     """
     if form == "array":
         return _encoder.encode(batch)
-    if form != "map":
-        raise ValueError(f"unknown event form {form!r}; expected 'array' or 'map'")
-    events = [_event_as_map(event) for event in batch.events]
-    return _encoder.encode([batch.ts, events, batch.data_parallel_rank])
+    if form == "map":
+        events = [_event_as_map(event, omit_unset=False) for event in batch.events]
+        return _encoder.encode([batch.ts, events, batch.data_parallel_rank])
+    if form == "map-batch":
+        out: dict[str, Any] = {
+            "ts": batch.ts,
+            "events": [_event_as_map(event, omit_unset=True) for event in batch.events],
+        }
+        if batch.data_parallel_rank is not None:
+            out["data_parallel_rank"] = batch.data_parallel_rank
+        return _encoder.encode(out)
+    raise ValueError(f"unknown event form {form!r}; expected one of {', '.join(EVENT_FORMS)}")
 
 
-def _event_as_map(event: KVCacheEvent) -> dict[str, Any]:
+def _event_as_map(event: KVCacheEvent, *, omit_unset: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"type": type(event).__name__}
-    out.update(msgspec.structs.asdict(event))
+    for key, value in msgspec.structs.asdict(event).items():
+        if value is None and omit_unset and key in _OMITTED_WHEN_UNSET:
+            continue
+        out[key] = value
     return out
 
 
@@ -135,9 +174,9 @@ def _event_as_map(event: KVCacheEvent) -> dict[str, Any]:
 #
 # The decode structs are lenient versions of the wire structs: hashes may be ints or
 # bytes, fields the router does not use are typed Any so that odd values there do not
-# cost an event, and anything after ``extra_keys`` is ignored (msgspec skips extra
-# trailing array items and unknown map keys). The array forms subclass the map forms,
-# so one isinstance check covers both.
+# cost an event, and anything after ``kv_cache_spec_kind`` is ignored (msgspec skips
+# extra trailing array items and unknown map keys). The array forms subclass the map
+# forms, so one isinstance check covers both.
 # --------------------------------------------------------------------------------------
 
 _Hash = int | bytes
@@ -152,12 +191,15 @@ class _MapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
     lora_id: Any = None
     medium: str | None = None
     lora_name: str | None = None
-    extra_keys: Any = None  # read for the cache salt only; see _cache_salt()
+    extra_keys: Any = None  # read for salts only; see _cache_salt(), _content_ids()
+    group_idx: Any = None  # see VllmEventDecoder._indexes_group()
+    kv_cache_spec_kind: Any = None
 
 
 class _MapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
     block_hashes: list[_Hash]
     medium: str | None = None
+    group_idx: Any = None
 
 
 class _MapCleared(msgspec.Struct, tag_field="type", tag="AllBlocksCleared", gc=False):
@@ -192,10 +234,57 @@ class _MapBatch(msgspec.Struct, array_like=True, gc=False):
     dp_rank: _Rank | None = None
 
 
+class _RankByEitherName:
+    """The map batch's rank: ``data_parallel_rank`` (vLLM) or ``attn_dp_rank`` (SGLang)."""
+
+    __slots__ = ()
+    data_parallel_rank: int | None
+    attn_dp_rank: int | None
+
+    @property
+    def dp_rank(self) -> int | None:
+        rank = self.data_parallel_rank
+        return self.attn_dp_rank if rank is None else rank
+
+
+class _ObjBatch(msgspec.Struct, _RankByEitherName, gc=False):
+    """The newest vLLM's batch: a map."""
+
+    ts: float
+    events: list[_MapEvent]
+    data_parallel_rank: _Rank | None = None
+    attn_dp_rank: _Rank | None = None
+
+
 class _RawBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
     events: list[msgspec.Raw]
     dp_rank: _Rank | None = None
+
+
+class _RawObjBatch(msgspec.Struct, _RankByEitherName, gc=False):
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: _Rank | None = None
+    attn_dp_rank: _Rank | None = None
+
+
+_Batch = _ArrBatch | _MapBatch | _ObjBatch
+
+# vLLM's KV cache group kinds that do not keep a prefix's state from its first token on
+# (a window, a recurrent state) or do not hold the prompt's own prefix: the index never
+# follows such a group. Every other kind (full_attention, mla_attention,
+# sink_full_attention, and kinds this list does not know) can be followed.
+PARTIAL_KINDS = frozenset(
+    [
+        "sliding_window",
+        "sliding_window_mla",
+        "chunked_local_attention",
+        "mamba",
+        "cross_attention",
+        "encoder_only_attention",
+    ]
+)
 
 
 # What msgspec raises on bad input: its own DecodeError (ValidationError is one), a
@@ -215,6 +304,7 @@ class DecodedBatch:
     dp_rank: int
     events: list[Stored | Removed | Cleared]
     errors: list[DecodeError]
+    skipped: int = 0  # events of KV cache groups the index does not follow
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +313,20 @@ class DecoderStats:
     num_bad_batches: int
     num_events: int
     num_bad_events: int
+    num_skipped_events: int = 0  # events of KV cache groups the index does not follow
+    group: int | None = None  # the KV cache group followed (None: none named yet)
 
 
 class VllmEventDecoder:
     """Decode vLLM / SGLang KV event batches into the router's event model.
 
     ``block_size`` is the router's; a ``BlockStored`` of another size is reported as an
-    error. A batch that is not ``[ts, events, dp_rank?]`` raises :class:`DecodeError`;
-    a bad event inside a good batch lands in ``errors`` and the rest are kept.
+    error. A batch that is neither ``[ts, events, dp_rank?]`` nor ``{"ts", "events",
+    "data_parallel_rank"?}`` raises :class:`DecodeError`; a bad event inside a good
+    batch lands in ``errors`` and the rest are kept.
+
+    One decoder follows one publisher: it learns which KV cache group to index from
+    that publisher's events (see the module docstring).
 
     >>> decoder = VllmEventDecoder(block_size=2)
     >>> payload = encode_batch(KVEventBatch(0.5, [BlockStored([7], None, [1, 2], 2)], 3))
@@ -244,23 +340,34 @@ class VllmEventDecoder:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         # A publisher sticks to one form; the one that worked last is tried first.
-        self._batch_decoders: list[Decoder[_ArrBatch] | Decoder[_MapBatch]] = [
-            Decoder(_ArrBatch),
-            Decoder(_MapBatch),
-        ]
+        self._batch_decoders: list[Decoder[_ArrBatch] | Decoder[_MapBatch] | Decoder[_ObjBatch]]
+        self._batch_decoders = [Decoder(_ArrBatch), Decoder(_MapBatch), Decoder(_ObjBatch)]
         self._raw_decoder = Decoder(_RawBatch)
+        self._raw_obj_decoder = Decoder(_RawObjBatch)
         self._array_event_decoder = Decoder(_ArrEvent)
         self._map_event_decoder = Decoder(_MapEvent)
         self._num_batches = 0
         self._num_bad_batches = 0
         self._num_events = 0
         self._num_bad_events = 0
+        self._num_skipped_events = 0
+        self._group: int | None = None  # the KV cache group indexed, once named
+        self._group_kinds: dict[int, Any] = {}  # every group seen -> its spec kind
 
     def stats(self) -> DecoderStats:
         """Counts since construction."""
         return DecoderStats(
-            self._num_batches, self._num_bad_batches, self._num_events, self._num_bad_events
+            self._num_batches,
+            self._num_bad_batches,
+            self._num_events,
+            self._num_bad_events,
+            self._num_skipped_events,
+            self._group,
         )
+
+    def group_kinds(self) -> dict[int, Any]:
+        """Every KV cache group named in a stored event so far, with its spec kind."""
+        return dict(self._group_kinds)
 
     def decode(self, payload: bytes | bytearray | memoryview) -> DecodedBatch:
         """Decode one msgpack payload; raises :class:`DecodeError` if the batch is malformed."""
@@ -291,8 +398,13 @@ class VllmEventDecoder:
     ) -> DecodedBatch:
         events: list[Stored | Removed | Cleared] = []
         append = events.append
+        skipped = 0
         for index, raw in enumerate(raw_events):
             if raw is None:
+                continue
+            group = getattr(raw, "group_idx", None)
+            if group is not None and group != self._group and not self._indexes_group(raw):
+                skipped += 1
                 continue
             try:
                 append(self._convert(raw))
@@ -300,11 +412,33 @@ class VllmEventDecoder:
                 errors.append(DecodeError(f"event {index}: {exc}"))
         self._num_events += len(events)
         self._num_bad_events += len(errors)
-        return DecodedBatch(ts, dp_rank, events, errors)
+        self._num_skipped_events += skipped
+        return DecodedBatch(ts, dp_rank, events, errors, skipped)
 
-    def _decode_typed(
-        self, payload: bytes | bytearray | memoryview
-    ) -> _ArrBatch | _MapBatch | None:
+    def _indexes_group(self, event: _MapEvent | KVCacheEvent) -> bool:
+        """Whether to index an event of a KV cache group other than the one followed.
+
+        The first stored event of a group whose kind is not in :data:`PARTIAL_KINDS`
+        (full attention, or a kind not given) names the group followed. Until then
+        removals are applied whatever their group: removing a block the index does not
+        hold costs nothing, while skipping one could leave a block in the index that
+        the worker no longer has.
+        """
+        group = getattr(event, "group_idx", None)
+        if not isinstance(group, int) or isinstance(group, bool):
+            return True  # not a group number: treat as a single-group sender
+        if isinstance(event, _MapStored | BlockStored):
+            kind = event.kv_cache_spec_kind
+            self._group_kinds.setdefault(group, kind)
+            partial = isinstance(kind, str) and kind in PARTIAL_KINDS
+            if self._group is None and not partial:
+                self._group = group
+                logger.info("indexing KV cache group %d (%s)", group, kind or "kind not given")
+                return True
+            return False
+        return self._group is None and isinstance(event, _MapRemoved | BlockRemoved)
+
+    def _decode_typed(self, payload: bytes | bytearray | memoryview) -> _Batch | None:
         """The fast path: the whole batch in one go, in the form the sender last used."""
         decoders = self._batch_decoders
         for position, decoder in enumerate(decoders):
@@ -313,7 +447,7 @@ class VllmEventDecoder:
             except _MSGSPEC_ERRORS:
                 continue
             if position:
-                decoders.reverse()
+                decoders.insert(0, decoders.pop(position))
             return batch
         return None
 
@@ -321,12 +455,17 @@ class VllmEventDecoder:
         self, payload: bytes | bytearray | memoryview
     ) -> tuple[float, int | None, list[_MapEvent | None], list[DecodeError]]:
         """The slow path: keep every event that decodes, report the others."""
+        batch: _RawBatch | _RawObjBatch
         try:
-            batch = self._raw_decoder.decode(payload)
+            if len(payload) and payload[0] in _MAP_MARKERS:
+                batch = self._raw_obj_decoder.decode(payload)
+            else:
+                batch = self._raw_decoder.decode(payload)
         except _MSGSPEC_ERRORS as exc:
             self._num_bad_batches += 1
             raise DecodeError(
-                f"malformed KV event batch, expected [ts, events, dp_rank]: {exc}"
+                "malformed KV event batch, expected [ts, events, dp_rank] or "
+                f'{{"ts", "events", "data_parallel_rank"}}: {exc}'
             ) from exc
         events: list[_MapEvent | None] = []
         errors: list[DecodeError] = []

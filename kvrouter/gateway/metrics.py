@@ -173,6 +173,12 @@ class GatewayCollector:
         for kind, n in sorted(merged.items()):
             errors.add_metric([kind], n)
         yield errors
+        yield CounterMetricFamily(
+            _P + "kv_events_skipped",
+            "KV events of cache groups the index does not follow (hybrid models' "
+            "sliding-window and Mamba groups)",
+            value=feeds.num_skipped_events if feeds is not None else 0,
+        )
 
 
 def render_metrics(collector: GatewayCollector) -> bytes:

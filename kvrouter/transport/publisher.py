@@ -18,13 +18,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from kvrouter.clock import Clock
 from kvrouter.events.vllm import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    EventForm,
     KVCacheEvent,
     KVEventBatch,
     encode_batch,
@@ -65,7 +65,7 @@ class KvEventPublisher(AsyncLifecycle):
         topic: bytes | str = b"",
         data_parallel_rank: int | None = None,
         clock: Clock = time.time,
-        form: Literal["array", "map"] = "array",
+        form: EventForm = "array",
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -74,7 +74,7 @@ class KvEventPublisher(AsyncLifecycle):
         self.topic = topic.encode() if isinstance(topic, str) else topic
         self.data_parallel_rank = data_parallel_rank
         self._clock = clock
-        self._form: Literal["array", "map"] = form
+        self._form: EventForm = form
         self._pending: list[KVCacheEvent] = []
         self._next_seq = 0
         self._num_batches = 0

@@ -110,6 +110,8 @@ class StreamStats:
     num_late_joins: int
     num_reconnects: int
     decode_errors: Mapping[str, int]  # kind -> count
+    num_skipped_events: int = 0  # events of KV cache groups not indexed (hybrid models)
+    kv_group: int | None = None  # the KV cache group indexed, once the worker named one
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,7 @@ class SubscriberStats:
     num_gaps: int
     num_resets: int
     num_decode_errors: int
+    num_skipped_events: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -129,6 +132,7 @@ class _Stream:
     """Mutable per-endpoint state; only the endpoint's own task writes it."""
 
     endpoint: WorkerEndpoint
+    decoder: VllmEventDecoder  # one per publisher: it learns the publisher's KV groups
     task: asyncio.Task[None] | None = None
     subscription: Subscription | None = None
     applied: int = -1  # last seq applied (-1: none since start or restart)
@@ -149,6 +153,7 @@ class _Stream:
     def snapshot(self) -> StreamStats:
         ep = self.endpoint
         sub = self.subscription
+        decoded = self.decoder.stats()
         return StreamStats(
             worker_id=ep.worker_id,
             dp_rank=ep.dp_rank,
@@ -167,6 +172,8 @@ class _Stream:
             num_late_joins=self.num_late_joins,
             num_reconnects=self.num_reconnects,
             decode_errors=MappingProxyType(dict(self.decode_errors)),
+            num_skipped_events=decoded.num_skipped_events,
+            kv_group=decoded.group,
         )
 
 
@@ -192,7 +199,7 @@ class KvEventSubscriber(AsyncLifecycle):
         backoff_s: tuple[float, float] = (0.1, 5.0),
     ) -> None:
         self._index = index
-        self._decoder = VllmEventDecoder(block_size)
+        self._block_size = block_size
         self._owns_transport = transport is None
         if transport is None:
             from kvrouter.transport.zmq_transport import ZmqTransport
@@ -218,7 +225,8 @@ class KvEventSubscriber(AsyncLifecycle):
             raise ValueError(
                 f"worker {endpoint.worker_id} rank {endpoint.dp_rank} is already subscribed"
             )
-        stream = self._streams[endpoint.key] = _Stream(endpoint)
+        stream = _Stream(endpoint, VllmEventDecoder(self._block_size))
+        self._streams[endpoint.key] = stream
         if self._started:
             self._launch(stream)
 
@@ -281,6 +289,7 @@ class KvEventSubscriber(AsyncLifecycle):
             num_gaps=sum(s.num_gaps for s in streams),
             num_resets=sum(s.num_resets for s in streams),
             num_decode_errors=sum(sum(s.decode_errors.values()) for s in streams),
+            num_skipped_events=sum(s.num_skipped_events for s in streams),
         )
 
     def _launch(self, stream: _Stream) -> None:
@@ -394,7 +403,7 @@ class KvEventSubscriber(AsyncLifecycle):
         stream.applied = message.seq
         worker_id = stream.endpoint.worker_id
         try:
-            batch = self._decoder.decode(message.payload)
+            batch = stream.decoder.decode(message.payload)
         except DecodeError as exc:
             self._count_malformed(stream, "batch", message.seq, str(exc))
             return

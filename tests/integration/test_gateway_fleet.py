@@ -60,7 +60,12 @@ class Worker:
 
 
 def start_workers(
-    worker_ids: list[int], *, events: bool = True, speedup: float = 100.0, gpu_blocks: int = 4096
+    worker_ids: list[int],
+    *,
+    events: bool = True,
+    speedup: float = 100.0,
+    gpu_blocks: int = 4096,
+    event_form: str = "array",
 ) -> list[Worker]:
     """Start one mocker process per id (in parallel); wait until each prints its ports."""
     procs = []
@@ -71,6 +76,7 @@ def start_workers(
             "--replay-base-port", "0" if events else "-1",
             "--worker-id-base", str(worker_id), "--block-size", str(BLOCK),
             "--num-gpu-blocks", str(gpu_blocks), "--speedup-ratio", str(speedup),
+            "--kv-events-form", event_form,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         procs.append(
@@ -165,6 +171,33 @@ async def test_same_prefix_goes_where_the_prefix_is_cached(
         assert chosen == [first] * 4
         decisions = gw.gateway.counters.recent_decisions(4)
         assert all(d.overlap_blocks >= 36 for d in decisions)
+
+
+@pytest.mark.parametrize("event_form", ["map", "map-batch"])
+async def test_every_vllm_event_form_feeds_the_index(
+    event_form: str, client: aiohttp.ClientSession
+) -> None:
+    # Workers that encode their KV events as newer vLLM releases do: map events in an
+    # array batch, and (the newest) the batch itself a map.
+    workers = start_workers([5, 6], event_form=event_form)
+    try:
+        async with GatewayServer(gateway_config(workers)) as gw:
+            shared = "Map-encoded events carry the same blocks. " * 12
+            first, _ = await complete(client, gw.url, shared + "First?")
+            key = gw.gateway.registry.get(first).key  # type: ignore[union-attr]
+            await eventually(lambda: gw.core.indexer.stats().events_applied > 0)
+            scores = gw.core.indexer.find_matches(prompt_hashes(shared)).scores
+            assert scores[key] == len(prompt_hashes(shared))
+            worker, body = await complete(client, gw.url, shared + "Second?")
+            assert worker == first
+            cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached >= len(prompt_hashes(shared)) * BLOCK
+            feeds = gw.feeds.stats()
+            assert (feeds.num_decode_errors, feeds.num_skipped_events) == (0, 0)
+            assert feeds.num_events > 0
+    finally:
+        for w in workers:
+            w.stop()
 
 
 async def test_a_cache_salted_prefix_is_found_again(

@@ -434,6 +434,7 @@ async def test_debug_endpoints_and_metrics(
     assert 'kvrouter_requests_total{route="/v1/completions",status="200"} 1.0' in text
     assert "kvrouter_requests_in_flight 0.0" in text
     assert "kvrouter_decision_latency_seconds_count 1.0" in text
+    assert "kvrouter_kv_events_skipped_total 0.0" in text
     async with client.get(gw.url + "/dashboard") as r:
         assert "kvrouter dashboard" in await r.text()
     async with client.get(gw.url + "/dashboard/data") as r:

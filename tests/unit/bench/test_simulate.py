@@ -216,13 +216,13 @@ def test_event_forms_give_identical_runs() -> None:
     requests = _multi_turn()
     runs = {
         form: Simulation("kv", SimConfig(num_workers=2, engine=SMALL_ENGINE, event_form=form))
-        for form in ("direct", "array", "map")
+        for form in ("direct", "array", "map", "map-batch")
     }
     results = {form: sim.run(requests) for form, sim in runs.items()}
     direct = results["direct"]
     assert direct.figures["completed"] == len(requests)
     assert runs["direct"].indexer.stats().events_applied > 0
-    for form in ("array", "map"):
+    for form in ("array", "map", "map-batch"):
         assert results[form].ttft_ms == direct.ttft_ms
         assert results[form].per_worker == direct.per_worker
         assert results[form].extra == direct.extra

@@ -44,7 +44,7 @@ def engine_prefix_blocks(
 @given(
     seed=st.integers(0, 2**32 - 1),
     num_gpu_blocks=st.sampled_from([12, 24]),
-    form=st.sampled_from(["array", "map", "direct"]),
+    form=st.sampled_from(["array", "map", "map-batch", "direct"]),
 )
 def test_indexer_agrees_with_the_workers_cache(seed: int, num_gpu_blocks: int, form: str) -> None:
     config = small_config(num_gpu_blocks=num_gpu_blocks, max_num_batched_tokens=16, dp_rank=1)

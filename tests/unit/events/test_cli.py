@@ -26,6 +26,8 @@ def test_bench_hashing_json() -> None:
         "decode-step/array",
         "prefill/map",
         "decode-step/map",
+        "prefill/map-batch",
+        "decode-step/map-batch",
     ]
 
 

@@ -325,7 +325,9 @@ class TestBatch:
         [
             b"",
             b"\xc1",
-            pack({"ts": 1.0, "events": []}),
+            pack({"ts": 1.0}),
+            pack({"ts": "now", "events": []}),
+            pack({"ts": 1.0, "events": [], "data_parallel_rank": -1}),
             pack([1.0]),
             pack(["now", []]),
             pack([1.0, {"a": 1}]),
@@ -376,6 +378,44 @@ class TestBatch:
         assert decoder.stats() == DecoderStats(
             num_batches=2, num_bad_batches=1, num_events=1, num_bad_events=1
         )
+
+    @pytest.mark.parametrize(
+        ("fields", "rank"),
+        [
+            ({}, 0),
+            ({"data_parallel_rank": None}, 0),
+            ({"data_parallel_rank": 2}, 2),
+            ({"attn_dp_rank": 3}, 3),  # SGLang's name for it
+            ({"data_parallel_rank": 2, "attn_dp_rank": 3}, 2),
+            ({"data_parallel_rank": 1, "future_key": [1, 2]}, 1),
+        ],
+    )
+    def test_map_batch(self, fields: dict[str, Any], rank: int) -> None:
+        removed = {"type": "BlockRemoved", "block_hashes": [1]}
+        batch = VllmEventDecoder(4).decode(pack({"ts": 1.5, "events": [removed], **fields}))
+        assert batch == DecodedBatch(1.5, rank, [Removed((1,), "GPU")], [])
+
+    def test_map_batch_bad_event_does_not_lose_the_others(self) -> None:
+        events = [
+            {"type": "BlockRemoved", "block_hashes": [1]},
+            {"type": "BlockRemoved", "block_hashes": "oops"},
+            ["BlockRemoved", [3]],  # an array event in a map batch is odd, but readable
+        ]
+        batch = VllmEventDecoder(4).decode(pack({"events": events, "ts": 1.0}))
+        assert batch.events == [Removed((1,), "GPU"), Removed((3,), "GPU")]
+        assert [str(e).split(":")[0] for e in batch.errors] == ["event 1"]
+
+    def test_batch_forms_switch(self) -> None:
+        decoder = VllmEventDecoder(4)
+        removed = {"type": "BlockRemoved", "block_hashes": [1]}
+        payloads = [
+            pack({"ts": 1.0, "events": [removed]}),
+            pack([1.0, [["BlockRemoved", [1]]]]),
+            pack({"ts": 1.0, "events": [removed]}),
+            pack([1.0, [removed]]),
+        ]
+        for payload in payloads:
+            assert decoder.decode(payload).events == [Removed((1,), "GPU")]
 
     def test_memoryview_payload(self) -> None:
         payload = memoryview(pack([1.0, [["AllBlocksCleared"]]]))
@@ -458,6 +498,56 @@ class TestEncode:
         assert unpack(encode_batch(batch)) == [1.0, [], None]
         assert unpack(encode_batch(batch, form="map")) == [1.0, [], None]
 
+    def test_map_batch_wire_shape(self) -> None:
+        # The newest vLLM: KVEventBatch and its events are plain (not array-like) msgspec
+        # structs with omit_defaults, so unset fields that have defaults are left out.
+        batch = KVEventBatch(
+            2.5,
+            [
+                BlockStored([10], None, TOKENS[:4], 4, medium="GPU", group_idx=0),
+                BlockStored([11], 10, TOKENS[4:], 4, extra_keys=[("l",)], lora_name="l"),
+                BlockRemoved([10], group_idx=1),
+                BlockRemoved([11], "CPU"),
+                AllBlocksCleared(),
+            ],
+            1,
+        )
+        assert unpack(encode_batch(batch, form="map-batch")) == {
+            "ts": 2.5,
+            "events": [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [10],
+                    "parent_block_hash": None,
+                    "token_ids": TOKENS[:4],
+                    "block_size": 4,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                    "group_idx": 0,
+                },
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [11],
+                    "parent_block_hash": 10,
+                    "token_ids": TOKENS[4:],
+                    "block_size": 4,
+                    "lora_id": None,
+                    "medium": None,
+                    "lora_name": "l",
+                    "extra_keys": [["l"]],
+                },
+                {"type": "BlockRemoved", "block_hashes": [10], "medium": None, "group_idx": 1},
+                {"type": "BlockRemoved", "block_hashes": [11], "medium": "CPU"},
+                {"type": "AllBlocksCleared"},
+            ],
+            "data_parallel_rank": 1,
+        }
+        assert unpack(encode_batch(KVEventBatch(1.0, []), form="map-batch")) == {
+            "ts": 1.0,
+            "events": [],
+        }
+
     def test_unknown_form(self) -> None:
         with pytest.raises(ValueError, match="unknown event form"):
             encode_batch(KVEventBatch(1.0, []), form="json")  # type: ignore[arg-type]
@@ -501,7 +591,7 @@ class TestRoundTrip:
             Cleared(),
         ]
 
-    @pytest.mark.parametrize("form", ["array", "map"])
+    @pytest.mark.parametrize("form", ["array", "map", "map-batch"])
     def test_round_trip(self, form: Any) -> None:
         batch = VllmEventDecoder(4).decode(encode_batch(self.BATCH, form=form))
         assert batch == DecodedBatch(3.5, 2, self.expected_events(), [])
@@ -519,3 +609,121 @@ class TestRoundTrip:
             raw[1][2]["block_hashes"] = [sha, sha]
         batch = VllmEventDecoder(4).decode(pack(raw))
         assert batch == DecodedBatch(3.5, 2, self.expected_events(), [])
+
+
+def _stored_in_group(
+    hashes: list[int], parent: int | None, tokens: list[int], group: Any, kind: Any
+) -> dict[str, Any]:
+    return {
+        "type": "BlockStored",
+        "block_hashes": hashes,
+        "parent_block_hash": parent,
+        "token_ids": tokens,
+        "block_size": 4,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "group_idx": group,
+        "kv_cache_spec_kind": kind,
+    }
+
+
+def _removed_in_group(hashes: list[int], group: Any) -> dict[str, Any]:
+    return {"type": "BlockRemoved", "block_hashes": hashes, "medium": "GPU", "group_idx": group}
+
+
+class TestKvCacheGroups:
+    """A hybrid model's events carry ``group_idx``; one group is indexed."""
+
+    def decode(self, decoder: VllmEventDecoder, *events: Any) -> DecodedBatch:
+        return decoder.decode(pack({"ts": 1.0, "events": list(events), "data_parallel_rank": 0}))
+
+    def test_full_attention_group_is_followed_and_the_others_skipped(self) -> None:
+        decoder = VllmEventDecoder(4)
+        batch = self.decode(
+            decoder,
+            _stored_in_group([10, 11], None, TOKENS, 1, "sliding_window"),
+            _stored_in_group([10, 11], None, TOKENS, 0, "full_attention"),
+            _stored_in_group([10, 11], None, TOKENS, 2, "mamba"),
+            _removed_in_group([10], 1),  # the window slid past block 10
+            _removed_in_group([10], 2),
+        )
+        assert batch.events == [
+            Stored(None, (StoredBlock(10, LOCAL_1_4), StoredBlock(11, LOCAL_5_8)), None, 4)
+        ]
+        assert batch.skipped == 4
+        assert batch.errors == []
+        later = self.decode(decoder, _removed_in_group([11], 0), _removed_in_group([10], 1))
+        assert later.events == [Removed((11,), "GPU")]
+        assert later.skipped == 1
+        stats = decoder.stats()
+        assert (stats.num_events, stats.num_skipped_events, stats.group) == (2, 5, 0)
+        assert decoder.group_kinds() == {1: "sliding_window", 0: "full_attention", 2: "mamba"}
+
+    @pytest.mark.parametrize("kind", [None, "mla_attention", "sink_full_attention", "new_kind"])
+    def test_first_group_that_is_not_partial_is_followed(self, kind: Any) -> None:
+        decoder = VllmEventDecoder(4)
+        batch = self.decode(
+            decoder,
+            _stored_in_group([10], None, TOKENS[:4], 3, "chunked_local_attention"),
+            _stored_in_group([10], None, TOKENS[:4], 5, kind),
+            _stored_in_group([10], None, TOKENS[:4], 0, "full_attention"),  # a second one
+        )
+        assert batch.events == [Stored(None, (StoredBlock(10, LOCAL_1_4),), None, 4)]
+        assert batch.skipped == 2
+        assert decoder.stats().group == 5
+
+    def test_removals_before_any_group_is_named_are_applied(self) -> None:
+        # Joined late: nothing says yet which group is which; removing blocks the index
+        # does not hold is harmless, keeping blocks the worker dropped is not.
+        decoder = VllmEventDecoder(4)
+        batch = self.decode(decoder, _removed_in_group([10], 1), _removed_in_group([11], 0))
+        assert batch.events == [Removed((10,), "GPU"), Removed((11,), "GPU")]
+        assert batch.skipped == 0
+
+    def test_other_groups_block_size_is_not_an_error(self) -> None:
+        # A Mamba group may use another block size; its events are skipped, not errors.
+        decoder = VllmEventDecoder(4)
+        mamba = _stored_in_group([20], None, TOKENS, 1, "mamba") | {"block_size": 8}
+        batch = self.decode(decoder, _stored_in_group([10], None, TOKENS[:4], 0, None), mamba)
+        assert len(batch.events) == 1
+        assert (batch.skipped, batch.errors) == (1, [])
+
+    @pytest.mark.parametrize("group", [None, True, "0", [0], 1.5])
+    def test_no_group_number_is_a_single_group_sender(self, group: Any) -> None:
+        decoder = VllmEventDecoder(4)
+        batch = self.decode(
+            decoder,
+            _stored_in_group([10], None, TOKENS[:4], group, "sliding_window"),
+            _removed_in_group([10], group),
+        )
+        assert len(batch.events) == 2
+        assert batch.skipped == 0
+        assert decoder.stats().group is None
+
+    def test_odd_kind_value_does_not_cost_the_event(self) -> None:
+        decoder = VllmEventDecoder(4)
+        batch = self.decode(decoder, _stored_in_group([10], None, TOKENS[:4], 0, ["odd"]))
+        assert len(batch.events) == 1
+        assert decoder.stats().group == 0
+
+    def test_array_form_groups(self) -> None:
+        decoder = VllmEventDecoder(4)
+        events = [
+            stored_array([10], None, TOKENS[:4], 4, None, None, None, None, 1, "sliding_window"),
+            stored_array([10], None, TOKENS[:4], 4, None, None, None, None, 0, "full_attention"),
+            ["BlockRemoved", [10], None, 1],
+        ]
+        batch = decoder.decode(pack([1.0, events, 0]))
+        assert batch.events == [Stored(None, (StoredBlock(10, LOCAL_1_4),), None, 4)]
+        assert batch.skipped == 2
+
+    def test_in_process_structs_are_filtered_alike(self) -> None:
+        events: list[Any] = [
+            BlockStored([10], None, TOKENS[:4], 4, group_idx=1, kv_cache_spec_kind="mamba"),
+            BlockStored([10], None, TOKENS[:4], 4, group_idx=0),
+            BlockRemoved([10], group_idx=1),
+        ]
+        batch = VllmEventDecoder(4).convert(KVEventBatch(1.0, events, 0))
+        assert batch.events == [Stored(None, (StoredBlock(10, LOCAL_1_4),), None, 4)]
+        assert batch.skipped == 2

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from kvrouter.events.model import WorkerKey
-from kvrouter.events.vllm import BlockStored, KVEventBatch, encode_batch
+from kvrouter.events.vllm import BlockRemoved, BlockStored, KVEventBatch, encode_batch
 from kvrouter.index import KvIndexer
 from kvrouter.transport import (
     InProcBus,
@@ -188,6 +188,41 @@ async def test_malformed_messages_are_counted_and_skipped(rig: Rig) -> None:
     assert dict(stats.decode_errors) == {"frame_count": 1, "seq": 1, "batch": 1, "event": 1}
     assert (stats.num_messages, stats.num_events, stats.num_resets) == (3, 2, 0)
     assert rig.subscriber.stats().num_decode_errors == 4
+    assert rig.index.find_matches_for_request(tokens(0, 2)) == {1: 2}
+
+
+async def test_hybrid_model_map_batches_index_the_full_attention_group(rig: Rig) -> None:
+    # The newest vLLM's form (the batch a map) from a model with a sliding-window group:
+    # only the full-attention group's blocks reach the index, the rest is counted.
+    bus = rig.bus
+    bus.channel("w1").owner = InProcTransport(bus)
+    await wait_until(lambda: rig.stream().connected)
+
+    def stored(hashes: list[int], parent: int | None, group: int, kind: str) -> BlockStored:
+        return BlockStored(
+            hashes,
+            parent,
+            tokens(4 * (hashes[0] - 11), len(hashes)),
+            BLOCK_SIZE,
+            medium="GPU",
+            group_idx=group,
+            kv_cache_spec_kind=kind,
+        )
+
+    first = KVEventBatch(
+        1.0,
+        [stored([11, 12], None, 1, "sliding_window"), stored([11, 12], None, 0, "full_attention")],
+        0,
+    )
+    second = KVEventBatch(2.0, [BlockRemoved([11], group_idx=1)], 0)
+    bus.inject("w1", [b"", encode_seq(0), encode_batch(first, form="map-batch")])
+    bus.inject("w1", [b"", encode_seq(1), encode_batch(second, form="map-batch")])
+    await wait_until(lambda: rig.stream().last_seq == 1)
+    stats = rig.stream()
+    assert (stats.num_events, stats.num_skipped_events, stats.kv_group) == (1, 2, 0)
+    assert rig.subscriber.stats().num_skipped_events == 2
+    assert dict(stats.decode_errors) == {}
+    # The window's removal of block 11 did not cut the full-attention prefix.
     assert rig.index.find_matches_for_request(tokens(0, 2)) == {1: 2}
 
 

@@ -1,0 +1,56 @@
+"""``kvrouter mocker`` options: the KV event encoding a worker publishes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from kvrouter.cli import app
+from kvrouter.engine import cli as engine_cli
+from kvrouter.engine.cli import MockerOptions
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[MockerOptions]:
+    seen: list[MockerOptions] = []
+
+    async def fake_serve(options: MockerOptions) -> None:
+        seen.append(options)
+
+    def fake_loop(coro: Coroutine[Any, Any, None]) -> None:
+        with contextlib.suppress(StopIteration):
+            coro.send(None)
+
+    monkeypatch.setattr(engine_cli, "_serve_in_process", fake_serve)
+    monkeypatch.setattr(engine_cli, "run_event_loop", fake_loop)
+    return seen
+
+
+@pytest.mark.parametrize("form", ["array", "map", "map-batch"])
+def test_kv_events_form_is_passed_on(captured: list[MockerOptions], form: str) -> None:
+    result = CliRunner().invoke(app, ["mocker", "--kv-events-form", form])
+    assert result.exit_code == 0, result.output
+    assert [o.kv_events_form for o in captured] == [form]
+
+
+def test_default_form_is_the_array_form(captured: list[MockerOptions]) -> None:
+    assert CliRunner().invoke(app, ["mocker"]).exit_code == 0
+    assert captured[0].kv_events_form == "array"
+
+
+def test_unknown_form_is_a_usage_error(captured: list[MockerOptions]) -> None:
+    result = CliRunner().invoke(app, ["mocker", "--kv-events-form", "json"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # unwrap the error box
+    assert "'json' is not one of array, map, map-batch" in text
+    assert captured == []
+
+
+def test_worker_processes_inherit_the_form() -> None:
+    options = MockerOptions(num_workers=2, kv_events_form="map-batch")
+    command = engine_cli._child_command(options, 1)
+    assert command[command.index("--kv-events-form") + 1] == "map-batch"
