@@ -162,7 +162,7 @@ def _print(setup: _Setup, build_s: float, num_entries: int, result: dict[str, ob
         f" policy {setup.policy}; index built in {build_s:.1f} s"
     )
     labels = {
-        "hash": "hash (8k tokens)",
+        "hash": f"hash ({setup.prompt_tokens:,} tokens)",
         "match": "find_matches",
         "decision": "hash + match + score",
         "schedule": "schedule (with booking)",

@@ -137,6 +137,12 @@ class NatsRuntime:
         self._served: list[NatsServed] = []
         self._clients: list[Client] = []
 
+    @property
+    def connection(self) -> Any:
+        """The ``nats.NATS`` client, to share with a
+        :class:`~kvrouter.transport.nats_transport.NatsTransport` (KV events, metrics)."""
+        return self._nc
+
     @classmethod
     async def connect(cls, url: str = "nats://127.0.0.1:4222") -> NatsRuntime:
         import nats

@@ -4,12 +4,13 @@
   ``[topic, seq, payload]`` message and :func:`make_event_transport`.
 * :mod:`~kvrouter.transport.inproc` — in-process bus (tests, embedded mode, simulator).
 * :mod:`~kvrouter.transport.zmq_transport` — ZeroMQ PUB + ROUTER replay, vLLM's format.
+* :mod:`~kvrouter.transport.nats_transport` — the same messages and replay over NATS.
 * :mod:`~kvrouter.transport.publisher` — :class:`KvEventPublisher` (worker side).
 * :mod:`~kvrouter.transport.subscriber` — :class:`KvEventSubscriber` (router side).
 * :mod:`~kvrouter.transport.metrics` — :class:`WorkerMetricsPublisher`,
   :class:`MetricsSubscriber`, :func:`render_vllm_metrics`.
 
-The ZeroMQ module is imported lazily by the factory, so ``import kvrouter.transport``
+The ZeroMQ and NATS modules are imported lazily by the factory, so ``import kvrouter.transport``
 stays cheap.
 """
 

@@ -13,13 +13,17 @@ keeps a replay buffer also answers "send me everything from ``start_seq`` on"
 (:meth:`Subscription.replay`), which is how a subscriber repairs a gap.
 
 Implementations: :class:`~kvrouter.transport.inproc.InProcTransport` (tests, the
-embedded default, the simulator) and :class:`~kvrouter.transport.zmq_transport.ZmqTransport`
-(vLLM / SGLang compatible). :func:`make_event_transport` picks one by name.
+embedded default, the simulator), :class:`~kvrouter.transport.zmq_transport.ZmqTransport`
+(vLLM / SGLang compatible) and :class:`~kvrouter.transport.nats_transport.NatsTransport`
+(fleets that share a NATS server). :func:`make_event_transport` picks one by name.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -30,6 +34,7 @@ from kvrouter.lifecycle import AsyncLifecycle
 __all__ = [
     "END_SEQ",
     "EventTransport",
+    "FrameQueue",
     "Malformed",
     "Message",
     "Subscription",
@@ -120,6 +125,45 @@ class TransportStats:
     num_subscriptions: int
 
 
+class FrameQueue:
+    """A subscription's bounded queue of received frames; a full queue drops the newest
+    message (as a ZeroMQ high-water mark does) and counts it."""
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[list[bytes]] = deque()
+        self._size = size
+        self._ready = asyncio.Event()
+        self.num_dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, frames: list[bytes]) -> bool:
+        """Queue ``frames`` if there is room; ``True`` if queued."""
+        if len(self._items) >= self._size:
+            self.num_dropped += 1
+            return False
+        self._items.append(frames)
+        self._ready.set()
+        return True
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Until something is queued, :meth:`wake` is called or ``timeout_s`` passes."""
+        if self._items:
+            return
+        self._ready.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    def wake(self) -> None:
+        """End every :meth:`wait` now (the subscription is closing)."""
+        self._ready.set()
+
+    def pop(self) -> list[bytes]:
+        """The oldest queued frames (the queue must not be empty)."""
+        return self._items.popleft()
+
+
 class Subscription(abc.ABC):
     """One subscriber's connection to one publisher."""
 
@@ -195,16 +239,17 @@ class EventTransport(AsyncLifecycle, abc.ABC):
         return None
 
 
-TRANSPORT_KINDS = ("inproc", "zmq")
+TRANSPORT_KINDS = ("inproc", "zmq", "nats")
 
 
 def make_event_transport(kind: str, **options: Any) -> EventTransport:
-    """Build a transport by name: ``"inproc"`` or ``"zmq"``.
+    """Build a transport by name: ``"inproc"``, ``"zmq"`` or ``"nats"``.
 
     ``options`` go to the implementation's constructor::
 
         make_event_transport("zmq", endpoint="tcp://*:5557", replay_endpoint="tcp://*:5558")
         make_event_transport("inproc", bus=bus, address="worker-1")
+        make_event_transport("nats", servers="nats://10.0.0.2:4222", address="kvr.events.w1")
 
     Raises ``ValueError`` naming an unknown kind.
     """
@@ -216,6 +261,10 @@ def make_event_transport(kind: str, **options: Any) -> EventTransport:
         from kvrouter.transport.zmq_transport import ZmqTransport
 
         return ZmqTransport(**options)
+    if kind == "nats":
+        from kvrouter.transport.nats_transport import NatsTransport
+
+        return NatsTransport(**options)
     raise ValueError(
         f"unknown event transport kind {kind!r}; expected one of {', '.join(TRANSPORT_KINDS)}"
     )

@@ -18,12 +18,12 @@ buffer.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
 from kvrouter.transport.base import (
     EventTransport,
+    FrameQueue,
     Message,
     Subscription,
     SubscriptionEndpoint,
@@ -77,12 +77,14 @@ class InProcSubscription(Subscription):
     def __init__(self, bus: InProcBus, endpoint: SubscriptionEndpoint, queue_size: int) -> None:
         self.endpoint = endpoint
         self._bus = bus
-        self._queue: deque[list[bytes]] = deque()
-        self._queue_size = queue_size
-        self._ready = asyncio.Event()
+        self._queue = FrameQueue(queue_size)
         self._closed = False
-        self.num_dropped = 0
         bus.channel(endpoint.address).subscriptions.add(self)
+
+    @property
+    def num_dropped(self) -> int:
+        """Messages lost to a full queue."""
+        return self._queue.num_dropped
 
     def wants(self, topic: bytes) -> bool:
         """Whether this subscription takes messages of ``topic`` (prefix match, as SUB)."""
@@ -92,18 +94,12 @@ class InProcSubscription(Subscription):
         """Queue frames if wanted and there is room; ``True`` if queued."""
         if not frames or not self.wants(frames[0]):
             return False
-        if len(self._queue) >= self._queue_size:
-            self.num_dropped += 1
-            return False
-        self._queue.append(frames)
-        self._ready.set()
-        return True
+        return self._queue.offer(frames)
 
     async def recv(self) -> list[bytes]:
         while not self._queue:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._queue.popleft()
+            await self._queue.wait()
+        return self._queue.pop()
 
     @property
     def connected(self) -> bool:

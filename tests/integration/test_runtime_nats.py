@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvrouter.errors import UpstreamError
-from kvrouter.runtime import NatsRuntime, endpoint, service, start_nats_server
+from kvrouter.runtime import NatsRuntime, endpoint, service
 
 pytestmark = pytest.mark.integration
 
@@ -57,31 +56,6 @@ class Worker:
     @endpoint
     async def fail(self, request: str) -> str:
         raise ValueError(f"bad {request}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def nats_url() -> Iterator[str]:
-    port = _free_port()
-    proc = start_nats_server(port)
-    deadline = 50
-    while deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            deadline -= 1
-            import time
-
-            time.sleep(0.1)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _start_child(tmp_path: Path, url: str) -> subprocess.Popen[str]:

