@@ -8,15 +8,17 @@
         ...
 
 Instance ids double as the scheduler's worker ids, so KV events published by an
-instance must carry its instance id as ``worker_id``. The booking made at decision
-time is released on the first item (prefill done) and at the end of the stream, on
-every path: completion, error or the caller abandoning the stream.
+instance must carry its instance id as ``worker_id``. A request's ``cache_salt`` (read
+by ``cache_salt_of``, by default the request's ``"cache_salt"`` key when it is a
+mapping) changes its first block's hash as in vLLM, so tenants share no prefix. The
+booking made at decision time is released on the first item (prefill done) and at the
+end of the stream, on every path: completion, error or the caller abandoning the stream.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from kvrouter.events.model import WorkerKey
@@ -26,6 +28,7 @@ from kvrouter.runtime.client import Client
 __all__ = ["KvRouterClient"]
 
 TokensOf = Callable[[Any], Sequence[int]]
+CacheSaltOf = Callable[[Any], str | None]
 
 
 def _token_ids(request: Any) -> Sequence[int]:
@@ -33,15 +36,26 @@ def _token_ids(request: Any) -> Sequence[int]:
     return tokens
 
 
+def _cache_salt(request: Any) -> str | None:
+    salt = request.get("cache_salt") if isinstance(request, Mapping) else None
+    return salt if isinstance(salt, str) and salt else None
+
+
 class KvRouterClient:
     """Routes each call of ``client`` to the instance the scheduler chooses."""
 
     def __init__(
-        self, client: Client, scheduler: KvScheduler, *, tokens_of: TokensOf = _token_ids
+        self,
+        client: Client,
+        scheduler: KvScheduler,
+        *,
+        tokens_of: TokensOf = _token_ids,
+        cache_salt_of: CacheSaltOf = _cache_salt,
     ) -> None:
         self._client = client
         self._scheduler = scheduler
         self._tokens_of = tokens_of
+        self._cache_salt_of = cache_salt_of
         self._ids = itertools.count()
 
     def _sync_workers(self) -> None:
@@ -55,15 +69,20 @@ class KvRouterClient:
     def select(self, request: Any) -> int:
         """The instance the scheduler would choose now (nothing is booked)."""
         self._sync_workers()
-        preview = ScheduleRequest(f"preview-{next(self._ids)}", token_ids=self._tokens_of(request))
+        preview = self._schedule_request(f"preview-{next(self._ids)}", request)
         return self._scheduler.preview(preview).worker.worker_id
+
+    def _schedule_request(self, request_id: str, request: Any) -> ScheduleRequest:
+        return ScheduleRequest(
+            request_id,
+            token_ids=self._tokens_of(request),
+            cache_salt=self._cache_salt_of(request),
+        )
 
     async def generate(self, request: Any) -> AsyncIterator[Any]:
         self._sync_workers()
         request_id = f"kv-{next(self._ids)}"
-        decision = self._scheduler.schedule(
-            ScheduleRequest(request_id, token_ids=self._tokens_of(request))
-        )
+        decision = self._scheduler.schedule(self._schedule_request(request_id, request))
         try:
             first = True
             async for item in self._client.direct(request, decision.worker.worker_id):

@@ -63,3 +63,33 @@ async def test_requests_go_where_the_prefix_is_and_bookings_are_released() -> No
             served["a"].instance_id,
             served["c"].instance_id,
         }
+
+
+async def test_a_cache_salt_routes_only_to_the_same_tenants_prefix() -> None:
+    clock = ManualClock()
+    indexer = KvIndexer(block_size=BLOCK, clock=clock)
+    scheduler = KvScheduler(indexer, block_size=BLOCK, clock=clock, predict_cache=False)
+    async with InprocRuntime() as rt:
+        served = {name: await rt.serve(Engine(name)) for name in ("a", "b")}
+        client = await rt.client("kv", "Engine", "generate")
+        router = KvRouterClient(client, scheduler)
+        prompt = list(range(40))
+        hashes = compute_block_hashes(prompt, BLOCK, cache_salt="tenant-1")
+        blocks = tuple(StoredBlock(2000 + i, h) for i, h in enumerate(hashes))
+        worker = served["a"].instance_id
+        indexer.apply_event(RouterEvent(worker, 0, 1, Stored(None, blocks)))
+        salted = {"token_ids": prompt, "cache_salt": "tenant-1"}
+        assert router.select(salted) == worker
+        assert [item async for item in router.generate(salted)] == ["a", "done"]
+        decision = scheduler.recent_decisions()[-1]
+        assert decision.overlap_blocks == len(hashes)
+        # Another tenant, or no salt, shares nothing with tenant-1's blocks.
+        for request in ({"token_ids": prompt, "cache_salt": "tenant-2"}, {"token_ids": prompt}):
+            preview = scheduler.preview(router._schedule_request("p", request))
+            assert preview.overlap_blocks == 0
+
+        # A custom reader for requests that carry the salt elsewhere.
+        custom = KvRouterClient(
+            client, scheduler, tokens_of=lambda r: r[0], cache_salt_of=lambda r: r[1]
+        )
+        assert custom.select((prompt, "tenant-1")) == worker
