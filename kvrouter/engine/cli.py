@@ -47,6 +47,7 @@ class MockerOptions:
     metrics_base_port: int | None = None
     kv_events_topic: str = ""
     kv_events_form: EventForm = "array"
+    nats_url: str | None = None  # publish KV events and metrics on NATS, not ZeroMQ
     worker_id_base: int = 0
     block_size: int = 64
     num_gpu_blocks: int = 16384
@@ -102,6 +103,7 @@ async def start_worker(
     core = EngineCore(config, worker_id=worker_id)
     publisher = await _start_publisher(options, index, stack)
     metrics_publisher = await _start_metrics_publisher(options, index, stack)
+    nats_url = options.nats_url
     server_config = ServerConfig(
         host=options.host,
         port=options.port(options.base_port, index) or 0,
@@ -127,20 +129,42 @@ async def start_worker(
             metrics_publisher.transport.publish_address if metrics_publisher is not None else None
         ),
     )
+    if nats_url:  # subjects are printed as nats://host:port/subject, as the gateway takes them
+        addresses = replace(
+            addresses,
+            kv_events=_on_nats(nats_url, addresses.kv_events),
+            replay=_on_nats(nats_url, addresses.replay),
+            metrics=_on_nats(nats_url, addresses.metrics),
+        )
     return server, addresses
+
+
+def _on_nats(nats_url: str, subject: str | None) -> str | None:
+    from kvrouter.transport.nats_transport import nats_endpoint
+
+    return None if subject is None else nats_endpoint(nats_url, subject)
+
+
+def _event_transport(options: MockerOptions, subject: str, port: int, **zmq: Any) -> Any:
+    """The worker's transport for one stream: a NATS subject, or a ZeroMQ port."""
+    from kvrouter.transport.base import make_event_transport
+
+    if options.nats_url:
+        return make_event_transport("nats", servers=options.nats_url, address=subject)
+    return make_event_transport("zmq", endpoint=_zmq_endpoint(options.host, port), **zmq)
 
 
 async def _start_publisher(options: MockerOptions, index: int, stack: AsyncExitStack) -> Any:
     events_port = options.port(options.kv_events_base_port, index)
     if events_port is None:
         return None
-    from kvrouter.transport.base import make_event_transport
     from kvrouter.transport.publisher import KvEventPublisher
 
     replay_port = options.port(options.replay_base_port, index)
-    transport = make_event_transport(
-        "zmq",
-        endpoint=_zmq_endpoint(options.host, events_port),
+    transport = _event_transport(
+        options,
+        f"kvr.events.w{options.worker_id_base + index}",
+        events_port,
         replay_endpoint=None if replay_port is None else _zmq_endpoint(options.host, replay_port),
     )
     publisher = KvEventPublisher(
@@ -158,10 +182,10 @@ async def _start_metrics_publisher(
     port = options.port(options.metrics_base_port, index)
     if port is None:
         return None
-    from kvrouter.transport.base import make_event_transport
     from kvrouter.transport.metrics import WorkerMetricsPublisher
 
-    transport = make_event_transport("zmq", endpoint=_zmq_endpoint(options.host, port))
+    subject = f"kvr.metrics.w{options.worker_id_base + index}"
+    transport = _event_transport(options, subject, port)
     return await stack.enter_async_context(WorkerMetricsPublisher(transport))
 
 
@@ -430,6 +454,12 @@ def mocker(
         help="KV event encoding: array (older vLLM, SGLang), map (map events), "
         "map-batch (the newest vLLM: the batch a map too).",
     ),
+    nats_url: str = typer.Option(
+        "",
+        help="Publish KV events and pushed metrics on this NATS server, on subjects "
+        "kvr.events.w{id} (replay: .replay) and kvr.metrics.w{id}, instead of ZeroMQ "
+        "ports (the port options then only switch a stream on or off).",
+    ),
     worker_id_base: int = typer.Option(0, help="Worker id of worker 0."),
     block_size: int = typer.Option(64, help="Tokens per KV block."),
     num_gpu_blocks: int = typer.Option(16384, help="KV blocks per worker."),
@@ -452,6 +482,7 @@ def mocker(
         metrics_base_port=None if metrics_base_port < 0 else metrics_base_port,
         kv_events_topic=kv_events_topic,
         kv_events_form=_event_form(kv_events_form),
+        nats_url=nats_url or None,
         worker_id_base=worker_id_base,
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from kvrouter.errors import ConfigError
+from kvrouter.transport.nats_transport import is_nats_endpoint, split_nats_endpoint
 
 __all__ = [
     "ENV_PREFIX",
@@ -66,7 +67,9 @@ class WorkerSpec:
     ``kv_events`` is the worker's ZMQ PUB endpoint (vLLM ``--kv-events-config``), ``replay``
     its ROUTER replay endpoint; with neither the worker is routed in approximate mode
     (predicted cache entries only). ``metrics`` is an optional ZMQ endpoint of pushed
-    ``ForwardPassMetrics``; without it the gateway scrapes ``{url}/metrics``.
+    ``ForwardPassMetrics``; without it the gateway scrapes ``{url}/metrics``. Any of the
+    three may instead be a NATS subject, ``nats://host:port/subject`` (a NATS event
+    stream's replay subject defaults to ``subject.replay``).
     """
 
     url: str
@@ -208,8 +211,14 @@ def _worker_from_mapping(data: Mapping[str, Any]) -> WorkerSpec:
         endpoint = data.get(key)
         if endpoint and "://" not in str(endpoint):
             raise ConfigError(
-                f"worker {key} endpoint must look like tcp://host:port, got {endpoint!r}"
+                f"worker {key} endpoint must look like tcp://host:port or "
+                f"nats://host:port/subject, got {endpoint!r}"
             )
+        if endpoint and is_nats_endpoint(str(endpoint)):
+            try:
+                split_nats_endpoint(str(endpoint))
+            except ValueError as exc:
+                raise ConfigError(f"worker {key}: {exc}") from exc
     return WorkerSpec(
         url=url,
         kv_events=_opt_str(data.get("kv_events")),

@@ -30,6 +30,7 @@ import contextlib
 import logging
 from collections import deque
 from typing import Any
+from urllib.parse import urlsplit
 
 from kvrouter.errors import EventStreamError
 from kvrouter.transport.base import (
@@ -45,7 +46,15 @@ from kvrouter.transport.base import (
     parse_frames,
 )
 
-__all__ = ["NatsSubscription", "NatsTransport", "pack_envelope", "unpack_envelope"]
+__all__ = [
+    "NatsSubscription",
+    "NatsTransport",
+    "is_nats_endpoint",
+    "nats_endpoint",
+    "pack_envelope",
+    "split_nats_endpoint",
+    "unpack_envelope",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,30 @@ DEFAULT_BUFFER_STEPS = 10_000
 DEFAULT_QUEUE_SIZE = 100_000
 REPLAY_SUFFIX = ".replay"
 _TOPIC_LEN_BYTES = 2
+
+
+def is_nats_endpoint(endpoint: str) -> bool:
+    """Whether a configured endpoint names a NATS subject (``nats://host:port/subject``)."""
+    return endpoint.startswith("nats://")
+
+
+def split_nats_endpoint(endpoint: str) -> tuple[str, str]:
+    """``nats://host:port/subject`` -> (``nats://host:port``, ``subject``).
+
+    Raises ``ValueError`` for anything else (no host, no subject, a path in the subject).
+    """
+    parts = urlsplit(endpoint)
+    subject = parts.path[1:]
+    if parts.scheme != "nats" or not parts.netloc or not subject or "/" in subject:
+        raise ValueError(f"a NATS endpoint looks like nats://host:4222/subject, got {endpoint!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"a NATS endpoint has no query or fragment, got {endpoint!r}")
+    return f"nats://{parts.netloc}", subject
+
+
+def nats_endpoint(server: str, subject: str) -> str:
+    """The inverse of :func:`split_nats_endpoint`."""
+    return f"{server.rstrip('/')}/{subject}"
 
 
 def pack_envelope(message: Message) -> bytes:

@@ -4,13 +4,19 @@ replay for late joiners, and KV-aware routing of NATS runtime calls."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from kvrouter.events.model import WorkerKey
 from kvrouter.events.vllm import BlockStored, KVEventBatch, encode_batch
+from kvrouter.gateway.config import GatewayConfig, WorkerSpec
+from kvrouter.gateway.server import GatewayServer
 from kvrouter.hashing import compute_block_hashes
 from kvrouter.index import KvIndexer
 from kvrouter.load.metrics import ForwardPassMetrics
@@ -215,3 +221,55 @@ async def test_runtime_calls_are_routed_by_kv_events_over_nats(nats_url: str) ->
             assert matched == {key.worker_id: len(compute_block_hashes(prompt, BLOCK_SIZE))}
         for publisher in publishers:
             await publisher.aclose()
+
+
+_WORKER_LINE = re.compile(r"worker (\d+): http (\S+) kv-events (\S+) replay (\S+) metrics (\S+)")
+
+
+async def test_gateway_follows_mocker_workers_over_nats(nats_url: str) -> None:
+    """``kvrouter mocker --nats-url`` workers and a gateway whose worker specs name NATS
+    subjects: events, replay and pushed metrics all travel over the NATS server."""
+    command = [
+        sys.executable, "-m", "kvrouter", "mocker", "--num-workers", "2", "--base-port", "0",
+        "--nats-url", nats_url, "--metrics-base-port", "0", "--block-size", str(BLOCK_SIZE),
+        "--num-gpu-blocks", "2048", "--speedup-ratio", "100",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        specs = []
+        for _ in range(2):
+            line = proc.stdout.readline()
+            match = _WORKER_LINE.search(line)
+            assert match, line
+            wid, url, events, replay, metrics = match.groups()
+            assert (events, replay) == (
+                f"{nats_url}/kvr.events.w{wid}",
+                f"{nats_url}/kvr.events.w{wid}.replay",
+            )
+            specs.append(WorkerSpec(url=url, kv_events=events, metrics=metrics, worker_id=int(wid)))
+        cfg = GatewayConfig(port=0, workers=tuple(specs), block_size=BLOCK_SIZE)
+        async with GatewayServer(cfg) as gw, aiohttp.ClientSession() as session:
+            prompt = "Events over NATS reach the gateway's index. " * 8
+            body = {"model": "kvrouter-mock", "prompt": prompt, "max_tokens": 2}
+            chosen = []
+            cached = []
+            for _ in range(3):
+                async with session.post(gw.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    chosen.append(resp.headers["x-kvrouter-worker"])
+                    usage = (await resp.json())["usage"]
+                    cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+                await wait_until(lambda: gw.core.indexer.stats().events_applied > 0)
+            assert len(set(chosen)) == 1
+            assert cached[0] == 0 and min(cached[1:]) > 0
+            feeds = gw.feeds.stats()
+            assert len(feeds.streams) == 2
+            assert feeds.num_decode_errors == 0
+            await wait_until(lambda: len(gw.metrics_feeds.stats()) == 2)
+            await wait_until(lambda: all(s.num_messages > 0 for s in gw.metrics_feeds.stats()))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()

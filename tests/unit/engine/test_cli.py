@@ -54,3 +54,14 @@ def test_worker_processes_inherit_the_form() -> None:
     options = MockerOptions(num_workers=2, kv_events_form="map-batch")
     command = engine_cli._child_command(options, 1)
     assert command[command.index("--kv-events-form") + 1] == "map-batch"
+
+
+def test_nats_url_is_passed_on_and_inherited(captured: list[MockerOptions]) -> None:
+    result = CliRunner().invoke(app, ["mocker", "--nats-url", "nats://127.0.0.1:4222"])
+    assert result.exit_code == 0, result.output
+    assert captured[0].nats_url == "nats://127.0.0.1:4222"
+    assert CliRunner().invoke(app, ["mocker"]).exit_code == 0
+    assert captured[1].nats_url is None
+    command = engine_cli._child_command(captured[0], 0)
+    assert command[command.index("--nats-url") + 1] == "nats://127.0.0.1:4222"
+    assert "--nats-url" not in engine_cli._child_command(captured[1], 0)

@@ -84,6 +84,17 @@ def test_worker_spec_string_options() -> None:
     )
 
 
+def test_worker_spec_nats_endpoints() -> None:
+    spec = parse_worker_spec(
+        "http://h:8001,kv_events=nats://n:4222/kvr.events.w1,metrics=nats://n:4222/kvr.metrics.w1"
+    )
+    assert spec == WorkerSpec(
+        "http://h:8001",
+        kv_events="nats://n:4222/kvr.events.w1",
+        metrics="nats://n:4222/kvr.metrics.w1",
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -92,6 +103,8 @@ def test_worker_spec_string_options() -> None:
         ("http://h:1,dp_rank=x", "dp_rank must be an integer"),
         ("http://h:1,kv_events=h:5557", "tcp://"),
         ("http://h:1,justaword", "not key=value"),
+        ("http://h:1,kv_events=nats://h:4222", "worker kv_events: a NATS endpoint looks like"),
+        ("http://h:1,metrics=nats://h:4222/a/b", "worker metrics: a NATS endpoint"),
     ],
 )
 def test_bad_worker_specs(value: str, message: str) -> None:
