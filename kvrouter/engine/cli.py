@@ -103,7 +103,6 @@ async def start_worker(
     core = EngineCore(config, worker_id=worker_id)
     publisher = await _start_publisher(options, index, stack)
     metrics_publisher = await _start_metrics_publisher(options, index, stack)
-    nats_url = options.nats_url
     server_config = ServerConfig(
         host=options.host,
         port=options.port(options.base_port, index) or 0,
@@ -129,6 +128,7 @@ async def start_worker(
             metrics_publisher.transport.publish_address if metrics_publisher is not None else None
         ),
     )
+    nats_url = options.nats_url
     if nats_url:  # subjects are printed as nats://host:port/subject, as the gateway takes them
         addresses = replace(
             addresses,
@@ -192,12 +192,11 @@ async def _start_metrics_publisher(
 def _event_form(value: str) -> EventForm:
     from kvrouter.events.vllm import EVENT_FORMS
 
-    for form in EVENT_FORMS:
-        if value == form:
-            return form
-    raise typer.BadParameter(
-        f"{value!r} is not one of {', '.join(EVENT_FORMS)}", param_hint="--kv-events-form"
-    )
+    if value not in EVENT_FORMS:
+        raise typer.BadParameter(
+            f"{value!r} is not one of {', '.join(EVENT_FORMS)}", param_hint="--kv-events-form"
+        )
+    return value
 
 
 def _zmq_endpoint(host: str, port: int) -> str:

@@ -403,7 +403,7 @@ class VllmEventDecoder:
             if raw is None:
                 continue
             group = getattr(raw, "group_idx", None)
-            if group is not None and group != self._group and not self._indexes_group(raw):
+            if group is not None and group != self._group and not self._indexes_group(raw, group):
                 skipped += 1
                 continue
             try:
@@ -415,7 +415,7 @@ class VllmEventDecoder:
         self._num_skipped_events += skipped
         return DecodedBatch(ts, dp_rank, events, errors, skipped)
 
-    def _indexes_group(self, event: _MapEvent | KVCacheEvent) -> bool:
+    def _indexes_group(self, event: _MapEvent | KVCacheEvent, group: Any) -> bool:
         """Whether to index an event of a KV cache group other than the one followed.
 
         The first stored event of a group whose kind is not in :data:`PARTIAL_KINDS`
@@ -424,7 +424,6 @@ class VllmEventDecoder:
         hold costs nothing, while skipping one could leave a block in the index that
         the worker no longer has.
         """
-        group = getattr(event, "group_idx", None)
         if not isinstance(group, int) or isinstance(group, bool):
             return True  # not a group number: treat as a single-group sender
         if isinstance(event, _MapStored | BlockStored):
