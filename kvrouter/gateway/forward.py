@@ -16,6 +16,11 @@ until a health check passes. A timeout before the first byte is retried once.
 
 After the first byte has gone to the client, a failure cannot be retried: a stream
 ends with an SSE error event in OpenAI's shape and ``data: [DONE]``.
+
+A batch completion (``prompt`` a list of several prompts) fans out: each prompt is
+routed, retried and booked as a request of its own, all run at once, and the answers
+are merged into one (:mod:`kvrouter.gateway.fanout`). A stream starts once every prompt
+has its first byte, so a failure before that is still a plain HTTP error.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import itertools
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
 from kvrouter.clock import Clock, monotonic
 from kvrouter.errors import (
@@ -42,9 +51,18 @@ from kvrouter.errors import (
 from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.config import GatewayConfig
 from kvrouter.gateway.core import RouteResult, RoutingCore
+from kvrouter.gateway.fanout import (
+    SseRewriter,
+    UsageSum,
+    choices_per_prompt,
+    first_event_id,
+    merge_completions,
+    split_batch,
+    usage_chunk,
+)
 from kvrouter.gateway.http_errors import sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
-from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, parse_body
+from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
 from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import DecisionRecord, GatewayCounters
@@ -57,6 +75,7 @@ decision_log = logging.getLogger("kvrouter.decisions")
 _PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _encoder = msgspec.json.Encoder()
+_T = TypeVar("_T")
 
 # (parsed body, kind) -> prepared prompt; tokenizes and hashes off the event loop.
 PromptPreparer = Callable[[ParsedBody, Kind], Awaitable[PreparedPrompt]]
@@ -79,6 +98,54 @@ class _Attempt:
 
     state: WorkerState
     route: RouteResult
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A batch completion split into one request per prompt."""
+
+    subs: list[ParsedBody]
+    prompts: list[PreparedPrompt]
+    ids: list[str]
+    headers: list[Mapping[str, str]]
+    overrides: RoutingOverrides
+    n: int  # choices per prompt
+
+    def requests(self) -> Iterator[tuple[ParsedBody, PreparedPrompt, str, Mapping[str, str]]]:
+        return zip(self.subs, self.prompts, self.ids, self.headers, strict=True)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A worker's whole answer to one prompt of a batch."""
+
+    status: int
+    body: bytes
+    worker_id: int
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    """One prompt of a streamed batch, open up to its first chunk (or its error answer).
+
+    ``close`` must be called exactly once: it ends the booking and the connection.
+    """
+
+    state: WorkerState
+    status: int
+    first: bytes  # the first chunk; the whole answer when status is not 200
+    chunks: AsyncIterator[bytes] | None
+    upstream: UpstreamResponse | None
+    done: Callable[[], object]
+
+    def close(self, clean: bool) -> None:
+        if self.upstream is not None:
+            if clean:
+                self.upstream.release()
+            else:
+                self.upstream.close()
+            self.upstream = None
+        self.done()
 
 
 class RequestForwarder:
@@ -113,16 +180,26 @@ class RequestForwarder:
         body = await read_body(request, self._cfg.max_body_bytes)
         parsed = parse_body(body, kind)
         overrides = parse_overrides(request.headers, parsed.kvrouter_field)
+        if kind == "completion":
+            prompts = batch_prompts(parsed.payload)
+            if prompts is not None:
+                return await self._fan_out(request, parsed, prompts, overrides)
         prompt = await self._prepare(parsed, kind)
-        # Our own ids: a client's x-request-id (forwarded as is) need not be unique, and
-        # uuid4 costs a urandom syscall per request.
-        request_id = f"{self._id_prefix}-{next(self._ids)}"
-        if len(prompt.local_hashes) == 0:
-            # Shorter than one block: nothing to match, so load alone decides.
-            self._counters.num_short_prompts += 1
+        request_id = self._new_id()
+        self._note_short(prompt)
         return await self._forward(
             request, kind, parsed, prompt=prompt, overrides=overrides, request_id=request_id
         )
+
+    def _new_id(self) -> str:
+        # Our own ids: a client's x-request-id (forwarded as is) need not be unique, and
+        # uuid4 costs a urandom syscall per request.
+        return f"{self._id_prefix}-{next(self._ids)}"
+
+    def _note_short(self, prompt: PreparedPrompt) -> None:
+        if len(prompt.local_hashes) == 0:
+            # Shorter than one block: nothing to match, so load alone decides.
+            self._counters.num_short_prompts += 1
 
     # -- routing ----------------------------------------------------------------------
     def choose(
@@ -204,6 +281,21 @@ class RequestForwarder:
         overrides: RoutingOverrides,
         request_id: str,
     ) -> web.StreamResponse:
+        return await self._with_retries(
+            prompt,
+            overrides,
+            request_id,
+            lambda attempt: self._try_worker(request, kind, parsed, attempt, request_id),
+        )
+
+    async def _with_retries(
+        self,
+        prompt: PreparedPrompt,
+        overrides: RoutingOverrides,
+        request_id: str,
+        run: Callable[[_Attempt], Awaitable[_T]],
+    ) -> _T:
+        """Route and ``run`` one request, retrying on another worker as described above."""
         excluded: frozenset[WorkerKey] = frozenset()
         pinned = overrides.worker_id is not None
         timeout_retried = False
@@ -218,7 +310,7 @@ class RequestForwarder:
             if attempt_no > 0:
                 self._counters.num_retries += 1
             try:
-                return await self._try_worker(request, kind, parsed, attempt, request_id)
+                return await run(attempt)
             except UpstreamTimeout as exc:
                 # Nothing reached the client yet. A slow worker is not a dead one: it
                 # stays in rotation, and only one retry is spent on timeouts.
@@ -262,25 +354,32 @@ class RequestForwarder:
         request_id: str,
     ) -> web.StreamResponse:
         state = attempt.state
-        state.num_requests += 1
-        state.num_in_flight += 1
-        self._counters.num_in_flight += 1
-        try:
+        with self._booked(state, request_id):
             upstream = await self._upstream.open(
                 state.url + _PATHS[kind], parsed.forward_body, request.headers
             )
             if parsed.stream and upstream.status == 200:
                 return await self._stream(request, upstream, state, request_id)
-            return await self._whole(upstream, state, request_id)
+            data = await self._read_whole(upstream, request_id)
+            headers = upstream.passthrough_headers()
+            headers["x-kvrouter-worker"] = str(state.worker_id)
+            return web.Response(body=data, status=upstream.status, headers=headers)
+
+    @contextmanager
+    def _booked(self, state: WorkerState, request_id: str) -> Iterator[None]:
+        """A request in flight on ``state``: counted, and finished in the router at the end."""
+        state.num_requests += 1
+        state.num_in_flight += 1
+        self._counters.num_in_flight += 1
+        try:
+            yield
         finally:
             state.num_in_flight -= 1
             self._counters.num_in_flight -= 1
             # Every path ends here: success, error, retry, client disconnect (cancel).
             self._core.on_finish(request_id)
 
-    async def _whole(
-        self, upstream: UpstreamResponse, state: WorkerState, request_id: str
-    ) -> web.Response:
+    async def _read_whole(self, upstream: UpstreamResponse, request_id: str) -> bytes:
         try:
             data = await upstream.read()
         except BaseException:
@@ -288,9 +387,7 @@ class RequestForwarder:
             raise
         upstream.release()
         self._core.on_first_token(request_id)
-        headers = upstream.passthrough_headers()
-        headers["x-kvrouter-worker"] = str(state.worker_id)
-        return web.Response(body=data, status=upstream.status, headers=headers)
+        return data
 
     async def _stream(
         self,
@@ -354,13 +451,221 @@ class RequestForwarder:
             except StopAsyncIteration:
                 return True
             except UpstreamError as exc:
-                kind = "timeout" if isinstance(exc, UpstreamTimeout) else "stream"
-                self._counters.upstream_errors[kind] += 1
-                log.warning("worker %d broke a stream: %r", state.worker_id, exc)
-                status = 504 if kind == "timeout" else 502
-                await response.write(
-                    sse_error_event(f"worker failed mid-stream: {exc}", status=status)
-                )
+                await response.write(self._broken_stream(state, exc))
                 return False
             # write() waits for the client to drain: back-pressure reaches the worker.
             await response.write(chunk)
+
+    def _broken_stream(self, state: WorkerState, exc: UpstreamError) -> bytes:
+        """Count a stream that broke after its first byte; the SSE frames that end it."""
+        kind = "timeout" if isinstance(exc, UpstreamTimeout) else "stream"
+        self._counters.upstream_errors[kind] += 1
+        log.warning("worker %d broke a stream: %r", state.worker_id, exc)
+        status = 504 if kind == "timeout" else 502
+        return sse_error_event(f"worker failed mid-stream: {exc}", status=status)
+
+    # -- batch completions ------------------------------------------------------------
+    async def _fan_out(
+        self,
+        request: web.Request,
+        parsed: ParsedBody,
+        prompts: list[str | list[int]],
+        overrides: RoutingOverrides,
+    ) -> web.StreamResponse:
+        """One request per prompt, each routed on its own; the answers merged as one."""
+        subs = split_batch(parsed, prompts)
+        prepared = await asyncio.gather(*(self._prepare(sub, "completion") for sub in subs))
+        base_id = self._new_id()
+        for prompt in prepared:
+            self._note_short(prompt)
+        self._counters.num_batches += 1
+        self._counters.num_batch_prompts += len(subs)
+        batch = _Batch(
+            subs,
+            list(prepared),
+            [f"{base_id}-{i}" for i in range(len(subs))],
+            [_sub_headers(request.headers, i) for i in range(len(subs))],
+            overrides,
+            choices_per_prompt(parsed.payload),
+        )
+        if parsed.stream:
+            return await self._fan_out_stream(request, batch)
+        answers = await _gather_or_cancel(
+            self._with_retries(
+                prompt,
+                overrides,
+                rid,
+                partial(self._answer, sub=sub, request_id=rid, headers=h),
+            )
+            for sub, prompt, rid, h in batch.requests()
+        )
+        for answer in answers:
+            if answer.status != 200:  # a worker refused one prompt: the batch fails so
+                return _json_response(answer.body, answer.status, [answer.worker_id])
+        body = merge_completions([a.body for a in answers], batch.n)
+        return _json_response(body, 200, [a.worker_id for a in answers])
+
+    async def _answer(
+        self, attempt: _Attempt, sub: ParsedBody, request_id: str, headers: Mapping[str, str]
+    ) -> _Answer:
+        state = attempt.state
+        with self._booked(state, request_id):
+            upstream = await self._upstream.open(
+                state.url + _PATHS["completion"], sub.forward_body, headers
+            )
+            data = await self._read_whole(upstream, request_id)
+            return _Answer(upstream.status, data, state.worker_id)
+
+    async def _open_stream(
+        self, attempt: _Attempt, sub: ParsedBody, request_id: str, headers: Mapping[str, str]
+    ) -> _OpenStream:
+        """Open one prompt's stream up to its first chunk; the booking outlives this call."""
+        state = attempt.state
+        booking = self._booked(state, request_id)
+        booking.__enter__()
+        upstream: UpstreamResponse | None = None
+        try:
+            upstream = await self._upstream.open(
+                state.url + _PATHS["completion"], sub.forward_body, headers
+            )
+            if upstream.status != 200:
+                data = await self._read_whole(upstream, request_id)
+                booking.__exit__(None, None, None)
+                return _OpenStream(state, upstream.status, data, None, None, lambda: None)
+            chunks = aiter(upstream.iter_chunks())
+            first = await self._first_chunk(chunks, state)
+            self._core.on_first_token(request_id)
+        except BaseException as exc:
+            if upstream is not None:
+                upstream.close()
+            booking.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return _OpenStream(
+            state, 200, first, chunks, upstream, lambda: booking.__exit__(None, None, None)
+        )
+
+    async def _fan_out_stream(self, request: web.Request, batch: _Batch) -> web.StreamResponse:
+        streams = await _gather_or_cancel(
+            (
+                self._with_retries(
+                    prompt,
+                    batch.overrides,
+                    rid,
+                    partial(self._open_stream, sub=sub, request_id=rid, headers=h),
+                )
+                for sub, prompt, rid, h in batch.requests()
+            ),
+            discard=lambda stream: stream.close(False),
+        )
+        clean = [False] * len(streams)
+        try:
+            refused = next((s for s in streams if s.status != 200), None)
+            if refused is not None:
+                return _json_response(refused.first, refused.status, [refused.state.worker_id])
+            return await self._merge_streams(request, streams, clean, batch.n)
+        finally:
+            for stream, ended in zip(streams, clean, strict=True):
+                stream.close(ended)
+
+    async def _merge_streams(
+        self, request: web.Request, streams: list[_OpenStream], clean: list[bool], n: int
+    ) -> web.StreamResponse:
+        batch_id = first_event_id(streams[0].first)
+        usage = UsageSum()
+        rewriters = [SseRewriter(i * n, batch_id, usage) for i in range(len(streams))]
+        workers = ",".join(str(s.state.worker_id) for s in streams)
+        response = web.StreamResponse(
+            status=200, headers={**_SSE_HEADERS, "x-kvrouter-worker": workers}
+        )
+        queue: asyncio.Queue[tuple[int, bytes | UpstreamError | None]] = asyncio.Queue(
+            maxsize=4 * len(streams)
+        )
+
+        async def pump(index: int, chunks: AsyncIterator[bytes]) -> None:
+            try:
+                async for chunk in chunks:
+                    await queue.put((index, chunk))
+            except UpstreamError as exc:
+                await queue.put((index, exc))
+                return
+            except Exception as exc:  # never leave the merging loop waiting for this one
+                await queue.put((index, UpstreamError(f"worker stream failed: {exc!r}")))
+                return
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s.chunks)) for i, s in enumerate(streams) if s.chunks]
+        try:
+            await response.prepare(request)
+            firsts = zip(rewriters, streams, strict=True)
+            await response.write(b"".join(r.feed(s.first) for r, s in firsts))
+            open_streams = len(streams)
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    clean[index] = True
+                    open_streams -= 1
+                    await response.write(rewriters[index].flush())
+                elif isinstance(item, UpstreamError):
+                    await response.write(self._broken_stream(streams[index].state, item))
+                    await response.write_eof()
+                    return response
+                else:
+                    out = rewriters[index].feed(item)
+                    if out:
+                        await response.write(out)
+            if usage.seen:
+                template = next((r.last_usage_chunk for r in rewriters if r.last_usage_chunk), None)
+                await response.write(usage_chunk(template, usage, batch_id))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        except ConnectionResetError:
+            self._counters.num_disconnects += 1
+            return response
+        except asyncio.CancelledError:
+            self._counters.num_disconnects += 1
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sub_headers(headers: Mapping[str, str], index: int) -> Mapping[str, str]:
+    """A prompt's request headers: a client's x-request-id gets the prompt's index, so
+    the workers see distinct ids."""
+    request_id = headers.get("x-request-id")
+    if request_id is None:
+        return headers
+    out = CIMultiDict(headers)
+    out["x-request-id"] = f"{request_id}-{index}"
+    return out
+
+
+def _json_response(body: bytes, status: int, workers: Iterable[int]) -> web.Response:
+    return web.Response(
+        body=body,
+        status=status,
+        headers={
+            "Content-Type": "application/json",
+            "x-kvrouter-worker": ",".join(str(w) for w in workers),
+        },
+    )
+
+
+async def _gather_or_cancel(
+    aws: Iterable[Awaitable[_T]], discard: Callable[[_T], Any] | None = None
+) -> list[_T]:
+    """All results, in order; on the first failure (or a cancel) the rest are cancelled
+    and the results already in are handed to ``discard``."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None and discard is not None:
+                discard(task.result())
+        raise

@@ -87,6 +87,11 @@ class GatewayCollector:
             upstream.add_metric([kind], n)
         yield upstream
         yield CounterMetricFamily(
+            _P + "batch_prompts",
+            "Prompts of batch completions, each routed as a request of its own",
+            value=stats.num_batch_prompts,
+        )
+        yield CounterMetricFamily(
             _P + "client_disconnects",
             "Requests whose client went away before the end",
             value=stats.num_disconnects,

@@ -9,7 +9,8 @@ work: :func:`can_prepare_inline` says when (the built-in byte-level tokenizer, o
 ids given by the client, on bodies up to :data:`INLINE_MAX_BODY_BYTES`).
 
 Chat requests always go through the chat template, never raw message text. A batch
-prompt (a list of several prompts) is routed by its first prompt.
+prompt (a list of several prompts, :func:`batch_prompts`) is split by the forwarder into
+one request per prompt, each routed by its own prefix.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "Kind",
     "ParsedBody",
     "PreparedPrompt",
+    "batch_prompts",
     "byte_token_ids",
     "can_prepare_inline",
     "first_prompt",
@@ -129,7 +131,8 @@ def _check_prompt_field(payload: Mapping[str, Any], kind: Kind) -> None:
 
 
 def first_prompt(payload: Mapping[str, Any]) -> str | list[int]:
-    """The completion prompt the request is routed by (the first of a batch)."""
+    """The completion prompt a request is routed by (of a batch, the first: what
+    ``/explain`` and a worker-side tokenizer see; the forwarder splits batches)."""
     prompt = payload["prompt"]
     if isinstance(prompt, str):
         return prompt
@@ -141,6 +144,27 @@ def first_prompt(payload: Mapping[str, Any]) -> str | list[int]:
     if isinstance(head, list) and head and all(_is_token_id(t) for t in head):
         return list(head)
     raise InvalidRequest("'prompt' must be a string, a list of token ids or a list of prompts")
+
+
+def batch_prompts(payload: Mapping[str, Any]) -> list[str | list[int]] | None:
+    """The prompts of a batch completion, or ``None`` for a single prompt.
+
+    A string, a list of token ids and a list of one prompt are single prompts. Raises
+    :class:`~kvrouter.errors.InvalidRequest` naming the first bad element of a batch.
+    """
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, list) or len(prompt) < 2:
+        return None
+    if all(_is_token_id(t) for t in prompt):
+        return None
+    prompts: list[str | list[int]] = []
+    for i, item in enumerate(prompt):
+        is_ids = isinstance(item, list) and item and all(_is_token_id(t) for t in item)
+        if isinstance(item, str) or is_ids:
+            prompts.append(item)
+        else:
+            raise InvalidRequest(f"prompt[{i}] must be a string or a non-empty list of token ids")
+    return prompts
 
 
 def _is_token_id(value: Any) -> bool:

@@ -64,6 +64,8 @@ class GatewayStats:
     num_disconnects: int
     num_short_prompts: int
     num_decisions: dict[tuple[str, int], int]
+    num_batches: int = 0
+    num_batch_prompts: int = 0
 
 
 @dataclass(slots=True)
@@ -76,6 +78,8 @@ class GatewayCounters:
     num_disconnects: int = 0
     num_short_prompts: int = 0
     num_inline_prepares: int = 0  # tokenized + hashed on the event loop (small, cheap)
+    num_batches: int = 0  # batch completions fanned out, one request per prompt
+    num_batch_prompts: int = 0  # ... and the prompts they held
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     upstream_errors: Counter[str] = field(default_factory=Counter)
     decisions: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -105,4 +109,6 @@ class GatewayCounters:
             num_disconnects=self.num_disconnects,
             num_short_prompts=self.num_short_prompts,
             num_decisions=dict(self.decisions),
+            num_batches=self.num_batches,
+            num_batch_prompts=self.num_batch_prompts,
         )

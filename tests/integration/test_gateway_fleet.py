@@ -269,6 +269,70 @@ async def test_streaming_through_the_openai_client(fleet: list[Worker]) -> None:
         assert (sched.num_decisions, sched.active.num_requests) == (2, 0)
 
 
+async def test_a_batch_prompt_sends_each_prompt_to_the_worker_that_caches_it(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    async with GatewayServer(gateway_config(fleet)) as gw:
+        prefixes = [f"Batch prefix {name}, cached on one worker. " * 14 for name in "AB"]
+        homes = []
+        for prefix, pin in zip(prefixes, (1, 2), strict=True):
+            url = gw.url + "/v1/completions"
+            body = {"prompt": prefix + "warm up", "max_tokens": 2}
+            async with client.post(url, json=body, headers={"x-kvrouter-worker": str(pin)}) as r:
+                assert r.status == 200
+            key = gw.gateway.registry.get(pin).key  # type: ignore[union-attr]
+            hashes = prompt_hashes(prefix)
+            await eventually(
+                lambda h=hashes, k=key: gw.core.indexer.find_matches(h).scores.get(k) == len(h)
+            )
+            homes.append(pin)
+        batch = [prefixes[1] + "second?", prefixes[0] + "first?", "no shared prefix at all"]
+        body = {"model": "kvrouter-mock", "prompt": batch, "max_tokens": 3, "n": 1}
+        async with client.post(gw.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            workers = [int(w) for w in resp.headers["x-kvrouter-worker"].split(",")]
+            answer = await resp.json()
+        assert workers[:2] == [homes[1], homes[0]]
+        assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+        assert all(c["finish_reason"] == "length" for c in answer["choices"])
+        usage = answer["usage"]
+        assert usage["prompt_tokens"] == sum(len(p.encode()) for p in batch)
+        assert usage["completion_tokens"] == 9
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= sum(len(prompt_hashes(p)) for p in prefixes) * BLOCK
+        assert gw.gateway.counters.stats().num_batch_prompts == 3
+        assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_a_streamed_batch_is_one_merged_stream(fleet: list[Worker]) -> None:
+    async with GatewayServer(gateway_config(fleet)) as gw:
+        api = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        prompts = [f"Streamed batch prompt number {i}. " * 4 for i in range(3)]
+        try:
+            stream = await api.completions.create(
+                model="kvrouter-mock",
+                prompt=prompts,
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+        finally:
+            await api.close()
+        ids = {c.id for c in chunks}
+        assert len(ids) == 1
+        per_choice = Counter(ch.index for c in chunks for ch in c.choices if ch.text)
+        assert per_choice == {0: 5, 1: 5, 2: 5}
+        finished = [ch.index for c in chunks for ch in c.choices if ch.finish_reason]
+        assert sorted(finished) == [0, 1, 2]
+        usage_chunks = [c for c in chunks if c.usage is not None]
+        assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
+        assert usage_chunks[0].usage.completion_tokens == 15  # type: ignore[union-attr]
+        assert usage_chunks[0].usage.prompt_tokens == sum(len(p) for p in prompts)  # type: ignore[union-attr]
+        sched = gw.core.scheduler.stats()
+        assert (sched.num_decisions, sched.num_finished, sched.active.num_requests) == (3, 3, 0)
+
+
 async def test_failover_when_a_worker_dies(client: aiohttp.ClientSession) -> None:
     workers = start_workers([10, 11])
     try:

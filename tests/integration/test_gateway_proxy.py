@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -35,18 +36,22 @@ class Backend:
     kv_usage: float = 0.0
     healthy: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
     disconnects: int = 0
     url: str = ""
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.request_ids.append(request.headers.get("x-request-id"))
         if self.mode == "drop":  # healthy, but drops every request before answering
             assert request.transport is not None
             request.transport.close()
             return web.Response()
         if self.mode == "status503":
             return web.json_response({"error": {"message": "busy"}}, status=503)
+        if body.get("prompt") == "refuse me":  # a worker's own 4xx, for this prompt only
+            return web.json_response({"error": {"message": "refused", "code": 400}}, status=400)
         if self.mode == "hang":  # accepts, then says nothing until the gateway gives up
             await asyncio.sleep(30)
         if not body.get("stream"):
@@ -441,3 +446,104 @@ async def test_debug_endpoints_and_metrics(
         data = await r.json()
     assert data["core"]["decisions"] == 1
     assert len(data["workers"]) == 2
+
+
+async def test_batch_prompts_fan_out_with_retries_and_merge(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    dropping = await start_backend(stack, Backend(mode="drop"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([dropping.url, good.url], router_mode="round_robin"))
+    )
+    body = {"prompt": ["abcdefgh", "ijklmnop", [5, 6, 7, 8]], "max_tokens": 2}
+    headers = {"x-request-id": "client-7"}
+    async with client.post(gw.url + "/v1/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kvrouter-worker"] == "1,1,1"
+        answer = await resp.json()
+    assert answer["choices"] == [{"text": "ok", "index": i} for i in range(3)]
+    assert sorted(r["prompt"] for r in good.requests if isinstance(r["prompt"], str)) == [
+        "abcdefgh",
+        "ijklmnop",
+    ]
+    assert [r["prompt"] for r in good.requests if isinstance(r["prompt"], list)] == [[5, 6, 7, 8]]
+    assert all(r["max_tokens"] == 2 for r in good.requests)
+    # A client's request id reaches each worker made distinct by the prompt's index.
+    assert sorted(good.request_ids) == ["client-7-0", "client-7-1", "client-7-2"]
+    assert gw.gateway.counters.stats().num_batches == 1
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_a_refused_prompt_fails_its_batch_with_the_workers_answer(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+    url = gw.url + "/v1/completions"
+    for stream in (False, True):
+        body = {"prompt": ["abcdefgh", "refuse me"], "stream": stream}
+        async with client.post(url, json=body) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["message"] == "refused"
+    async with client.post(url, json={"prompt": ["abcdefgh", {"x": 1}]}) as resp:
+        assert resp.status == 400
+        assert "prompt[1] must be" in (await resp.json())["error"]["message"]
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0
+
+
+async def test_a_streamed_batch_merges_events_and_ends_once(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backends = [await start_backend(stack, Backend()) for _ in range(2)]
+    gw = await stack.enter_async_context(GatewayServer(config([b.url for b in backends])))
+    body = {"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        text = (await resp.read()).decode()
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    indexes = Counter(json.loads(e)["choices"][0]["index"] for e in events[:-1])
+    assert indexes == {0: 3, 1: 3}
+    sched = gw.core.scheduler.stats()
+    assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
+
+
+async def test_a_batch_stream_broken_mid_way_ends_with_an_error_event(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    breaking = await start_backend(stack, Backend(mode="break"))
+    gw = await stack.enter_async_context(GatewayServer(config([breaking.url])))
+    body = {"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    events = [e for e in text.split("\n\n") if e]
+    error = json.loads(events[-2].removeprefix("data: "))
+    assert error["error"]["type"] == "upstream_error"
+    assert events[-1] == "data: [DONE]"
+    assert gw.gateway.counters.stats().num_upstream_errors["stream"] >= 1
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0
+
+
+async def test_a_client_leaving_a_batch_stream_frees_every_prompt(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    slow = await start_backend(stack, Backend(mode="slow"))
+    gw = await stack.enter_async_context(GatewayServer(config([slow.url])))
+    resp = await client.post(
+        gw.url + "/v1/completions", json={"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
+    )
+    assert (await resp.content.readline()).startswith(b"data: ")
+    assert gw.core.scheduler.stats().active.num_requests == 2
+    resp.close()
+    for _ in range(100):
+        if slow.disconnects == 2 and gw.core.scheduler.stats().active.num_requests == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert slow.disconnects == 2
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0

@@ -16,6 +16,7 @@ import pytest
 
 from kvrouter.errors import UpstreamError
 from kvrouter.runtime import NatsRuntime, endpoint, service
+from tests.integration.conftest import free_port, start_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +131,32 @@ async def test_endpoint_error_reaches_the_caller(nats_url: str) -> None:
         await client.wait_for_instances()
         with pytest.raises(UpstreamError, match="ValueError: bad x"):
             await collect(client.generate("x"))
+
+
+async def test_the_runtime_comes_back_after_a_nats_server_restart() -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    server = start_and_wait(port)
+    try:
+        async with await NatsRuntime.connect(url, reconnect_wait_s=0.1) as rt:
+            await rt.serve(Worker())
+            client = await rt.client("itest", "Worker", "generate")
+            await client.wait_for_instances()
+            assert await collect(client.generate({"n": 2})) == [
+                {"who": "local", "i": i} for i in range(2)
+            ]
+            server.terminate()
+            server.wait(timeout=10)
+            await asyncio.sleep(1.5)  # ~15 reconnect attempts, three times the old limit
+            server = start_and_wait(port)
+            for _ in range(100):
+                try:
+                    out = await collect(client.generate({"n": 2}))
+                    break
+                except UpstreamError:
+                    await asyncio.sleep(0.1)
+            assert out == [{"who": "local", "i": i} for i in range(2)]
+            assert rt.connection.is_connected
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
