@@ -218,10 +218,18 @@ async def _serve_in_process(options: MockerOptions) -> None:
     async with AsyncExitStack() as stack:
         workers = await start_workers(options, stack)
         for _, addresses in workers:
-            print(addresses.describe(), flush=True)
-        print(f"ready: {len(workers)} worker(s) serving model {options.model_name}", flush=True)
+            _say(addresses.describe())
+        _say(f"ready: {len(workers)} worker(s) serving model {options.model_name}")
         await stop.wait()
-        print("shutting down", flush=True)
+        _say("shutting down")
+
+
+def _say(line: str) -> None:
+    """One line to stdout in one write: with ``--processes`` the workers share the
+    parent's stdout, and ``print`` unbuffered (``PYTHONUNBUFFERED``) writes the text and
+    its newline separately, so two workers' lines could interleave mid-line."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _serve_in_processes(options: MockerOptions) -> None:
