@@ -136,7 +136,7 @@ class _OpenStream:
     first: bytes  # the first chunk; the whole answer when status is not 200
     chunks: AsyncIterator[bytes] | None
     upstream: UpstreamResponse | None
-    done: Callable[[], object]
+    done: Callable[[], None]
 
     def close(self, clean: bool) -> None:
         if self.upstream is not None:
@@ -368,16 +368,22 @@ class RequestForwarder:
     @contextmanager
     def _booked(self, state: WorkerState, request_id: str) -> Iterator[None]:
         """A request in flight on ``state``: counted, and finished in the router at the end."""
-        state.num_requests += 1
-        state.num_in_flight += 1
-        self._counters.num_in_flight += 1
+        self._start_on(state)
         try:
             yield
         finally:
-            state.num_in_flight -= 1
-            self._counters.num_in_flight -= 1
             # Every path ends here: success, error, retry, client disconnect (cancel).
-            self._core.on_finish(request_id)
+            self._end_on(state, request_id)
+
+    def _start_on(self, state: WorkerState) -> None:
+        state.num_requests += 1
+        state.num_in_flight += 1
+        self._counters.num_in_flight += 1
+
+    def _end_on(self, state: WorkerState, request_id: str) -> None:
+        state.num_in_flight -= 1
+        self._counters.num_in_flight -= 1
+        self._core.on_finish(request_id)
 
     async def _read_whole(self, upstream: UpstreamResponse, request_id: str) -> bytes:
         try:
@@ -490,20 +496,33 @@ class RequestForwarder:
         )
         if parsed.stream:
             return await self._fan_out_stream(request, batch)
-        answers = await _gather_or_cancel(
-            self._with_retries(
-                prompt,
-                overrides,
-                rid,
-                partial(self._answer, sub=sub, request_id=rid, headers=h),
-            )
-            for sub, prompt, rid, h in batch.requests()
-        )
+        answers = await self._each_prompt(batch, self._answer)
         for answer in answers:
             if answer.status != 200:  # a worker refused one prompt: the batch fails so
                 return _json_response(answer.body, answer.status, [answer.worker_id])
         body = merge_completions([a.body for a in answers], batch.n)
         return _json_response(body, 200, [a.worker_id for a in answers])
+
+    def _each_prompt(
+        self,
+        batch: _Batch,
+        run: Callable[..., Awaitable[_T]],
+        discard: Callable[[_T], Any] | None = None,
+    ) -> Awaitable[list[_T]]:
+        """``run(attempt, sub=, request_id=, headers=)`` for every prompt at once, each
+        with its own retries (:func:`_gather_or_cancel` for the rest)."""
+        return _gather_or_cancel(
+            (
+                self._with_retries(
+                    prompt,
+                    batch.overrides,
+                    rid,
+                    partial(run, sub=sub, request_id=rid, headers=headers),
+                )
+                for sub, prompt, rid, headers in batch.requests()
+            ),
+            discard,
+        )
 
     async def _answer(
         self, attempt: _Attempt, sub: ParsedBody, request_id: str, headers: Mapping[str, str]
@@ -521,8 +540,7 @@ class RequestForwarder:
     ) -> _OpenStream:
         """Open one prompt's stream up to its first chunk; the booking outlives this call."""
         state = attempt.state
-        booking = self._booked(state, request_id)
-        booking.__enter__()
+        self._start_on(state)
         upstream: UpstreamResponse | None = None
         try:
             upstream = await self._upstream.open(
@@ -530,32 +548,23 @@ class RequestForwarder:
             )
             if upstream.status != 200:
                 data = await self._read_whole(upstream, request_id)
-                booking.__exit__(None, None, None)
+                self._end_on(state, request_id)
                 return _OpenStream(state, upstream.status, data, None, None, lambda: None)
             chunks = aiter(upstream.iter_chunks())
             first = await self._first_chunk(chunks, state)
             self._core.on_first_token(request_id)
-        except BaseException as exc:
+        except BaseException:
             if upstream is not None:
                 upstream.close()
-            booking.__exit__(type(exc), exc, exc.__traceback__)
+            self._end_on(state, request_id)
             raise
         return _OpenStream(
-            state, 200, first, chunks, upstream, lambda: booking.__exit__(None, None, None)
+            state, 200, first, chunks, upstream, partial(self._end_on, state, request_id)
         )
 
     async def _fan_out_stream(self, request: web.Request, batch: _Batch) -> web.StreamResponse:
-        streams = await _gather_or_cancel(
-            (
-                self._with_retries(
-                    prompt,
-                    batch.overrides,
-                    rid,
-                    partial(self._open_stream, sub=sub, request_id=rid, headers=h),
-                )
-                for sub, prompt, rid, h in batch.requests()
-            ),
-            discard=lambda stream: stream.close(False),
+        streams = await self._each_prompt(
+            batch, self._open_stream, discard=lambda stream: stream.close(False)
         )
         clean = [False] * len(streams)
         try:
