@@ -6,19 +6,48 @@ This process drives the same requests (``num_groups`` groups of prompts sharing 
 prefix, ``prompt_chars`` characters each) at a fixed concurrency, first straight to the
 backend, then through the gateway, and prints requests/s and latency percentiles.
 Nothing is asserted; the figures depend on the machine.
+
+Other routers are measured the same way, in the same run, by ``peers``: commands that
+start one in front of the same backend, with ``{backend}`` (the backend's base URL) and
+``{port}`` (a free port for it to listen on) filled in, e.g. ::
+
+    kvrouter bench gateway --rounds 3 --peer "sglang=python -m sglang_router.launch_router \
+        --worker-urls {backend} --port {port} --policy cache_aware"
+
+With ``rounds`` > 1 every target is measured once per round, in turn, and the round
+with the median requests/s is reported, so a slow spell of a shared machine does not
+land on one target alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
-__all__ = ["BenchOptions", "BenchResult", "RunFigures", "run_gateway_bench"]
+__all__ = [
+    "BenchOptions",
+    "BenchResult",
+    "PeerFigures",
+    "RunFigures",
+    "parse_peer",
+    "run_gateway_bench",
+]
+
+# How long a peer router may take to answer its first request.
+PEER_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +59,16 @@ class BenchOptions:
     stream: bool = False
     router_mode: str = "kv"
     warmup_requests: int = 300
+    peers: tuple[str, ...] = ()  # "[LABEL=]COMMAND" templates (module docstring)
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if self.num_requests < 1 or self.concurrency < 1:
+            raise ValueError("num_requests and concurrency must be positive")
+        for peer in self.peers:
+            parse_peer(peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +83,20 @@ class RunFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerFigures:
+    """Another router, measured like the gateway."""
+
+    label: str
+    command: str
+    figures: RunFigures
+
+
+@dataclass(frozen=True, slots=True)
 class BenchResult:
     options: BenchOptions
     direct: RunFigures
     gateway: RunFigures
+    peers: list[PeerFigures] = field(default_factory=list)
 
     @property
     def added_p50_ms(self) -> float:
@@ -63,10 +112,13 @@ class BenchResult:
             f"{o.num_requests} requests, concurrency {o.concurrency}, {o.num_groups} groups of "
             f"{o.prompt_chars}-char prompts, stream={o.stream}, router mode {o.router_mode}\n"
         )
-        out.write(f"{'':18}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}\n")
-        for name, fig in (("straight", self.direct), ("through gateway", self.gateway)):
+        rows = [("straight", self.direct), ("through gateway", self.gateway)]
+        rows += [(f"through {peer.label}", peer.figures) for peer in self.peers]
+        width = max(18, *(len(name) + 2 for name, _ in rows))
+        out.write(f"{'':{width}}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}\n")
+        for name, fig in rows:
             out.write(
-                f"{name:18}{fig.requests_per_s:12.0f}{fig.p50_ms:10.2f}"
+                f"{name:{width}}{fig.requests_per_s:12.0f}{fig.p50_ms:10.2f}"
                 f"{fig.p99_ms:10.2f}{fig.num_errors:8d}\n"
             )
         out.write(
@@ -143,7 +195,16 @@ def _start(command: list[str], pattern: str) -> tuple[subprocess.Popen[str], int
         if match:
             return proc, int(match.group(1))
     proc.kill()
+    proc.wait()
+    proc.stdout.close()
     raise RuntimeError(f"{command[2:4]} did not start")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _bodies(options: BenchOptions, count: int) -> list[bytes]:
@@ -156,36 +217,179 @@ def _bodies(options: BenchOptions, count: int) -> list[bytes]:
     ]
 
 
-def run_gateway_bench(options: BenchOptions) -> BenchResult:
-    """Start the backend and the gateway, measure both paths, stop both."""
+def parse_peer(spec: str) -> tuple[str, str]:
+    """``(label, command)`` of a peer: ``LABEL=COMMAND``, or a bare command labelled by
+    its ``-m`` module or program name. Raises ``ValueError`` for an empty command, bad
+    quoting, or one without ``{port}``.
+
+    >>> parse_peer("sgl=python -m sglang_router.launch_router --port {port}")[0]
+    'sgl'
+    >>> parse_peer("python -m sglang_router.launch_router --port={port}")[0]
+    'sglang_router.launch_router'
+    """
+    head, sep, rest = spec.partition("=")
+    if sep and head and not any(c.isspace() for c in head):
+        label, command = head, rest.strip()
+    else:
+        label, command = "", spec.strip()
+    argv = shlex.split(command)
+    if not argv:
+        raise ValueError(f"empty peer command in {spec!r}")
+    if "{port}" not in command:
+        raise ValueError(f"a peer command must listen on {{port}}: {command!r}")
+    if not label:
+        label = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else Path(argv[0]).name
+    return label, command
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _PeerProcess:
+    """A peer router started in front of the backend; its output goes to a temp file,
+    shown when it fails to come up."""
+
+    def __init__(self, spec: str, backend_url: str) -> None:
+        self.label, self.command = parse_peer(spec)
+        port = _free_port()
+        argv = [
+            arg.replace("{port}", str(port)).replace("{backend}", backend_url)
+            for arg in shlex.split(self.command)
+        ]
+        self.url = f"http://127.0.0.1:{port}/v1/completions"
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        except OSError as exc:
+            self._log.close()
+            raise RuntimeError(f"peer {self.label!r} did not start: {exc}") from exc
+
+    async def wait_ready(self, probe: bytes, timeout_s: float = PEER_START_TIMEOUT_S) -> None:
+        """Until a completion through the peer succeeds; its exit or the timeout raises."""
+        import aiohttp
+
+        deadline = time.monotonic() + timeout_s
+        headers = {"Content-Type": "application/json"}
+        async with aiohttp.ClientSession() as session:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    raise RuntimeError(f"peer {self.label!r} exited with {code}: {self._tail()}")
+                try:
+                    async with session.post(self.url, data=probe, headers=headers) as response:
+                        await response.read()
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"peer {self.label!r} did not answer within {timeout_s:.0f} s: "
+                        f"{self._tail()}"
+                    )
+                await asyncio.sleep(0.2)
+
+    def _tail(self, limit: int = 800) -> str:
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace").strip()
+        return text[-limit:] or "(no output)"
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)  # the whole session: launchers fork
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._log.close()
+
+
+def _median_run(runs: Sequence[RunFigures]) -> RunFigures:
+    """The run with the median requests/s (the lower one of an even count)."""
+    ordered = sorted(runs, key=lambda run: run.requests_per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _measure(
+    urls: Sequence[str],
+    options: BenchOptions,
+    progress: Callable[[str], None],
+    names: Sequence[str],
+) -> list[RunFigures]:
+    """Warm every target, then ``rounds`` rounds over all of them in turn; the median."""
+    bodies = _bodies(options, options.num_requests)
+    warm = _bodies(options, options.warmup_requests)
+
+    def drive(url: str, batch: list[bytes]) -> RunFigures:
+        return asyncio.run(_drive(url, batch, options.concurrency, options.stream))
+
+    for url in urls:
+        drive(url, warm)
+    runs: list[list[RunFigures]] = [[] for _ in urls]
+    for round_index in range(options.rounds):
+        for name, url, mine in zip(names, urls, runs, strict=True):
+            mine.append(drive(url, bodies))
+            progress(
+                f"round {round_index + 1}/{options.rounds} {name}: "
+                f"{mine[-1].requests_per_s:.0f} requests/s"
+            )
+    return [_median_run(mine) for mine in runs]
+
+
+def run_gateway_bench(
+    options: BenchOptions, progress: Callable[[str], None] | None = None
+) -> BenchResult:
+    """Start the backend, the gateway and any peers, measure every path, stop them all.
+
+    ``progress`` gets a line after every measured run (``None``: silent).
+    """
     from kvrouter.gateway.server import install_uvloop
 
     install_uvloop()
+    say = progress or (lambda _line: None)
     backend, backend_port = _start(
         [sys.executable, "-m", "kvrouter.gateway.backend", "--port", "0"], r"port (\d+)"
     )
+    backend_url = f"http://127.0.0.1:{backend_port}"
     gateway = None
+    peers: list[_PeerProcess] = []
     try:
         gateway, gateway_port = _start(
             [
                 sys.executable, "-m", "kvrouter", "serve", "--port", "0",
-                "--workers", f"http://127.0.0.1:{backend_port}",
+                "--workers", backend_url,
                 "--router-mode", options.router_mode, "--tokenizer", "builtin",
                 "--log-level", "WARNING",
             ],
             r"gateway on http://[\d.]+:(\d+)",
         )  # fmt: skip
-        bodies = _bodies(options, options.num_requests)
-        warm = _bodies(options, options.warmup_requests)
-        direct_url = f"http://127.0.0.1:{backend_port}/v1/completions"
-        gateway_url = f"http://127.0.0.1:{gateway_port}/v1/completions"
-        asyncio.run(_drive(direct_url, warm, options.concurrency, options.stream))
-        direct = asyncio.run(_drive(direct_url, bodies, options.concurrency, options.stream))
-        asyncio.run(_drive(gateway_url, warm, options.concurrency, options.stream))
-        through = asyncio.run(_drive(gateway_url, bodies, options.concurrency, options.stream))
+        probe = _bodies(options, 1)[0]
+        for spec in options.peers:
+            peers.append(_PeerProcess(spec, backend_url))
+            asyncio.run(peers[-1].wait_ready(probe))
+        urls = [f"{backend_url}/v1/completions", f"http://127.0.0.1:{gateway_port}/v1/completions"]
+        names = ["straight", "gateway", *(peer.label for peer in peers)]
+        figures = _measure([*urls, *(peer.url for peer in peers)], options, say, names)
     finally:
+        for peer in peers:
+            peer.stop()
         for proc in (gateway, backend):
             if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=10)
-    return BenchResult(options, direct, through)
+                _stop(proc)
+    return BenchResult(
+        options,
+        figures[0],
+        figures[1],
+        [
+            PeerFigures(peer.label, peer.command, fig)
+            for peer, fig in zip(peers, figures[2:], strict=True)
+        ],
+    )

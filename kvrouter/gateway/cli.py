@@ -183,21 +183,45 @@ def bench_gateway(
     prompt_chars: int = typer.Option(4000, help="Characters per prompt."),
     stream: bool = typer.Option(False, help="Ask for SSE streams."),
     router_mode: str = typer.Option("kv", help="Routing policy of the gateway."),
+    peer: list[str] = typer.Option(
+        [],
+        metavar="[LABEL=]COMMAND",
+        help="Also measure another router: a command that starts it on {port} in front "
+        "of {backend} (the backend's URL). Repeatable.",
+    ),
+    rounds: int = typer.Option(
+        1, help="Measure every target this many times, in turn; report the median run."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Gateway overhead: requests/s and added latency vs. straight to a trivial backend."""
+    """Gateway overhead: requests/s and added latency vs. straight to a trivial backend.
+
+    Example, side by side with SGLang's router (installed in the same environment):
+
+      kvrouter bench gateway --rounds 3 --peer "sglang=python -m
+      sglang_router.launch_router --worker-urls {backend} --port {port}
+      --policy cache_aware"
+    """
     from kvrouter.gateway.bench import BenchOptions, run_gateway_bench
 
-    result = run_gateway_bench(
-        BenchOptions(
+    try:
+        options = BenchOptions(
             num_requests=num_requests,
             concurrency=concurrency,
             num_groups=num_groups,
             prompt_chars=prompt_chars,
             stream=stream,
             router_mode=router_mode,
+            peers=tuple(peer),
+            rounds=rounds,
         )
-    )
+    except ValueError as exc:
+        _fail(str(exc))
+    progress = None if as_json else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        result = run_gateway_bench(options, progress)
+    except RuntimeError as exc:
+        _fail(str(exc))
     if as_json:
         print(json.dumps(asdict(result)))
         return
