@@ -4,6 +4,11 @@ It answers at once with fixed bodies (JSON, or a short SSE stream), so whatever 
 request takes through the gateway beyond the time it takes straight to this backend is
 the gateway's. Run it as ``python -m kvrouter.gateway.backend --port 0``; it prints
 ``port N`` once it listens.
+
+With ``--forward-to URL`` it is instead the plainest proxy one Python process can be:
+every completion is passed to ``URL`` as it came and the answer passed back, with no
+parsing, routing or bookkeeping. Measured as a peer of ``kvrouter bench gateway`` it
+shows how many requests/s forwarding alone costs on a machine.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -56,18 +62,40 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
 
 
-def build_backend_app() -> web.Application:
+def _forwarder(target: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler that passes each request to ``target`` (a base URL) unchanged."""
+    import aiohttp
+
+    session: aiohttp.ClientSession | None = None
+
+    async def forward(request: web.Request) -> web.Response:
+        nonlocal session
+        if session is None:  # made on the serving loop
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            request.app.on_cleanup.append(lambda _app: session.close())
+        body = await request.read()
+        headers = {"Content-Type": request.content_type}
+        async with session.post(target + request.path, data=body, headers=headers) as answer:
+            data = await answer.read()
+            return web.Response(body=data, status=answer.status, content_type=answer.content_type)
+
+    return forward
+
+
+def build_backend_app(forward_to: str | None = None) -> web.Application:
+    """The fixed-answer backend, or with ``forward_to`` the plain proxy (module docstring)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/v1/completions", _generate)
-    app.router.add_post("/v1/chat/completions", _generate)
+    generate = _generate if forward_to is None else _forwarder(forward_to.rstrip("/"))
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/chat/completions", generate)
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/metrics", _metrics)
     return app
 
 
-async def _serve(host: str, port: int) -> None:
-    runner = web.AppRunner(build_backend_app(), access_log=None)
+async def _serve(host: str, port: int, forward_to: str | None) -> None:
+    runner = web.AppRunner(build_backend_app(forward_to), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
@@ -85,11 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--forward-to", metavar="URL", help="be a plain proxy to URL")
     args = parser.parse_args(argv)
     from kvrouter.gateway.server import install_uvloop
 
     install_uvloop()
-    asyncio.run(_serve(args.host, args.port))
+    asyncio.run(_serve(args.host, args.port, args.forward_to))
 
 
 if __name__ == "__main__":

@@ -17,24 +17,29 @@ _PEER = (
     f"second={sys.executable} -m kvrouter serve --port {{port}} --workers {{backend}} "
     "--tokenizer builtin --log-level WARNING"
 )
+# The backend module's forwarding mode: the plainest proxy, a reference for the others.
+_PLAIN = (
+    f"plain={sys.executable} -m kvrouter.gateway.backend --forward-to {{backend}} --port {{port}}"
+)
 
 
-def test_measures_the_gateway_and_a_peer_on_the_same_requests() -> None:
+def test_measures_the_gateway_and_peers_on_the_same_requests() -> None:
     lines: list[str] = []
     options = BenchOptions(
-        num_requests=60, concurrency=4, warmup_requests=8, prompt_chars=400, peers=(_PEER,),
-        rounds=2,
+        num_requests=60, concurrency=4, warmup_requests=8, prompt_chars=400,
+        peers=(_PEER, _PLAIN), rounds=2,
     )  # fmt: skip
     result = run_gateway_bench(options, lines.append)
 
-    assert [peer.label for peer in result.peers] == ["second"]
-    for figures in (result.direct, result.gateway, result.peers[0].figures):
+    assert [peer.label for peer in result.peers] == ["second", "plain"]
+    for figures in (result.direct, result.gateway, *(peer.figures for peer in result.peers)):
         assert figures.num_errors == 0
         assert figures.requests_per_s > 0
         assert 0 < figures.p50_ms <= figures.p99_ms
-    # Two rounds over three targets, one progress line each, in turn.
+    # Two rounds over four targets, one progress line each, in turn.
+    targets = ("straight", "gateway", "second", "plain")
     assert [line.split(":")[0] for line in lines] == [
-        f"round {r}/2 {name}" for r in (1, 2) for name in ("straight", "gateway", "second")
+        f"round {r}/2 {name}" for r in (1, 2) for name in targets
     ]
 
 
