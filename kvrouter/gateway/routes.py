@@ -29,11 +29,12 @@ from aiohttp import web
 
 from kvrouter.errors import ConfigError, InvalidRequest, RouterError
 from kvrouter.gateway.config import parse_worker_spec
+from kvrouter.gateway.fanout import split_batch
 from kvrouter.gateway.forward import read_body
 from kvrouter.gateway.http_errors import NotFound, error_body, map_error, retry_after_header
 from kvrouter.gateway.metrics import CONTENT_TYPE, GatewayCollector, render_metrics
-from kvrouter.gateway.overrides import parse_overrides
-from kvrouter.gateway.prompts import Kind, parse_body
+from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
+from kvrouter.gateway.prompts import Kind, ParsedBody, batch_prompts, parse_body
 from kvrouter.gateway.service import Gateway
 
 __all__ = ["GATEWAY_KEY", "build_app"]
@@ -191,26 +192,37 @@ class _Handlers:
         return _json({"decisions": [r.to_dict() for r in recent]})
 
     async def explain(self, request: web.Request) -> web.Response:
-        """Route a completion or chat body without sending it (nothing is booked)."""
+        """Route a completion or chat body without sending it (nothing is booked).
+
+        A batch completion (``prompt`` a list of prompts) is explained prompt by prompt,
+        as ``{"prompts": [...]}``, each against the current state as if it came alone.
+        """
         body = await read_body(request, self.gw.cfg.max_body_bytes)
         kind: Kind = "chat" if b'"messages"' in body else "completion"
         parsed = parse_body(body, kind)
         overrides = parse_overrides(request.headers, parsed.kvrouter_field)
+        batch = batch_prompts(parsed.payload) if kind == "completion" else None
+        if batch is None:
+            return _json(await self._explain_one(parsed, kind, overrides))
+        subs = split_batch(parsed, batch)
+        return _json({"prompts": [await self._explain_one(sub, kind, overrides) for sub in subs]})
+
+    async def _explain_one(
+        self, parsed: ParsedBody, kind: Kind, overrides: RoutingOverrides
+    ) -> dict[str, Any]:
         prompt = await self.gw.prepare(parsed, kind)
         attempt = self.gw.forwarder.explain(prompt, overrides)
         route = attempt.route
-        return _json(
-            {
-                "worker_id": route.worker.worker_id,
-                "dp_rank": route.worker.dp_rank,
-                "url": attempt.state.url,
-                "policy": route.policy,
-                "num_tokens": prompt.num_tokens,
-                "request_blocks": route.request_blocks,
-                "overlap_blocks": route.overlap_blocks,
-                "explanation": list(route.explanation),
-            }
-        )
+        return {
+            "worker_id": route.worker.worker_id,
+            "dp_rank": route.worker.dp_rank,
+            "url": attempt.state.url,
+            "policy": route.policy,
+            "num_tokens": prompt.num_tokens,
+            "request_blocks": route.request_blocks,
+            "overlap_blocks": route.overlap_blocks,
+            "explanation": list(route.explanation),
+        }
 
     async def dashboard(self, request: web.Request) -> web.Response:
         page = resources.files("kvrouter.gateway").joinpath("dashboard.html").read_text("utf-8")

@@ -427,6 +427,18 @@ async def test_debug_endpoints_and_metrics(
     assert (explained["request_blocks"], explained["overlap_blocks"]) == (4, 4)
     assert len(explained["explanation"]) == 2
     assert gw.core.scheduler.stats().num_decisions == 1  # explaining is not deciding
+    # A batch is explained prompt by prompt; only the first prompt's prefix is cached.
+    batch = {"prompt": [prompt["prompt"], "qrstuvwxyzABCDEF"]}
+    async with client.post(gw.url + "/debug/explain", json=batch) as r:
+        explained_batch = (await r.json())["prompts"]
+    assert [str(p["worker_id"]) for p in explained_batch][:1] == [first]
+    assert [(p["request_blocks"], p["overlap_blocks"]) for p in explained_batch] == [
+        (4, 4),
+        (4, 0),
+    ]
+    async with client.post(gw.url + "/debug/explain", json={"prompt": ["ok", 3.5]}) as r:
+        assert r.status == 400
+    assert gw.core.scheduler.stats().num_decisions == 1
     async with client.get(gw.url + "/debug/decisions?n=5") as r:
         decisions = (await r.json())["decisions"]
     assert len(decisions) == 1
