@@ -46,9 +46,6 @@ __all__ = [
     "run_gateway_bench",
 ]
 
-# How long a peer router may take to answer its first request.
-PEER_START_TIMEOUT_S = 60.0
-
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
@@ -61,6 +58,7 @@ class BenchOptions:
     warmup_requests: int = 300
     peers: tuple[str, ...] = ()  # "[LABEL=]COMMAND" templates (module docstring)
     rounds: int = 1
+    peer_start_timeout_s: float = 60.0  # until a peer's first completion succeeds
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -270,13 +268,16 @@ class _PeerProcess:
             self._log.close()
             raise RuntimeError(f"peer {self.label!r} did not start: {exc}") from exc
 
-    async def wait_ready(self, probe: bytes, timeout_s: float = PEER_START_TIMEOUT_S) -> None:
+    async def wait_ready(self, probe: bytes, timeout_s: float) -> None:
         """Until a completion through the peer succeeds; its exit or the timeout raises."""
         import aiohttp
 
         deadline = time.monotonic() + timeout_s
         headers = {"Content-Type": "application/json"}
-        async with aiohttp.ClientSession() as session:
+        last = "no answer"
+        # A peer that accepts and then hangs must not outlast the deadline.
+        probe_timeout = aiohttp.ClientTimeout(total=5.0)
+        async with aiohttp.ClientSession(timeout=probe_timeout) as session:
             while True:
                 code = self._proc.poll()
                 if code is not None:
@@ -286,12 +287,13 @@ class _PeerProcess:
                         await response.read()
                         if response.status == 200:
                             return
-                except aiohttp.ClientError:
-                    pass
+                        last = f"last answer {response.status}"
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    last = f"last try: {exc!r}"
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"peer {self.label!r} did not answer within {timeout_s:.0f} s: "
-                        f"{self._tail()}"
+                        f"peer {self.label!r} did not answer within {timeout_s:.0f} s "
+                        f"({last}): {self._tail()}"
                     )
                 await asyncio.sleep(0.2)
 
@@ -307,7 +309,8 @@ class _PeerProcess:
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
         self._log.close()
 
@@ -374,7 +377,7 @@ def run_gateway_bench(
         probe = _bodies(options, 1)[0]
         for spec in options.peers:
             peers.append(_PeerProcess(spec, backend_url))
-            asyncio.run(peers[-1].wait_ready(probe))
+            asyncio.run(peers[-1].wait_ready(probe, options.peer_start_timeout_s))
         urls = [f"{backend_url}/v1/completions", f"http://127.0.0.1:{gateway_port}/v1/completions"]
         names = ["straight", "gateway", *(peer.label for peer in peers)]
         figures = _measure([*urls, *(peer.url for peer in peers)], options, say, names)

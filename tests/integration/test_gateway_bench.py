@@ -63,3 +63,16 @@ def test_a_peer_that_exits_is_a_clear_error_and_stops_everything() -> None:
     options = BenchOptions(num_requests=10, warmup_requests=1, peers=(dead,))
     with pytest.raises(RuntimeError, match=r"peer 'dead' exited with 3: no such option"):
         run_gateway_bench(options)
+
+
+def test_a_peer_that_never_answers_200_times_out_with_its_last_answer() -> None:
+    # A plain proxy to a path the backend does not serve: it answers 404, never 200.
+    wrong = (
+        f"wrong={sys.executable} -m kvrouter.gateway.backend "
+        "--forward-to {backend}/nowhere --port {port}"
+    )
+    options = BenchOptions(
+        num_requests=10, warmup_requests=1, peers=(wrong,), peer_start_timeout_s=2.0
+    )
+    with pytest.raises(RuntimeError, match=r"did not answer within 2 s \(last answer 404\)"):
+        run_gateway_bench(options)
