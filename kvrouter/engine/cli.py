@@ -378,15 +378,6 @@ async def _wait_healthy(url: str, timeout_s: float) -> None:
             await asyncio.sleep(0.05)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def run_engine_bench(
     *,
     num_requests: int,
@@ -397,7 +388,9 @@ def run_engine_bench(
     speedup_ratio: float,
 ) -> EngineBenchResult:
     """Start one worker process, load it from this process, measure it."""
-    port = _free_port()
+    from kvrouter.bench.net import free_port
+
+    port = free_port()
     options = MockerOptions(
         base_port=port, kv_events_base_port=0, speedup_ratio=speedup_ratio, block_size=64
     )

@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from kvrouter.bench.net import free_port
 
 __all__ = [
     "BenchOptions",
@@ -240,20 +241,13 @@ def parse_peer(spec: str) -> tuple[str, str]:
     return label, command
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class _PeerProcess:
     """A peer router started in front of the backend; its output goes to a temp file,
     shown when it fails to come up."""
 
     def __init__(self, spec: str, backend_url: str) -> None:
         self.label, self.command = parse_peer(spec)
-        port = _free_port()
+        port = free_port()
         argv = [
             arg.replace("{port}", str(port)).replace("{backend}", backend_url)
             for arg in shlex.split(self.command)
