@@ -26,6 +26,7 @@ import msgspec
 
 from kvrouter.bench.results import RequestRecord, RunResult, Series, summarize
 from kvrouter.bench.workloads import Arrivals, Request, apply_arrivals, prompt_text
+from kvrouter.lifecycle import cancel_and_wait
 
 __all__ = ["WORKER_HEADER", "ReplayConfig", "fetch_model", "replay", "run_replay"]
 
@@ -255,8 +256,7 @@ async def replay(
             else:
                 await _open_loop(run, ordered)
         finally:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+            await cancel_and_wait(sampler)
         run.sample(time.monotonic() - run.start)
     extra = {"late_starts": run.late_starts, "model": model}
     return summarize(

@@ -50,7 +50,7 @@ from kvrouter.engine.http import (
 )
 from kvrouter.errors import InvalidRequest, RequestError
 from kvrouter.events.vllm import KVCacheEvent
-from kvrouter.lifecycle import AsyncLifecycle
+from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.protocol import (
     ChatCompletionRequest,
@@ -235,9 +235,7 @@ class EngineServer(AsyncLifecycle):
             await asyncio.sleep(0.05)
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._engine_task is not None:
-            self._engine_task.cancel()
-            await asyncio.gather(self._engine_task, return_exceptions=True)
+        await cancel_and_wait(self._engine_task)
         for request_id in list(self._waiters):
             self._abort(request_id)
 

@@ -66,6 +66,7 @@ from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_pro
 from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import DecisionRecord, GatewayCounters
+from kvrouter.lifecycle import cancel_and_wait
 
 __all__ = ["PromptPreparer", "RequestForwarder", "read_body"]
 
@@ -635,9 +636,7 @@ class RequestForwarder:
             self._counters.num_disconnects += 1
             raise
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(*tasks)
 
 
 def _sub_headers(headers: Mapping[str, str], index: int) -> Mapping[str, str]:
@@ -671,9 +670,7 @@ async def _gather_or_cancel(
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+        await cancel_and_wait(*tasks)
         for task in tasks:
             if not task.cancelled() and task.exception() is None and discard is not None:
                 discard(task.result())

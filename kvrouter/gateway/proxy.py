@@ -186,7 +186,8 @@ class UpstreamClient(AsyncLifecycle):
 
 async def _read_snippet(raw: aiohttp.ClientResponse, limit: int = 300) -> str:
     try:
-        data = await asyncio.wait_for(raw.read(), timeout=2.0)
+        async with asyncio.timeout(2.0):
+            data = await raw.read()
     except (TimeoutError, aiohttp.ClientError, ConnectionError):
         return "<no body>"
     return data[:limit].decode("utf-8", errors="replace")

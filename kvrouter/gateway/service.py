@@ -23,7 +23,6 @@ import functools
 import logging
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from typing import Any, Protocol
 
 import msgspec
@@ -45,7 +44,7 @@ from kvrouter.gateway.prompts import (
 from kvrouter.gateway.proxy import UpstreamClient
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import GatewayCounters
-from kvrouter.lifecycle import AsyncLifecycle
+from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.tokenizer import Tokenizer
 
@@ -127,11 +126,7 @@ class Gateway(AsyncLifecycle):
             return
         self._closed = True
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         if tasks:
             log.info("gateway stopped %d background task(s)", len(tasks))
         for feeds in (self._feeds, self._metrics_feeds):

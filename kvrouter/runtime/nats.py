@@ -255,7 +255,8 @@ class _NatsTransport:
 
     async def _next(self, queue: asyncio.Queue[Any], instance_id: int) -> Any:
         try:
-            return await asyncio.wait_for(queue.get(), self._idle_timeout_s)
+            async with asyncio.timeout(self._idle_timeout_s):
+                return await queue.get()
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"instance {instance_id:x} sent nothing for {self._idle_timeout_s} s"

@@ -153,7 +153,8 @@ class FrameQueue:
             return
         self._ready.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._ready.wait()
 
     def wake(self) -> None:
         """End every :meth:`wait` now (the subscription is closing)."""
@@ -181,6 +182,14 @@ class Subscription(abc.ABC):
     @abc.abstractmethod
     def connected(self) -> bool:
         """Whether a publisher is connected right now (best knowledge)."""
+
+    async def wait_connected(self) -> None:
+        """Return once the subscription reaches its publisher.
+
+        At once by default: subscribing already connected, or there is nothing to wait
+        for. A transport that connects in the background (ZeroMQ) waits for that.
+        """
+        return None
 
     @abc.abstractmethod
     async def replay(self, start_seq: int, timeout_s: float) -> list[Message] | None:

@@ -29,7 +29,7 @@ from types import MappingProxyType
 import msgspec
 
 from kvrouter.clock import Clock
-from kvrouter.lifecycle import AsyncLifecycle
+from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.transport.base import EventTransport, Malformed, Message, Subscription, parse_frames
 from kvrouter.transport.subscriber import WorkerEndpoint, follow
@@ -146,7 +146,8 @@ class WorkerMetricsPublisher(AsyncLifecycle):
             wait_s = self._last_send_s + interval_s - now if self._latest is not None else None
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
 
     async def start(self) -> None:
         """Start the transport and the send loop; idempotent."""
@@ -162,10 +163,7 @@ class WorkerMetricsPublisher(AsyncLifecycle):
             return
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self.transport.aclose()
 
     def stats(self) -> MetricsPublisherStats:
@@ -260,7 +258,7 @@ class MetricsSubscriber(AsyncLifecycle):
             k for k in self._streams if k[0] == worker_id and (dp_rank is None or k[1] == dp_rank)
         ]
         for key in keys:
-            await _cancel(self._streams.pop(key).task)
+            await cancel_and_wait(self._streams.pop(key).task)
         return len(keys)
 
     async def start(self) -> None:
@@ -279,7 +277,7 @@ class MetricsSubscriber(AsyncLifecycle):
             return
         self._closed = True
         for stream in self._streams.values():
-            await _cancel(stream.task)
+            await cancel_and_wait(stream.task)
         if self._owns_transport:
             await self._transport.aclose()
 
@@ -328,13 +326,6 @@ class MetricsSubscriber(AsyncLifecycle):
             "?" if seq is None else seq,
             reason,
         )
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 # ------------------------------------------------------------------ Prometheus text

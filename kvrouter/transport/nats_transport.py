@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvrouter.errors import EventStreamError
+from kvrouter.lifecycle import cancel_and_wait
 from kvrouter.transport.base import (
     END_SEQ,
     SEQ_NUM_BYTES,
@@ -171,7 +172,8 @@ class NatsSubscription(Subscription):
         sub = await self._nc.subscribe(inbox, cb=replies.put)
         try:
             await self._nc.publish(subject, encode_seq(start_seq), reply=inbox)
-            return await asyncio.wait_for(self._collect(replies), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await self._collect(replies)
         except TimeoutError:
             logger.warning("replay from %s timed out after %.3f s", subject, timeout_s)
             return None
@@ -329,13 +331,12 @@ class NatsTransport(EventTransport):
         sender = self._sender
         if sender is not None:
             try:  # send what is queued, briefly
-                await asyncio.wait_for(self._finish_sending(sender), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._finish_sending(sender)
             except TimeoutError:
                 logger.warning("closing NATS transport with unsent messages on %s", self._address)
             finally:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+                await cancel_and_wait(sender)
         for subscription in self._subscriptions:
             await subscription.aclose()
         if self._replay_sub is not None:

@@ -17,6 +17,12 @@ on the live stream, which only grows while the publisher process lives)::
                                 the worker, then apply what there is
     first message, seq > 0      joined late: replay from 0, apply what there is
 
+Before its first message, a stream with a replay socket catches up on its own: once
+connected it asks for a replay from 0. A publisher sends nothing to a subscriber that
+has not finished connecting, so without this the blocks a worker cached before the
+router subscribed (or while it connected) would reach the index only with the
+worker's next event, which an idle worker may not send for a long time.
+
 A reset drops the worker's blocks from the index (``reset_worker``): a stale index
 costs cache hits, a wrong one misroutes. Malformed messages are counted by kind,
 logged with the worker and seq, and skipped; the stream goes on.
@@ -25,7 +31,6 @@ logged with the worker and seq, and skipped; the stream goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -36,7 +41,7 @@ from typing import Protocol
 from kvrouter.errors import DecodeError, EventStreamError
 from kvrouter.events.model import RouterEvent, WorkerKey
 from kvrouter.events.vllm import VllmEventDecoder
-from kvrouter.lifecycle import AsyncLifecycle
+from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.transport.base import (
     EventTransport,
     Malformed,
@@ -298,11 +303,7 @@ class KvEventSubscriber(AsyncLifecycle):
         stream.task = asyncio.create_task(self._follow(stream), name=name)
 
     async def _stop(self, stream: _Stream) -> None:
-        task = stream.task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(stream.task)
 
     # --------------------------------------------------------------- receiving
 
@@ -315,6 +316,9 @@ class KvEventSubscriber(AsyncLifecycle):
         def on_broken() -> None:
             stream.num_reconnects += 1
 
+        async def on_subscribed(subscription: Subscription) -> None:
+            await self._catch_up(stream, subscription)
+
         await follow(
             self._transport,
             stream,
@@ -322,7 +326,21 @@ class KvEventSubscriber(AsyncLifecycle):
             backoff_s=self._backoff_s,
             what="events",
             on_broken=on_broken,
+            on_subscribed=on_subscribed,
         )
+
+    async def _catch_up(self, stream: _Stream, subscription: Subscription) -> None:
+        """Nothing applied yet: once connected, replay what the publisher holds."""
+        if stream.applied >= 0 or stream.endpoint.replay_address is None:
+            return
+        await subscription.wait_connected()
+        replayed = await subscription.replay(0, self._replay_timeout_s)
+        # No answer (the publisher's replay socket is not up yet, say) costs nothing:
+        # the first live message asks again, as a late join.
+        if replayed:
+            stream.num_late_joins += 1
+            stream.num_replays_ok += 1
+            self._apply_in_order(stream, replayed, tolerate=True)
 
     async def _on_frames(self, stream: _Stream, frames: list[bytes]) -> None:
         """Handle one received message (the sequence check of the module docstring)."""
@@ -452,9 +470,11 @@ async def follow(
     backoff_s: tuple[float, float],
     what: str,
     on_broken: Callable[[], None] = lambda: None,
+    on_subscribed: Callable[[Subscription], Awaitable[None]] | None = None,
 ) -> None:
     """Feed every message of ``stream.endpoint`` to ``on_frames``, forever; a failed or
-    broken subscription is retried with exponential backoff (``backoff_s`` = min, max)."""
+    broken subscription is retried with exponential backoff (``backoff_s`` = min, max).
+    ``on_subscribed`` runs on each new subscription before its first message."""
     min_s, max_s = backoff_s
     delay_s = min_s
     worker_id = stream.endpoint.worker_id
@@ -466,6 +486,8 @@ async def follow(
         else:
             stream.subscription = subscription
             try:
+                if on_subscribed is not None:
+                    await on_subscribed(subscription)
                 while True:
                     await on_frames(await subscription.recv())
                     delay_s = min_s

@@ -33,6 +33,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvrouter.errors import EventStreamError
+from kvrouter.lifecycle import cancel_and_wait
 from kvrouter.transport.base import (
     END_SEQ,
     SEQ_NUM_BYTES,
@@ -101,6 +102,7 @@ class ZmqSubscription(Subscription):
         self.endpoint = endpoint
         self._context = context
         self._connected = False
+        self._connected_event = asyncio.Event()
         self._closed = False
         sock = context.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
@@ -127,8 +129,15 @@ class ZmqSubscription(Subscription):
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECTED:
                 self._connected = True
+                self._connected_event.set()
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self._connected = False
+                self._connected_event.clear()
+
+    async def wait_connected(self) -> None:
+        """Until the socket has connected to the publisher (ZeroMQ connects in the
+        background, and retries while the publisher is not up)."""
+        await self._connected_event.wait()
 
     async def recv(self) -> list[bytes]:
         try:
@@ -152,7 +161,8 @@ class ZmqSubscription(Subscription):
         dealer.setsockopt(zmq.LINGER, 0)
         try:
             dealer.connect(address)
-            return await asyncio.wait_for(self._request_replay(dealer, start_seq), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await self._request_replay(dealer, start_seq)
         except TimeoutError:
             logger.warning("replay from %s timed out after %.3f s", address, timeout_s)
             return None
@@ -183,11 +193,10 @@ class ZmqSubscription(Subscription):
             return
         self._closed = True
         task, self._monitor_task = self._monitor_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._close_sockets()
+        try:
+            await cancel_and_wait(task)
+        finally:
+            self._close_sockets()
 
     def _close_sockets(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -337,10 +346,7 @@ class ZmqTransport(EventTransport):
             return
         self._closed = True
         task, self._replay_task = self._replay_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for subscription in self._subscriptions:
             await subscription.aclose()
         self._subscriptions.clear()

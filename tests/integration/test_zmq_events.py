@@ -112,7 +112,27 @@ async def test_dropped_batches_are_replayed_until_the_index_matches() -> None:
         assert index.tree_size(WorkerKey(1, 0)) == 3
         assert index.find_matches_for_request(tokens(100, 1)) == {1: 1}
         assert index.last_event_id(WorkerKey(1, 0)) == 4  # 5 events, ids 0..4, none lost
-        assert publisher.transport.stats().num_replay_requests == 1
+        # One catch-up as the subscriber joined (nothing to replay yet), one for the gap.
+        assert publisher.transport.stats().num_replay_requests == 2
+
+
+async def test_blocks_cached_before_the_router_subscribed_arrive_without_a_new_event() -> None:
+    # An idle worker with a warm cache: its events went out before anyone listened.
+    index = KvIndexer(block_size=BLOCK_SIZE)
+    async with publisher_on() as publisher:
+        store(publisher, 0, [11, 12])
+        store(publisher, 8, [13], parent=12)
+        async with KvEventSubscriber(
+            index, block_size=BLOCK_SIZE, endpoints=[endpoint_of(publisher)]
+        ) as sub:
+            await wait_until(lambda: only(sub).last_seq == 1)
+            assert index.find_matches_for_request(tokens(0, 3)) == {1: 3}
+            stream = only(sub)
+            assert (stream.num_late_joins, stream.num_replays_ok, stream.num_gaps) == (1, 1, 0)
+            assert stream.num_messages == 0  # all of it came by replay
+            store(publisher, 100, [20])  # and the live stream follows on
+            await wait_until(lambda: only(sub).last_seq == 2)
+            assert index.tree_size(WorkerKey(1, 0)) == 4
 
 
 async def test_gap_beyond_the_replay_buffer_resets_the_worker() -> None:

@@ -73,6 +73,43 @@ async def test_events_reach_the_index(rig: Rig) -> None:
     await publisher.aclose()
 
 
+async def test_a_late_subscriber_catches_up_before_the_next_event() -> None:
+    bus = InProcBus()
+    index = KvIndexer(block_size=BLOCK_SIZE)
+    publisher = KvEventPublisher(InProcTransport(bus, "w1"), block_size=BLOCK_SIZE)
+    await publisher.start()
+    store(publisher, 0, [11, 12])  # nobody subscribed yet: only the replay buffer has it
+    endpoint = WorkerEndpoint(1, "w1", replay_address="w1")
+    async with (
+        InProcTransport(bus) as side,
+        KvEventSubscriber(index, block_size=BLOCK_SIZE, transport=side, endpoints=[endpoint]),
+    ):
+        await wait_until(lambda: index.tree_size(WorkerKey(1, 0)) == 2)
+        assert index.find_matches_for_request(tokens(0, 2)) == {1: 2}
+    await publisher.aclose()
+
+
+async def test_without_a_replay_socket_a_late_subscriber_waits_for_live_events() -> None:
+    bus = InProcBus()
+    index = KvIndexer(block_size=BLOCK_SIZE)
+    publisher = KvEventPublisher(InProcTransport(bus, "w1"), block_size=BLOCK_SIZE)
+    await publisher.start()
+    store(publisher, 0, [11])
+    async with (
+        InProcTransport(bus) as side,
+        KvEventSubscriber(
+            index, block_size=BLOCK_SIZE, transport=side, endpoints=[WorkerEndpoint(1, "w1")]
+        ) as subscriber,
+    ):
+        await wait_until(lambda: subscriber.stats().streams[0].connected)
+        store(publisher, 100, [20])
+        await wait_until(lambda: subscriber.stats().streams[0].last_seq == 1)
+        # Block 11 went out before the subscription and cannot be asked for again.
+        assert index.find_matches_for_request(tokens(0, 1)) == {}
+        assert index.find_matches_for_request(tokens(100, 1)) == {1: 1}
+    await publisher.aclose()
+
+
 async def test_gap_is_repaired_by_replay(rig: Rig) -> None:
     publisher = await rig.publisher()
     await wait_until(lambda: rig.stream().connected)
