@@ -19,8 +19,9 @@ ends with an SSE error event in OpenAI's shape and ``data: [DONE]``.
 
 A batch completion (``prompt`` a list of several prompts) fans out: each prompt is
 routed, retried and booked as a request of its own, all run at once, and the answers
-are merged into one (:mod:`kvrouter.gateway.fanout`). A stream starts once every prompt
-has its first byte, so a failure before that is still a plain HTTP error.
+are merged into one (:mod:`kvrouter.gateway.fanout`). A stream starts once every worker
+has accepted its prompt and the first prompt has its first byte (:class:`_BatchStream`),
+so a refusal is still a plain HTTP error.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from kvrouter.gateway.fanout import (
     split_batch,
     usage_chunk,
 )
-from kvrouter.gateway.http_errors import sse_error_event
+from kvrouter.gateway.http_errors import map_error, sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
 from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
@@ -508,7 +509,6 @@ class RequestForwarder:
         self,
         batch: _Batch,
         run: Callable[..., Awaitable[_T]],
-        discard: Callable[[_T], Any] | None = None,
     ) -> Awaitable[list[_T]]:
         """``run(attempt, sub=, request_id=, headers=)`` for every prompt at once, each
         with its own retries (:func:`_gather_or_cancel` for the rest)."""
@@ -521,8 +521,7 @@ class RequestForwarder:
                     partial(run, sub=sub, request_id=rid, headers=headers),
                 )
                 for sub, prompt, rid, headers in batch.requests()
-            ),
-            discard,
+            )
         )
 
     async def _answer(
@@ -537,9 +536,18 @@ class RequestForwarder:
             return _Answer(upstream.status, data, state.worker_id)
 
     async def _open_stream(
-        self, attempt: _Attempt, sub: ParsedBody, request_id: str, headers: Mapping[str, str]
+        self,
+        attempt: _Attempt,
+        sub: ParsedBody,
+        request_id: str,
+        headers: Mapping[str, str],
+        on_accepted: Callable[[int], Awaitable[None]],
     ) -> _OpenStream:
-        """Open one prompt's stream up to its first chunk; the booking outlives this call."""
+        """Open one prompt's stream up to its first chunk; the booking outlives this call.
+
+        ``on_accepted(worker_id)`` runs as soon as the worker has answered 200 (before its first
+        chunk: that comes after the prompt's prefill).
+        """
         state = attempt.state
         self._start_on(state)
         upstream: UpstreamResponse | None = None
@@ -551,6 +559,7 @@ class RequestForwarder:
                 data = await self._read_whole(upstream, request_id)
                 self._end_on(state, request_id)
                 return _OpenStream(state, upstream.status, data, None, None, lambda: None)
+            await on_accepted(state.worker_id)
             chunks = aiter(upstream.iter_chunks())
             first = await self._first_chunk(chunks, state)
             self._core.on_first_token(request_id)
@@ -564,79 +573,210 @@ class RequestForwarder:
         )
 
     async def _fan_out_stream(self, request: web.Request, batch: _Batch) -> web.StreamResponse:
-        streams = await self._each_prompt(
-            batch, self._open_stream, discard=lambda stream: stream.close(False)
+        return await _BatchStream(self, request, batch).run()
+
+    async def _open_with_retries(
+        self,
+        batch: _Batch,
+        index: int,
+        on_accepted: Callable[[int], Awaitable[None]],
+    ) -> _OpenStream:
+        """Prompt ``index`` of ``batch``, routed and opened with its own retries."""
+        request_id = batch.ids[index]
+        return await self._with_retries(
+            batch.prompts[index],
+            batch.overrides,
+            request_id,
+            partial(
+                self._open_stream,
+                sub=batch.subs[index],
+                request_id=request_id,
+                headers=batch.headers[index],
+                on_accepted=on_accepted,
+            ),
         )
-        clean = [False] * len(streams)
+
+
+# What a prompt's task of a streamed batch reports to the merging loop.
+_ACCEPTED, _OPENED, _CHUNK, _END, _BROKEN, _FAILED = range(6)
+
+
+class _BatchStream:
+    """A streamed batch completion: one stream per prompt, merged into one.
+
+    Every prompt is routed and opened at once, each with its own retries, by a task that
+    then copies its stream into one queue. The merged stream starts when every worker
+    has accepted its prompt (answered 200) and the first of them has sent its first
+    chunk. So its time to first token is the fastest prompt's, not the slowest's, while
+    a prompt the workers refuse (which they do before any prefill) still fails the whole
+    batch with the worker's answer, as vLLM does for a batch it cannot serve. A prompt
+    that fails after the stream has started ends it with an SSE error event.
+    """
+
+    def __init__(self, forwarder: RequestForwarder, request: web.Request, batch: _Batch) -> None:
+        self._fw = forwarder
+        self._request = request
+        self._batch = batch
+        size = len(batch.subs)
+        self._streams: list[_OpenStream | None] = [None] * size
+        self._clean = [False] * size
+        self._workers = [-1] * size  # the worker that accepted each prompt
+        self._queue: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue(maxsize=6 * size)
+        self._response: web.StreamResponse | None = None
+        self._usage = UsageSum()
+        self._rewriters: list[SseRewriter] = []
+        self._batch_id: str | None = None
+
+    async def run(self) -> web.StreamResponse:
+        tasks = [asyncio.create_task(self._follow(i)) for i in range(len(self._streams))]
         try:
-            refused = next((s for s in streams if s.status != 200), None)
-            if refused is not None:
-                return _json_response(refused.first, refused.status, [refused.state.worker_id])
-            return await self._merge_streams(request, streams, clean, batch.n)
-        finally:
-            for stream, ended in zip(streams, clean, strict=True):
-                stream.close(ended)
-
-    async def _merge_streams(
-        self, request: web.Request, streams: list[_OpenStream], clean: list[bool], n: int
-    ) -> web.StreamResponse:
-        batch_id = first_event_id(streams[0].first)
-        usage = UsageSum()
-        rewriters = [SseRewriter(i * n, batch_id, usage) for i in range(len(streams))]
-        workers = ",".join(str(s.state.worker_id) for s in streams)
-        response = web.StreamResponse(
-            status=200, headers={**_SSE_HEADERS, "x-kvrouter-worker": workers}
-        )
-        queue: asyncio.Queue[tuple[int, bytes | UpstreamError | None]] = asyncio.Queue(
-            maxsize=4 * len(streams)
-        )
-
-        async def pump(index: int, chunks: AsyncIterator[bytes]) -> None:
-            try:
-                async for chunk in chunks:
-                    await queue.put((index, chunk))
-            except UpstreamError as exc:
-                await queue.put((index, exc))
-                return
-            except Exception as exc:  # never leave the merging loop waiting for this one
-                await queue.put((index, UpstreamError(f"worker stream failed: {exc!r}")))
-                return
-            await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, s.chunks)) for i, s in enumerate(streams) if s.chunks]
-        try:
-            await response.prepare(request)
-            firsts = zip(rewriters, streams, strict=True)
-            await response.write(b"".join(r.feed(s.first) for r, s in firsts))
-            open_streams = len(streams)
-            while open_streams:
-                index, item = await queue.get()
-                if item is None:
-                    clean[index] = True
-                    open_streams -= 1
-                    await response.write(rewriters[index].flush())
-                elif isinstance(item, UpstreamError):
-                    await response.write(self._broken_stream(streams[index].state, item))
-                    await response.write_eof()
-                    return response
-                else:
-                    out = rewriters[index].feed(item)
-                    if out:
-                        await response.write(out)
-            if usage.seen:
-                template = next((r.last_usage_chunk for r in rewriters if r.last_usage_chunk), None)
-                await response.write(usage_chunk(template, usage, batch_id))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
+            return await self._merge()
         except ConnectionResetError:
-            self._counters.num_disconnects += 1
-            return response
+            # The client went away; once the response has started nobody is listening.
+            self._fw._counters.num_disconnects += 1
+            if self._response is None:
+                raise
+            return self._response
         except asyncio.CancelledError:
-            self._counters.num_disconnects += 1
+            self._fw._counters.num_disconnects += 1
             raise
         finally:
             await cancel_and_wait(*tasks)
+            for stream, clean in zip(self._streams, self._clean, strict=True):
+                if stream is not None:
+                    stream.close(clean)
+
+    async def _follow(self, index: int) -> None:
+        put = self._queue.put
+
+        async def accepted(worker_id: int) -> None:
+            self._workers[index] = worker_id
+            await put((index, _ACCEPTED, None))
+
+        try:
+            stream = await self._fw._open_with_retries(self._batch, index, accepted)
+        except Exception as exc:  # a RouterError, mapped to a status like any other
+            await put((index, _FAILED, exc))
+            return
+        self._streams[index] = stream  # closed by run(), whatever happens next
+        await put((index, _OPENED, stream))
+        if stream.chunks is None:
+            return
+        try:
+            async for chunk in stream.chunks:
+                await put((index, _CHUNK, chunk))
+        except UpstreamError as exc:
+            await put((index, _BROKEN, exc))
+            return
+        except Exception as exc:  # never leave the merging loop waiting for this one
+            await put((index, _BROKEN, UpstreamError(f"worker stream failed: {exc!r}")))
+            return
+        await put((index, _END, None))
+
+    async def _merge(self) -> web.StreamResponse:
+        size = len(self._streams)
+        accepted: set[int] = set()
+        first: list[int] = []  # prompts with a first chunk before the start, in order
+        backlog: list[tuple[int, int, Any]] = []  # their later items, until the start
+        ended = 0
+        while ended < size:
+            index, kind, item = await self._queue.get()
+            if kind == _ACCEPTED:
+                accepted.add(index)
+            elif kind == _FAILED:
+                if self._response is None:
+                    raise item
+                mapping = map_error(item)
+                message = f"prompt {index} failed: {item}"
+                return await self._end(sse_error_event(message, mapping.error_type, mapping.status))
+            elif kind == _OPENED and item.status != 200:
+                if self._response is None:
+                    return _json_response(item.first, item.status, [item.state.worker_id])
+                return await self._end(_refused(index, item))
+            elif self._response is not None:
+                ended += await self._emit(index, kind, item)
+                if kind == _BROKEN:
+                    return self._response
+            elif kind == _OPENED:
+                accepted.add(index)
+                first.append(index)
+            else:
+                backlog.append((index, kind, item))
+            if self._response is None and first and len(accepted) == size:
+                response = await self._start(first)
+                for held in backlog:
+                    ended += await self._emit(*held)
+                    if held[1] == _BROKEN:
+                        return response
+                backlog.clear()
+        return await self._finish()
+
+    async def _start(self, first: list[int]) -> web.StreamResponse:
+        """Answer 200 and send the first chunks that are in."""
+        opened = [stream for i in first if (stream := self._streams[i]) is not None]
+        self._batch_id = first_event_id(opened[0].first)
+        n = self._batch.n
+        self._rewriters = [
+            SseRewriter(i * n, self._batch_id, self._usage) for i in range(len(self._streams))
+        ]
+        workers = ",".join(str(w) for w in self._workers)
+        response = web.StreamResponse(
+            status=200, headers={**_SSE_HEADERS, "x-kvrouter-worker": workers}
+        )
+        self._response = response
+        await response.prepare(self._request)
+        feeds = (
+            self._rewriters[i].feed(stream.first) for i, stream in zip(first, opened, strict=True)
+        )
+        await response.write(b"".join(feeds))
+        return response
+
+    async def _emit(self, index: int, kind: int, item: Any) -> int:
+        """Pass one item of a started stream on; 1 when that prompt's stream ended."""
+        response = self._response
+        assert response is not None
+        rewriter = self._rewriters[index]
+        if kind == _OPENED:
+            await response.write(rewriter.feed(item.first))
+        elif kind == _CHUNK:
+            out = rewriter.feed(item)
+            if out:
+                await response.write(out)
+        elif kind == _END:
+            self._clean[index] = True
+            await response.write(rewriter.flush())
+            return 1
+        elif kind == _BROKEN:
+            stream = self._streams[index]
+            assert stream is not None
+            await response.write(self._fw._broken_stream(stream.state, item))
+            await response.write_eof()
+            return 1
+        return 0
+
+    async def _end(self, frames: bytes) -> web.StreamResponse:
+        response = self._response
+        assert response is not None
+        await response.write(frames)
+        await response.write_eof()
+        return response
+
+    async def _finish(self) -> web.StreamResponse:
+        if self._usage.seen:
+            template = next(
+                (r.last_usage_chunk for r in self._rewriters if r.last_usage_chunk), None
+            )
+            usage = usage_chunk(template, self._usage, self._batch_id)
+            return await self._end(usage + b"data: [DONE]\n\n")
+        return await self._end(b"data: [DONE]\n\n")
+
+
+def _refused(index: int, stream: _OpenStream) -> bytes:
+    """The SSE frames that end a started batch stream when a worker refused a prompt."""
+    text = stream.first[:300].decode("utf-8", errors="replace")
+    message = f"prompt {index} refused by worker {stream.state.worker_id}: {text}"
+    error_type = "invalid_request_error" if 400 <= stream.status < 500 else "upstream_error"
+    return sse_error_event(message, error_type, stream.status)
 
 
 def _sub_headers(headers: Mapping[str, str], index: int) -> Mapping[str, str]:
@@ -661,17 +801,11 @@ def _json_response(body: bytes, status: int, workers: Iterable[int]) -> web.Resp
     )
 
 
-async def _gather_or_cancel(
-    aws: Iterable[Awaitable[_T]], discard: Callable[[_T], Any] | None = None
-) -> list[_T]:
-    """All results, in order; on the first failure (or a cancel) the rest are cancelled
-    and the results already in are handed to ``discard``."""
+async def _gather_or_cancel(aws: Iterable[Awaitable[_T]]) -> list[_T]:
+    """All results, in order; on the first failure (or a cancel) the rest are cancelled."""
     tasks = [asyncio.ensure_future(aw) for aw in aws]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
         await cancel_and_wait(*tasks)
-        for task in tasks:
-            if not task.cancelled() and task.exception() is None and discard is not None:
-                discard(task.result())
         raise

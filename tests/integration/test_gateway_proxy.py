@@ -26,6 +26,7 @@ from kvrouter.gateway.server import GatewayServer
 pytestmark = pytest.mark.integration
 
 CHUNK = b'data: {"choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n'
+SLOW_START_S = 1.0
 
 
 @dataclass
@@ -58,6 +59,13 @@ class Backend:
             return web.json_response({"choices": [{"text": "ok"}], "worker": self.url})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if body.get("prompt") == "slow start":  # accepted at once, a long prefill
+            await asyncio.sleep(SLOW_START_S)
+        if body.get("prompt") == "fail late":  # accepted, then gone before any token
+            await asyncio.sleep(0.3)
+            assert request.transport is not None
+            request.transport.close()
+            return response
         await response.write(CHUNK)
         if self.mode == "break":
             assert request.transport is not None
@@ -521,6 +529,56 @@ async def test_a_streamed_batch_merges_events_and_ends_once(
     assert indexes == {0: 3, 1: 3}
     sched = gw.core.scheduler.stats()
     assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
+
+
+async def test_a_streamed_batch_starts_with_its_fastest_prompt(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+    body = {"prompt": ["slow start", "abcdefgh"], "stream": True}
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        first = await resp.content.readline()
+        first_s = loop.time() - sent
+        text = (first + await resp.read()).decode()
+        total_s = loop.time() - sent
+    # The fast prompt's tokens flow while the slow one is still in its prefill.
+    assert json.loads(first.removeprefix(b"data: "))["choices"][0]["index"] == 1
+    assert first_s < SLOW_START_S / 2 < SLOW_START_S <= total_s
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    indexes = Counter(json.loads(e)["choices"][0]["index"] for e in events[:-1])
+    assert indexes == {0: 3, 1: 3}
+    sched = gw.core.scheduler.stats()
+    assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
+
+
+async def test_a_prompt_failing_after_the_batch_stream_started_ends_it_with_an_error(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend(mode="slow"))
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+    body = {"prompt": ["abcdefgh", "fail late"], "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert json.loads(events[0])["choices"][0]["index"] == 0
+    error = json.loads(events[-2])["error"]
+    assert error["message"].startswith("prompt 1 failed: ") and error["code"] == 502
+    assert events[-1] == "[DONE]"
+    # Both bookings end (just after the stream's end), and the slow prompt's worker is
+    # told to stop.
+    for _ in range(100):
+        if backend.disconnects == 1 and gw.gateway.counters.num_in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert backend.disconnects == 1
+    assert gw.gateway.counters.num_in_flight == 0
+    assert gw.core.scheduler.stats().active.num_requests == 0
 
 
 async def test_a_batch_stream_broken_mid_way_ends_with_an_error_event(
