@@ -111,6 +111,17 @@ async def start_backend(stack: AsyncExitStack, backend: Backend) -> Backend:
     return backend
 
 
+def assert_two_prompts_merged(text: str, gw: GatewayServer) -> None:
+    """A merged stream of two prompts: each one's three events, one ``[DONE]`` at the
+    end, and both bookings finished."""
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    indexes = Counter(json.loads(e)["choices"][0]["index"] for e in events[:-1])
+    assert indexes == {0: 3, 1: 3}
+    sched = gw.core.scheduler.stats()
+    assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
+
+
 def dead_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -523,12 +534,7 @@ async def test_a_streamed_batch_merges_events_and_ends_once(
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "text/event-stream"
         text = (await resp.read()).decode()
-    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
-    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
-    indexes = Counter(json.loads(e)["choices"][0]["index"] for e in events[:-1])
-    assert indexes == {0: 3, 1: 3}
-    sched = gw.core.scheduler.stats()
-    assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
+    assert_two_prompts_merged(text, gw)
 
 
 async def test_a_streamed_batch_starts_with_its_fastest_prompt(
@@ -548,12 +554,7 @@ async def test_a_streamed_batch_starts_with_its_fastest_prompt(
     # The fast prompt's tokens flow while the slow one is still in its prefill.
     assert json.loads(first.removeprefix(b"data: "))["choices"][0]["index"] == 1
     assert first_s < SLOW_START_S / 2 < SLOW_START_S <= total_s
-    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
-    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
-    indexes = Counter(json.loads(e)["choices"][0]["index"] for e in events[:-1])
-    assert indexes == {0: 3, 1: 3}
-    sched = gw.core.scheduler.stats()
-    assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
+    assert_two_prompts_merged(text, gw)
 
 
 async def test_a_prompt_failing_after_the_batch_stream_started_ends_it_with_an_error(
