@@ -557,6 +557,29 @@ async def test_a_streamed_batch_starts_with_its_fastest_prompt(
     assert_two_prompts_merged(text, gw)
 
 
+async def test_a_client_leaving_a_batch_before_its_first_token_frees_every_prompt(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+    body = {"prompt": ["slow start", "slow start"], "stream": True}
+    request = asyncio.create_task(client.post(gw.url + "/v1/completions", json=body))
+    for _ in range(100):  # both prompts booked and waiting for their first token
+        if gw.gateway.counters.num_in_flight == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert gw.gateway.counters.num_in_flight == 2
+    request.cancel()
+    await asyncio.gather(request, return_exceptions=True)
+    for _ in range(100):
+        if gw.gateway.counters.num_in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert gw.gateway.counters.num_in_flight == 0
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.stats().num_disconnects == 1
+
+
 async def test_a_prompt_failing_after_the_batch_stream_started_ends_it_with_an_error(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:
