@@ -113,9 +113,6 @@ class _Batch:
     overrides: RoutingOverrides
     n: int  # choices per prompt
 
-    def requests(self) -> Iterator[tuple[ParsedBody, PreparedPrompt, str, Mapping[str, str]]]:
-        return zip(self.subs, self.prompts, self.ids, self.headers, strict=True)
-
 
 @dataclass(slots=True)
 class _Answer:
@@ -510,18 +507,29 @@ class RequestForwarder:
         batch: _Batch,
         run: Callable[..., Awaitable[_T]],
     ) -> Awaitable[list[_T]]:
-        """``run(attempt, sub=, request_id=, headers=)`` for every prompt at once, each
-        with its own retries (:func:`_gather_or_cancel` for the rest)."""
+        """:meth:`_prompt_with_retries` for every prompt at once
+        (:func:`_gather_or_cancel` for the rest)."""
         return _gather_or_cancel(
-            (
-                self._with_retries(
-                    prompt,
-                    batch.overrides,
-                    rid,
-                    partial(run, sub=sub, request_id=rid, headers=headers),
-                )
-                for sub, prompt, rid, headers in batch.requests()
-            )
+            self._prompt_with_retries(batch, i, run) for i in range(len(batch.subs))
+        )
+
+    def _prompt_with_retries(
+        self, batch: _Batch, index: int, run: Callable[..., Awaitable[_T]], **extra: Any
+    ) -> Awaitable[_T]:
+        """``run(attempt, sub=, request_id=, headers=, **extra)`` for prompt ``index``
+        of ``batch``, routed and retried as a request of its own."""
+        request_id = batch.ids[index]
+        return self._with_retries(
+            batch.prompts[index],
+            batch.overrides,
+            request_id,
+            partial(
+                run,
+                sub=batch.subs[index],
+                request_id=request_id,
+                headers=batch.headers[index],
+                **extra,
+            ),
         )
 
     async def _answer(
@@ -575,27 +583,6 @@ class RequestForwarder:
     async def _fan_out_stream(self, request: web.Request, batch: _Batch) -> web.StreamResponse:
         return await _BatchStream(self, request, batch).run()
 
-    async def _open_with_retries(
-        self,
-        batch: _Batch,
-        index: int,
-        on_accepted: Callable[[int], Awaitable[None]],
-    ) -> _OpenStream:
-        """Prompt ``index`` of ``batch``, routed and opened with its own retries."""
-        request_id = batch.ids[index]
-        return await self._with_retries(
-            batch.prompts[index],
-            batch.overrides,
-            request_id,
-            partial(
-                self._open_stream,
-                sub=batch.subs[index],
-                request_id=request_id,
-                headers=batch.headers[index],
-                on_accepted=on_accepted,
-            ),
-        )
-
 
 # What a prompt's task of a streamed batch reports to the merging loop.
 _ACCEPTED, _OPENED, _CHUNK, _END, _BROKEN, _FAILED = range(6)
@@ -620,7 +607,7 @@ class _BatchStream:
         size = len(batch.subs)
         self._streams: list[_OpenStream | None] = [None] * size
         self._clean = [False] * size
-        self._workers = [-1] * size  # the worker that accepted each prompt
+        self._workers = [-1] * size  # the worker that accepted each prompt (-1: none yet)
         self._queue: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue(maxsize=6 * size)
         self._response: web.StreamResponse | None = None
         self._usage = UsageSum()
@@ -654,7 +641,9 @@ class _BatchStream:
             await put((index, _ACCEPTED, None))
 
         try:
-            stream = await self._fw._open_with_retries(self._batch, index, accepted)
+            stream = await self._fw._prompt_with_retries(
+                self._batch, index, self._fw._open_stream, on_accepted=accepted
+            )
         except Exception as exc:  # a RouterError, mapped to a status like any other
             await put((index, _FAILED, exc))
             return
@@ -675,14 +664,13 @@ class _BatchStream:
 
     async def _merge(self) -> web.StreamResponse:
         size = len(self._streams)
-        accepted: set[int] = set()
         first: list[int] = []  # prompts with a first chunk before the start, in order
         backlog: list[tuple[int, int, Any]] = []  # their later items, until the start
         ended = 0
         while ended < size:
             index, kind, item = await self._queue.get()
             if kind == _ACCEPTED:
-                accepted.add(index)
+                pass  # the task noted the worker in _workers; check the start below
             elif kind == _FAILED:
                 if self._response is None:
                     raise item
@@ -698,11 +686,10 @@ class _BatchStream:
                 if kind == _BROKEN:
                     return self._response
             elif kind == _OPENED:
-                accepted.add(index)
                 first.append(index)
             else:
                 backlog.append((index, kind, item))
-            if self._response is None and first and len(accepted) == size:
+            if self._response is None and first and -1 not in self._workers:
                 response = await self._start(first)
                 for held in backlog:
                     ended += await self._emit(*held)

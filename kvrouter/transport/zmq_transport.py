@@ -101,8 +101,7 @@ class ZmqSubscription(Subscription):
     ) -> None:
         self.endpoint = endpoint
         self._context = context
-        self._connected = False
-        self._connected_event = asyncio.Event()
+        self._connected = asyncio.Event()  # set while a publisher is connected
         self._closed = False
         sock = context.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
@@ -128,16 +127,14 @@ class ZmqSubscription(Subscription):
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECTED:
-                self._connected = True
-                self._connected_event.set()
+                self._connected.set()
             elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
-                self._connected = False
-                self._connected_event.clear()
+                self._connected.clear()
 
     async def wait_connected(self) -> None:
         """Until the socket has connected to the publisher (ZeroMQ connects in the
         background, and retries while the publisher is not up)."""
-        await self._connected_event.wait()
+        await self._connected.wait()
 
     async def recv(self) -> list[bytes]:
         try:
@@ -147,7 +144,7 @@ class ZmqSubscription(Subscription):
 
     @property
     def connected(self) -> bool:
-        return self._connected and not self._closed
+        return self._connected.is_set() and not self._closed
 
     @property
     def closed(self) -> bool:
