@@ -40,6 +40,23 @@ ConcurrencyOpt = Annotated[
     int | None, typer.Option(help="Closed loop: keep this many requests in flight.")
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed of generators, arrivals and policies.")]
+QueuePolicy = Literal["fcfs", "wspt"]
+QueueThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.001,
+        help="Router queue: hold requests at the router while every engine has at least "
+        "this many times max_num_batched_tokens of prompt tokens waiting for prefill "
+        "(default: no queue).",
+    ),
+]
+QueuePolicyOpt = Annotated[
+    QueuePolicy,
+    typer.Option(
+        help="Order of the router queue: fcfs (arrival order) or wspt (fewest uncached "
+        "prompt tokens first)."
+    ),
+]
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -96,6 +113,8 @@ def _sim_config(
     seed: int,
     max_decode_steps: int = 256,
     event_form: EventForm = "direct",
+    queue_threshold: float | None = None,
+    queue_policy: QueuePolicy = "fcfs",
 ) -> SimConfig:
     from kvrouter.bench.simulate import SimConfig
     from kvrouter.engine import EngineConfig
@@ -110,6 +129,8 @@ def _sim_config(
         seed=seed,
         max_decode_steps=max_decode_steps,
         event_form=event_form,
+        queue_threshold=queue_threshold,
+        queue_policy=queue_policy,
     )
 
 
@@ -157,6 +178,8 @@ def simulate_command(
             "msgpack bytes in one of vLLM's forms (array, map, map-batch)."
         ),
     ] = "direct",
+    queue_threshold: QueueThresholdOpt = None,
+    queue_policy: QueuePolicyOpt = "fcfs",
     seed: SeedOpt = 0,
     jobs: Annotated[
         int,
@@ -183,6 +206,8 @@ def simulate_command(
         seed=seed,
         max_decode_steps=max_decode_steps,
         event_form=event_form,
+        queue_threshold=queue_threshold,
+        queue_policy=queue_policy,
     )
     names = _policies(policies)
     limit_value = prefix_reuse_limit(
@@ -198,6 +223,8 @@ def simulate_command(
         "num_gpu_blocks": num_gpu_blocks,
         "seed": seed,
     }
+    if queue_threshold is not None:
+        meta["queue"] = {"threshold": queue_threshold, "policy": queue_policy}
     if sweep is not None:
         speedups = [float(s) for s in sweep.split(",") if s.strip()]
         doc = _run_sweep(

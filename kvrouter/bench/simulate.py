@@ -50,7 +50,8 @@ from kvrouter.hashing import hash_request
 from kvrouter.index import KvIndexer
 from kvrouter.load import KvMetricsAggregator
 from kvrouter.load.metrics import ForwardPassMetrics
-from kvrouter.routing.policies import Policy
+from kvrouter.routing.policies import Decision, Policy
+from kvrouter.routing.queue import QueueConfig, QueuePolicy, RouterQueue
 from kvrouter.routing.scheduler import KvScheduler, ScheduleRequest
 
 __all__ = ["SimConfig", "Simulation", "simulate", "simulate_many"]
@@ -91,8 +92,14 @@ class SimConfig:
     seed: int = 0
     predict_cache: bool = True
     max_decode_steps: int = 256
+    # The router queue (None: off): its threshold as a multiple of the engines'
+    # max_num_batched_tokens, and its order.
+    queue_threshold: float | None = None
+    queue_policy: QueuePolicy = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.queue_threshold is not None and self.queue_threshold <= 0:
+            raise ValueError(f"queue_threshold must be positive, got {self.queue_threshold}")
         if self.max_decode_steps < 1:
             raise ValueError(f"max_decode_steps must be >= 1, got {self.max_decode_steps}")
         if self.num_workers <= 0:
@@ -140,6 +147,12 @@ class Simulation:
             rng=random.Random(config.seed),
             predict_cache=config.predict_cache,
         )
+        self.queue: RouterQueue[tuple[Request, Any]] | None = None
+        if config.queue_threshold is not None:
+            threshold = round(config.queue_threshold * config.engine.max_num_batched_tokens)
+            self.queue = RouterQueue(
+                self.scheduler, QueueConfig(max(1, threshold), config.queue_policy)
+            )
         self.cores: list[EngineCore] = []
         self._decoders: list[VllmEventDecoder] = []
         for worker in range(config.num_workers):
@@ -248,11 +261,34 @@ class Simulation:
         routed = ScheduleRequest(
             request.request_id, local_hashes=local, seq_hashes=seq, num_tokens=len(tokens)
         )
+        if self.queue is not None:
+            self.queue.submit(routed, (request, tokens))
+            self._dispatch_queued()
+            return
         try:
             decision = self.scheduler.schedule(routed)
         except AllWorkersBusy as exc:
             self._fail(request, now, None, f"rejected: {exc}")
             return
+        self._start_request(request, tokens, decision)
+
+    def _dispatch_queued(self) -> None:
+        """Route the requests the router queue lets go now, and start them."""
+        queue = self.queue
+        assert queue is not None
+        if not queue.has_capacity():
+            return
+        now = self.clock.now_s
+        if self._lazy_windows:
+            self._roll_forward(now)  # the router sees what it would step by step
+        for (request, tokens), outcome in queue.dispatch():
+            if isinstance(outcome, Decision):
+                self._start_request(request, tokens, outcome)
+            else:
+                self._fail(request, now, None, f"rejected: {outcome}")
+
+    def _start_request(self, request: Request, tokens: Any, decision: Decision) -> None:
+        now = self.clock.now_s
         worker = decision.worker.worker_id
         core = self.cores[worker]
         if self._windows[worker] is not None:
@@ -290,6 +326,8 @@ class Simulation:
         # Nothing but an arrival can change an engine's batch, so a decode window may
         # run up to the next one (closed loop: arrivals follow finishes, which end a
         # window anyway).
+        if self.queue is not None:
+            return core.step()  # a queued request may be routed at any step's end
         horizon_s = self._next_arrival_s - self.clock.now_s
         return core.step(self.config.max_decode_steps, horizon_s)
 
@@ -310,6 +348,8 @@ class Simulation:
                 self.scheduler.on_first_token(output.request_id)
             if output.finished:
                 self._finish(tracked, output.num_cached_tokens, output.num_output_tokens)
+        if self.queue is not None and len(self.queue):
+            self._dispatch_queued()
         core = self.cores[worker]
         config = self.config
         payload = self._encode(result, now)
@@ -494,7 +534,14 @@ class Simulation:
             "router_prompt_blocks": sched.prompt_blocks_total,
             "decode_errors": self.num_decode_errors,
             "rejected_events": self.num_rejected_events,
+            **self._queue_extra(),
         }
+
+    def _queue_extra(self) -> dict[str, Any]:
+        if self.queue is None:
+            return {}
+        stats = self.queue.stats()
+        return {"queued": stats.num_queued, "queue_max_pending": stats.max_pending_seen}
 
 
 def simulate(

@@ -81,6 +81,20 @@ def serve(
     chat_template: str | None = typer.Option(None, help="Chat template file or text."),
     busy_kv_usage: float | None = typer.Option(None, help="A worker over this KV usage is busy."),
     busy_queue_depth: int | None = typer.Option(None, help="A worker with more waiting is busy."),
+    router_queue_threshold: float | None = typer.Option(
+        None,
+        help="Hold requests at the router while every worker has this many times "
+        "max_num_batched_tokens of prompt tokens waiting for prefill [off].",
+    ),
+    router_queue_policy: str | None = typer.Option(
+        None, help="Router queue order: fcfs, or wspt (fewest uncached tokens first) [fcfs]."
+    ),
+    router_queue_max_pending: int | None = typer.Option(
+        None, help="Most requests waiting in the router queue; beyond: 503 [unbounded]."
+    ),
+    max_num_batched_tokens: int | None = typer.Option(
+        None, help="The workers' max_num_batched_tokens (scales the queue threshold) [8192]."
+    ),
     max_body_bytes: int | None = typer.Option(None, help="Largest request body [16 MiB]."),
     max_prompt_tokens: int | None = typer.Option(None, help="Longest prompt in tokens [131072]."),
     metrics_scrape_interval_s: float | None = typer.Option(None, help="Worker /metrics period."),

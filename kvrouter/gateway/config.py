@@ -103,6 +103,10 @@ class GatewayConfig:
     chat_template: str | None = None
     busy_kv_usage: float | None = None
     busy_queue_depth: int | None = None
+    router_queue_threshold: float | None = None
+    router_queue_policy: str = "fcfs"
+    router_queue_max_pending: int | None = None
+    max_num_batched_tokens: int = 8192
     max_body_bytes: int = 16 * 1024 * 1024
     max_prompt_tokens: int = 131_072
     metrics_scrape_interval_s: float = 1.0
@@ -133,7 +137,13 @@ def _validate(cfg: GatewayConfig) -> None:
     for name in ("overlap_weight", "temperature", "weight_cache", "weight_load", "cache_weight"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("max_body_bytes", "max_prompt_tokens", "max_connections", "decision_history"):
+    for name in (
+        "max_body_bytes",
+        "max_prompt_tokens",
+        "max_connections",
+        "decision_history",
+        "max_num_batched_tokens",
+    ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
     for name in (
@@ -157,6 +167,18 @@ def _validate(cfg: GatewayConfig) -> None:
         raise ConfigError(f"busy_kv_usage must be in (0, 1], got {cfg.busy_kv_usage}")
     if cfg.busy_queue_depth is not None and cfg.busy_queue_depth < 0:
         raise ConfigError(f"busy_queue_depth must be >= 0, got {cfg.busy_queue_depth}")
+    if cfg.router_queue_threshold is not None and cfg.router_queue_threshold <= 0:
+        raise ConfigError(
+            f"router_queue_threshold must be positive, got {cfg.router_queue_threshold}"
+        )
+    if cfg.router_queue_policy not in ("fcfs", "wspt"):
+        raise ConfigError(
+            f"router_queue_policy must be fcfs or wspt, got {cfg.router_queue_policy!r}"
+        )
+    if cfg.router_queue_max_pending is not None and cfg.router_queue_max_pending < 0:
+        raise ConfigError(
+            f"router_queue_max_pending must be >= 0, got {cfg.router_queue_max_pending}"
+        )
     _validate_workers(cfg.workers)
 
 

@@ -9,9 +9,11 @@ workers in rotation, and gets back a :class:`RouteResult`. The real implementati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvrouter.errors import RouterError
 from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.overrides import RoutingOverrides
 from kvrouter.gateway.prompts import PreparedPrompt
@@ -19,6 +21,7 @@ from kvrouter.index import IndexerStats
 from kvrouter.load.aggregator import AggregatorStats
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.routing import Decision, SchedulerStats
+from kvrouter.routing.queue import QueueStats
 
 __all__ = ["CoreStats", "RouteResult", "RoutingCore"]
 
@@ -57,6 +60,7 @@ class CoreStats:
     metrics_age_s: dict[WorkerKey, float]
     events_applied: int
     event_errors: dict[str, int]
+    queue: QueueStats | None = None
 
 
 class RoutingCore(Protocol):
@@ -80,6 +84,27 @@ class RoutingCore(Protocol):
         but stay in rotation. Raises ``NoWorkerAvailable`` / ``AllWorkersBusy`` when
         none can take it.
         """
+        ...
+
+    @property
+    def queue_enabled(self) -> bool:
+        """Whether requests go through a router queue (:meth:`submit`)."""
+        ...
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        overrides: RoutingOverrides,
+        deliver: Callable[[RouteResult | RouterError], None],
+    ) -> None:
+        """Queue the request until some worker has room; ``deliver`` gets its route (it is
+        then booked) or the error routing it raised. Raises ``AllWorkersBusy`` when the
+        queue is full."""
+        ...
+
+    def cancel(self, request_id: str) -> bool:
+        """Take a request that is still queued out of the queue."""
         ...
 
     def preview(

@@ -43,9 +43,11 @@ from multidict import CIMultiDict
 
 from kvrouter.clock import Clock, monotonic
 from kvrouter.errors import (
+    AllWorkersBusy,
     InvalidRequest,
     NoWorkerAvailable,
     RequestTooLarge,
+    RouterError,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -207,8 +209,14 @@ class RequestForwarder:
         prompt: PreparedPrompt,
         overrides: RoutingOverrides,
         exclude: frozenset[WorkerKey] = frozenset(),
+        *,
+        queued: tuple[RouteResult, float] | None = None,
     ) -> _Attempt:
-        """Pick and book a worker in rotation (not in ``exclude``); record the decision."""
+        """Pick and book a worker in rotation (not in ``exclude``); record the decision.
+
+        ``queued``: the route the router queue made (already booked) and when the request
+        joined the queue.
+        """
         if overrides.worker_id is not None:
             state = self._pinned_state(overrides)
             start = self._clock()
@@ -219,14 +227,58 @@ class RequestForwarder:
         rotation = self._registry.rotation()
         if not rotation:
             raise NoWorkerAvailable("no worker is available")
-        start = self._clock()
-        route = self._core.route(request_id, prompt, overrides, exclude=exclude)
+        if queued is not None:
+            route, start = queued
+        else:
+            start = self._clock()
+            route = self._core.route(request_id, prompt, overrides, exclude=exclude)
         chosen = rotation.get(route.worker)
         if chosen is None:  # the core's worker set lagged behind the rotation
             self._core.on_finish(request_id)
             raise NoWorkerAvailable(f"worker {route.worker.worker_id} is out of rotation")
         self._record(request_id, route, self._clock() - start, pinned=False)
         return _Attempt(chosen, route)
+
+    async def _queued_route(
+        self, request_id: str, prompt: PreparedPrompt, overrides: RoutingOverrides
+    ) -> tuple[RouteResult, float]:
+        """Wait in the router queue until the request is routed (booked); see
+        ``docs/routing.md``. A client that leaves, or a wait past ``request_timeout_s``
+        (503), takes the request out of the queue; a route made for a client that has
+        already left is freed."""
+        routed: asyncio.Future[RouteResult | RouterError] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def deliver(outcome: RouteResult | RouterError) -> None:
+            if routed.done():  # the waiter left just as it was routed: free the route
+                if isinstance(outcome, RouteResult):
+                    self._core.on_finish(request_id)
+            else:
+                routed.set_result(outcome)
+
+        start = self._clock()
+        if not self._registry.rotation():
+            raise NoWorkerAvailable("no worker is available")
+        self._core.submit(request_id, prompt, overrides, deliver)
+        try:
+            async with asyncio.timeout(self._cfg.request_timeout_s):
+                outcome = await asyncio.shield(routed)
+        except BaseException as exc:
+            if not self._core.cancel(request_id) and routed.done():
+                result = routed.result()
+                if isinstance(result, RouteResult):
+                    self._core.on_finish(request_id)
+            routed.cancel()
+            if isinstance(exc, TimeoutError):
+                raise AllWorkersBusy(
+                    f"waited {self._cfg.request_timeout_s:g} s in the router queue",
+                    retry_after_s=self._cfg.retry_after_s,
+                ) from None
+            raise
+        if isinstance(outcome, RouterError):
+            raise outcome
+        return outcome, start
 
     def explain(self, prompt: PreparedPrompt, overrides: RoutingOverrides) -> _Attempt:
         """Where :meth:`choose` would send ``prompt`` now; nothing is booked or recorded."""
@@ -301,7 +353,10 @@ class RequestForwarder:
         last_error: UpstreamError | None = None
         for attempt_no in range(self._cfg.max_retries + 1):
             try:
-                attempt = self.choose(request_id, prompt, overrides, excluded)
+                queued = None
+                if attempt_no == 0 and not pinned and self._core.queue_enabled:
+                    queued = await self._queued_route(request_id, prompt, overrides)
+                attempt = self.choose(request_id, prompt, overrides, excluded, queued=queued)
             except NoWorkerAvailable:
                 if last_error is not None:
                     raise last_error from None

@@ -11,10 +11,11 @@ cache entries or counting it, so the live state is left as it was.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kvrouter.clock import Clock, monotonic
-from kvrouter.errors import NoWorkerAvailable
+from kvrouter.errors import NoWorkerAvailable, RouterError
 from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.config import GatewayConfig
 from kvrouter.gateway.core import CoreStats, RouteResult
@@ -32,6 +33,9 @@ from kvrouter.routing import (
     make_policy,
 )
 from kvrouter.routing import RoutingOverrides as PolicyOverrides
+from kvrouter.routing.queue import QueueConfig, QueueStats, RouterQueue
+
+Deliver = Callable[[RouteResult | RouterError], None]
 
 __all__ = ["KvRoutingCore", "build_policy"]
 
@@ -88,6 +92,17 @@ class KvRoutingCore:
             timer=time.perf_counter,
         )
         self.event_feed_stats: dict[str, int] = {}
+        self.queue: RouterQueue[Deliver] | None = None
+        if cfg.router_queue_threshold is not None:
+            threshold = round(cfg.router_queue_threshold * cfg.max_num_batched_tokens)
+            self.queue = RouterQueue(
+                self.scheduler,
+                QueueConfig(
+                    max(1, threshold),
+                    "wspt" if cfg.router_queue_policy == "wspt" else "fcfs",
+                    cfg.router_queue_max_pending,
+                ),
+            )
 
     @property
     def block_size(self) -> int:
@@ -106,6 +121,44 @@ class KvRoutingCore:
         """Schedule and book among the workers in rotation (``worker``: that one)."""
         request = self._request(request_id, prompt, overrides, worker, exclude)
         return _result(self.scheduler.schedule(request))
+
+    @property
+    def queue_enabled(self) -> bool:
+        return self.queue is not None
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        overrides: RoutingOverrides,
+        deliver: Deliver,
+    ) -> None:
+        """Route through the router queue: ``deliver`` gets the result (or the routing
+        error) once the request is routed, possibly before this returns.
+
+        Raises ``AllWorkersBusy`` when the queue is full. Without a queue, routes now.
+        """
+        request = self._request(request_id, prompt, overrides, None, frozenset())
+        if self.queue is None:
+            deliver(_result(self.scheduler.schedule(request)))
+            return
+        self.queue.submit(request, deliver)
+        self._dispatch()
+
+    def cancel(self, request_id: str) -> bool:
+        """Take a request out of the router queue (its client left or gave up);
+        ``False`` if it is not waiting there."""
+        return self.queue is not None and self.queue.cancel(request_id) is not None
+
+    def queue_stats(self) -> QueueStats | None:
+        return None if self.queue is None else self.queue.stats()
+
+    def _dispatch(self) -> None:
+        queue = self.queue
+        if queue is None or not len(queue):
+            return
+        for deliver, outcome in queue.dispatch():
+            deliver(_result(outcome) if isinstance(outcome, Decision) else outcome)
 
     def preview(
         self,
@@ -140,18 +193,22 @@ class KvRoutingCore:
         )
 
     def on_first_token(self, request_id: str) -> None:
-        self.scheduler.on_first_token(request_id)
+        if self.scheduler.on_first_token(request_id):
+            self._dispatch()  # its prefill no longer counts: room for a queued request
 
     def on_finish(self, request_id: str) -> None:
-        self.scheduler.on_finish(request_id)
+        if self.scheduler.on_finish(request_id):
+            self._dispatch()
 
     # -- workers ---------------------------------------------------------------------------
     def add_worker(self, worker: WorkerKey, *, publishes_events: bool = True) -> None:
         self.scheduler.add_worker(worker, publishes_events=publishes_events)
+        self._dispatch()
 
     def remove_worker(self, worker: WorkerKey) -> None:
         # The scheduler also drops the worker's index entries and metrics.
         self.scheduler.remove_worker(worker.worker_id, worker.dp_rank)
+        self._dispatch()
 
     def update_metrics(self, metrics: ForwardPassMetrics) -> None:
         self.aggregator.update(metrics)
@@ -176,6 +233,7 @@ class KvRoutingCore:
             metrics_age_s={e.worker: e.age_s for e in endpoints},
             events_applied=index.events_applied,
             event_errors={**dict(index.rejected), **self.event_feed_stats},
+            queue=self.queue_stats(),
         )
 
     def debug_state(self) -> dict[str, Any]:

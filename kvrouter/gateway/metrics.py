@@ -123,6 +123,23 @@ class GatewayCollector:
             "Requests refused because every worker was busy",
             value=sched.num_busy_rejects,
         )
+        if stats.queue is not None:
+            queue = stats.queue
+            yield GaugeMetricFamily(
+                _P + "router_queue_pending",
+                "Requests waiting in the router queue now",
+                value=queue.pending,
+            )
+            for name, text, count in (
+                ("queued", "Requests that waited in the router queue", queue.num_queued),
+                ("cancelled", "Requests that left the router queue unrouted", queue.num_cancelled),
+                (
+                    "refused",
+                    "Requests refused because the router queue was full",
+                    queue.num_refused,
+                ),
+            ):
+                yield CounterMetricFamily(_P + "router_queue_" + name, text, value=count)
         labels = ["worker", "dp_rank"]
         gauges = (
             ("index_blocks", "Blocks the index holds for each worker", stats.index_size),

@@ -311,6 +311,25 @@ class KvScheduler:
         self._record(decision, self._timer() - start)
         return decision
 
+    def min_prefill_tokens(self) -> int | float:
+        """The fewest prompt tokens still being prefilled on any worker (``-inf`` with no
+        workers): the router queue's measure of free capacity."""
+        if not self._workers:
+            return float("-inf")
+        prefill = self.active.prefill_tokens
+        return min(prefill(key) for key in self._workers)
+
+    def uncached_tokens(self, request: ScheduleRequest) -> int:
+        """The request's prompt tokens that no worker holds now (by the index): the
+        work it brings wherever it goes, as the router queue's ``wspt`` order uses it."""
+        _local, seq, num_tokens = self._hash(request)
+        best = 0
+        if seq and self.indexer is not None:
+            scores = self.indexer.find_matches_sequence(seq).scores
+            workers = self._workers
+            best = max((n for w, n in scores.items() if w in workers), default=0)
+        return max(0, num_tokens - best * self.block_size)
+
     def preview(self, request: ScheduleRequest) -> Decision:
         """The decision :meth:`schedule` would make now, without booking or counting it
         (explanations, dry runs). Stateful policies (round robin, sampling) still advance."""

@@ -26,6 +26,7 @@ import pytest
 from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 from kvrouter.gateway.server import GatewayServer
 from kvrouter.hashing import compute_block_hashes
+from kvrouter.routing import ScheduleRequest
 from kvrouter.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
@@ -420,3 +421,60 @@ async def test_worker_tokenizer_mode_asks_the_worker(
         assert usage["prompt_tokens"] == len(expected)
         (decision,) = gw.gateway.counters.recent_decisions(1)
         assert decision.request_blocks == len(expected) // BLOCK
+
+
+async def test_router_queue_holds_requests_until_a_worker_has_room(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    # A threshold of 8 prompt tokens: each worker prefills one request at a time, the
+    # rest wait at the router and go as first tokens come back.
+    cfg = gateway_config(fleet, router_queue_threshold=1.0, max_num_batched_tokens=8)
+    async with GatewayServer(cfg) as gw:
+        prompts = [f"{i:03d} queued topic " * 20 for i in range(12)]
+        results = await asyncio.gather(
+            *(complete(client, gw.url, p, max_tokens=8) for p in prompts)
+        )
+        assert all(body["usage"]["completion_tokens"] == 8 for _, body in results)
+        stats = gw.core.queue_stats()
+        assert stats is not None
+        assert stats.num_queued > 0 and stats.num_dispatched == 12 and stats.pending == 0
+        assert gw.core.scheduler.stats().active.num_requests == 0
+        async with client.get(gw.url + "/metrics") as resp:
+            text = await resp.text()
+        assert "kvrouter_router_queue_pending 0.0" in text
+        assert f"kvrouter_router_queue_queued_total {stats.num_queued}.0" in text
+
+
+async def test_router_queue_waits_end_cleanly(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    cfg = gateway_config(
+        fleet, router_queue_threshold=1.0, max_num_batched_tokens=8, request_timeout_s=1.0
+    )
+    async with GatewayServer(cfg) as gw:
+        # Bookings that never see a first token keep every worker saturated.
+        sched = gw.core.scheduler
+        for worker in sched.workers:
+            sched.schedule(ScheduleRequest(f"hold-{worker.worker_id}", token_ids=[1] * 64,
+                                           worker=worker))  # fmt: skip
+        body = {"model": "kvrouter-mock", "prompt": "Waiting in line. " * 4, "max_tokens": 2}
+        # A client that gives up while queued takes its request out of the queue.
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.post(gw.url + "/v1/completions", json=body)
+        await eventually(lambda: gw.core.queue_stats().pending == 0)  # type: ignore[union-attr]
+        assert gw.core.queue_stats().num_cancelled == 1  # type: ignore[union-attr]
+        # A wait past request_timeout_s is a 503 with a reason.
+        async with client.post(gw.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 503
+            assert "router queue" in (await resp.json())["error"]["message"]
+        # Room again: a queued request goes and completes; nothing is left booked.
+        waiting = asyncio.ensure_future(complete(client, gw.url, body["prompt"], max_tokens=2))
+        await eventually(lambda: gw.core.queue_stats().pending == 1)  # type: ignore[union-attr]
+        gw.core.on_finish("hold-0")
+        _, answer = await waiting
+        assert answer["usage"]["completion_tokens"] == 2
+        for worker in (1, 2):
+            gw.core.on_finish(f"hold-{worker}")
+        assert sched.stats().active.num_requests == 0
+        assert gw.core.queue_stats().pending == 0  # type: ignore[union-attr]
