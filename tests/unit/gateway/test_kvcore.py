@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kvrouter.clock import ManualClock
-from kvrouter.errors import NoWorkerAvailable
+from kvrouter.errors import AllWorkersBusy, NoWorkerAvailable
 from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.config import GatewayConfig
+from kvrouter.gateway.core import RouteResult
 from kvrouter.gateway.kvcore import KvRoutingCore
 from kvrouter.gateway.overrides import RoutingOverrides
 from kvrouter.gateway.prompts import prepare_prompt
@@ -101,3 +102,48 @@ def test_pushed_metrics_reach_the_aggregator() -> None:
     assert W0 not in endpoints
     state = core.debug_state()["workers"]["1"]
     assert (state["decisions"], state["index_size"]) == (0, 0)
+
+
+def _queued_core(**settings: object) -> KvRoutingCore:
+    cfg = GatewayConfig(
+        block_size=4, router_queue_threshold=1.0, max_num_batched_tokens=4, **settings
+    )  # type: ignore[arg-type]
+    core = KvRoutingCore(cfg, clock=ManualClock())
+    core.add_worker(W0)
+    return core
+
+
+def test_router_queue_delivers_routes_as_prefills_end() -> None:
+    core = _queued_core()
+    assert core.queue_enabled
+    got: dict[str, object] = {}
+    for name in ("a", "b"):
+        core.submit(name, _prompt(name * 16), NONE, lambda r, n=name: got.__setitem__(n, r))
+    assert list(got) == ["a"]  # routed at once; "b" waits: the worker prefills 16 tokens
+    assert isinstance(got["a"], RouteResult) and got["a"].worker == W0
+    assert core.queue_stats().pending == 1  # type: ignore[union-attr]
+    core.on_first_token("a")
+    assert list(got) == ["a", "b"]
+    assert not core.cancel("b")  # routed, no longer waiting
+
+
+def test_a_full_router_queue_refuses_and_cancel_takes_a_request_out() -> None:
+    core = _queued_core(router_queue_max_pending=1)
+    got: list[object] = []
+    core.submit("a", _prompt("a" * 16), NONE, got.append)
+    core.submit("b", _prompt("b" * 16), NONE, got.append)
+    with pytest.raises(AllWorkersBusy, match="already waiting at the router"):
+        core.submit("c", _prompt("c" * 16), NONE, got.append)
+    assert core.cancel("b")
+    core.on_finish("a")
+    assert len(got) == 1  # "b" left the queue and is never routed
+    assert core.stats().queue == core.queue_stats()
+    assert core.queue_stats().num_refused == 1  # type: ignore[union-attr]
+
+
+def test_without_a_queue_submit_routes_at_once() -> None:
+    core = _core()
+    got: list[object] = []
+    core.submit("a", _prompt(), NONE, got.append)
+    assert not core.queue_enabled and isinstance(got[0], RouteResult)
+    assert core.queue_stats() is None and not core.cancel("a")
