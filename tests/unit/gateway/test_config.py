@@ -174,3 +174,17 @@ def test_prefix_affinity_mode_takes_its_cache_weight() -> None:
     assert policy.cache_weight == 4.0
     with pytest.raises(ConfigError, match="cache_weight"):
         build_config(flags={"cache_weight": -1.0})
+
+
+def test_router_queue_settings_from_env_and_checks() -> None:
+    env = {"KVROUTER_ROUTER_QUEUE_THRESHOLD": "4", "KVROUTER_ROUTER_QUEUE_POLICY": "wspt"}
+    cfg = build_config(flags={"router_queue_max_pending": 100}, env=env)
+    assert (cfg.router_queue_threshold, cfg.router_queue_policy) == (4.0, "wspt")
+    assert (cfg.router_queue_max_pending, cfg.max_num_batched_tokens) == (100, 8192)
+    assert build_config(flags={}, env={}).router_queue_threshold is None
+    with pytest.raises(ConfigError, match="router_queue_policy must be fcfs or wspt"):
+        GatewayConfig(router_queue_policy="lifo")
+    with pytest.raises(ConfigError, match="router_queue_threshold must be positive"):
+        GatewayConfig(router_queue_threshold=0)
+    with pytest.raises(ConfigError, match="max_num_batched_tokens must be positive"):
+        GatewayConfig(max_num_batched_tokens=0)
