@@ -149,10 +149,10 @@ class Simulation:
         )
         self.queue: RouterQueue[tuple[Request, Any]] | None = None
         if config.queue_threshold is not None:
-            threshold = round(config.queue_threshold * config.engine.max_num_batched_tokens)
-            self.queue = RouterQueue(
-                self.scheduler, QueueConfig(max(1, threshold), config.queue_policy)
+            queue_config = QueueConfig.scaled(
+                config.queue_threshold, config.engine.max_num_batched_tokens, config.queue_policy
             )
+            self.queue = RouterQueue(self.scheduler, queue_config)
         self.cores: list[EngineCore] = []
         self._decoders: list[VllmEventDecoder] = []
         for worker in range(config.num_workers):

@@ -249,27 +249,20 @@ class RequestForwarder:
         routed: asyncio.Future[RouteResult | RouterError] = (
             asyncio.get_running_loop().create_future()
         )
-
-        def deliver(outcome: RouteResult | RouterError) -> None:
-            if routed.done():  # the waiter left just as it was routed: free the route
-                if isinstance(outcome, RouteResult):
-                    self._core.on_finish(request_id)
-            else:
-                routed.set_result(outcome)
-
         start = self._clock()
         if not self._registry.rotation():
             raise NoWorkerAvailable("no worker is available")
-        self._core.submit(request_id, prompt, overrides, deliver)
+        # The queue hands the outcome over once: a request taken out of it by cancel()
+        # is never routed, so the future is only ever set while someone waits on it.
+        self._core.submit(request_id, prompt, overrides, routed.set_result)
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
                 outcome = await asyncio.shield(routed)
         except BaseException as exc:
-            if not self._core.cancel(request_id) and routed.done():
-                result = routed.result()
-                if isinstance(result, RouteResult):
-                    self._core.on_finish(request_id)
-            routed.cancel()
+            # Not in the queue any more: it was routed just before the wait ended, and
+            # its booking is for nobody.
+            if not self._core.cancel(request_id) and isinstance(routed.result(), RouteResult):
+                self._core.on_finish(request_id)
             if isinstance(exc, TimeoutError):
                 raise AllWorkersBusy(
                     f"waited {self._cfg.request_timeout_s:g} s in the router queue",

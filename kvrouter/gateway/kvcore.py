@@ -94,15 +94,13 @@ class KvRoutingCore:
         self.event_feed_stats: dict[str, int] = {}
         self.queue: RouterQueue[Deliver] | None = None
         if cfg.router_queue_threshold is not None:
-            threshold = round(cfg.router_queue_threshold * cfg.max_num_batched_tokens)
-            self.queue = RouterQueue(
-                self.scheduler,
-                QueueConfig(
-                    max(1, threshold),
-                    "wspt" if cfg.router_queue_policy == "wspt" else "fcfs",
-                    cfg.router_queue_max_pending,
-                ),
+            config = QueueConfig.scaled(
+                cfg.router_queue_threshold,
+                cfg.max_num_batched_tokens,
+                cfg.router_queue_policy,
+                cfg.router_queue_max_pending,
             )
+            self.queue = RouterQueue(self.scheduler, config)
 
     @property
     def block_size(self) -> int:

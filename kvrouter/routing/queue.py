@@ -80,6 +80,19 @@ class QueueConfig:
         if self.max_pending is not None and self.max_pending < 0:
             raise ValueError(f"max_pending must be >= 0 or None, got {self.max_pending}")
 
+    @classmethod
+    def scaled(
+        cls,
+        threshold: float,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+        max_pending: int | None = None,
+    ) -> QueueConfig:
+        """A threshold given as a multiple of the engines' ``max_num_batched_tokens``
+        (Dynamo's ``--router-queue-threshold``), rounded, at least 1 token."""
+        tokens = max(1, round(threshold * max_num_batched_tokens))
+        return cls(tokens, policy, max_pending)  # type: ignore[arg-type]  # checked there
+
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
