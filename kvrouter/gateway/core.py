@@ -107,6 +107,10 @@ class RoutingCore(Protocol):
         """Take a request that is still queued out of the queue."""
         ...
 
+    def poll(self) -> None:
+        """Housekeeping on a timer while requests are queued: route those that fit now."""
+        ...
+
     def preview(
         self,
         prompt: PreparedPrompt,

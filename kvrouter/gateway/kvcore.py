@@ -148,6 +148,11 @@ class KvRoutingCore:
         ``False`` if it is not waiting there."""
         return self.queue is not None and self.queue.cancel(request_id) is not None
 
+    def poll(self) -> None:
+        """Route queued requests that fit now: bookings can also free room by expiring
+        (``request_expiry_s``), which no event announces."""
+        self._dispatch()
+
     def queue_stats(self) -> QueueStats | None:
         return None if self.queue is None else self.queue.stats()
 

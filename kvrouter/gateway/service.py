@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 _json = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.Encoder().encode
 
+# How often queued requests are checked against room freed by expired bookings.
+QUEUE_POLL_INTERVAL_S = 1.0
+
 
 class EventFeeds(Protocol):
     """Starts and stops the KV event subscription of each worker that has one."""
@@ -119,6 +122,8 @@ class Gateway(AsyncLifecycle):
             await self.add_worker(spec)
         self._spawn(self._health_loop(), "health")
         self._spawn(self._scrape_loop(), "metrics-scrape")
+        if self.core.queue_enabled:
+            self._spawn(self._queue_loop(), "router-queue")
 
     async def aclose(self) -> None:
         """Stop the loops, the event feeds and the session; idempotent."""
@@ -200,6 +205,13 @@ class Gateway(AsyncLifecycle):
             return False
         self.registry.mark_ok(state.worker_id)
         return True
+
+    async def _queue_loop(self) -> None:
+        # Finishes and first tokens dispatch queued requests at once; this catches room
+        # freed by expired bookings, which no event announces.
+        while True:
+            await asyncio.sleep(QUEUE_POLL_INTERVAL_S)
+            self.core.poll()
 
     async def _scrape_loop(self) -> None:
         while True:

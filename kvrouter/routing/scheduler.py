@@ -313,9 +313,11 @@ class KvScheduler:
 
     def min_prefill_tokens(self) -> int | float:
         """The fewest prompt tokens still being prefilled on any worker (``-inf`` with no
-        workers): the router queue's measure of free capacity."""
+        workers): the router queue's measure of free capacity. Bookings past the request
+        expiry are freed first, so a lost request cannot hold a worker's room forever."""
         if not self._workers:
             return float("-inf")
+        self.active.expire()
         prefill = self.active.prefill_tokens
         return min(prefill(key) for key in self._workers)
 

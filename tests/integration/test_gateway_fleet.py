@@ -23,10 +23,11 @@ import aiohttp
 import openai
 import pytest
 
+from kvrouter.gateway import service
 from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 from kvrouter.gateway.server import GatewayServer
 from kvrouter.hashing import compute_block_hashes
-from kvrouter.routing import ScheduleRequest
+from kvrouter.routing import KvScheduler, ScheduleRequest
 from kvrouter.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
@@ -452,11 +453,10 @@ async def test_router_queue_waits_end_cleanly(
         fleet, router_queue_threshold=1.0, max_num_batched_tokens=8, request_timeout_s=1.0
     )
     async with GatewayServer(cfg) as gw:
-        # Bookings that never see a first token keep every worker saturated.
+        # Bookings that never see a first token keep every worker saturated (until they
+        # expire, after twice the request timeout: they are booked again below).
         sched = gw.core.scheduler
-        for worker in sched.workers:
-            sched.schedule(ScheduleRequest(f"hold-{worker.worker_id}", token_ids=[1] * 64,
-                                           worker=worker))  # fmt: skip
+        _hold_every_worker(sched)
         body = {"model": "kvrouter-mock", "prompt": "Waiting in line. " * 4, "max_tokens": 2}
         # A client that gives up while queued takes its request out of the queue.
         leaving = asyncio.ensure_future(client.post(gw.url + "/v1/completions", json=body))
@@ -467,6 +467,9 @@ async def test_router_queue_waits_end_cleanly(
         await eventually(lambda: gw.core.queue_stats().pending == 0)  # type: ignore[union-attr]
         assert gw.core.queue_stats().num_cancelled == 1  # type: ignore[union-attr]
         # A wait past request_timeout_s is a 503 with a reason.
+        for worker in sched.workers:
+            gw.core.on_finish(f"hold-{worker.worker_id}")
+        _hold_every_worker(sched, token=2)
         async with client.post(gw.url + "/v1/completions", json=body) as resp:
             assert resp.status == 503
             assert "router queue" in (await resp.json())["error"]["message"]
@@ -480,3 +483,30 @@ async def test_router_queue_waits_end_cleanly(
             gw.core.on_finish(f"hold-{worker}")
         assert sched.stats().active.num_requests == 0
         assert gw.core.queue_stats().pending == 0  # type: ignore[union-attr]
+
+
+def _hold_every_worker(sched: KvScheduler, token: int = 1) -> None:
+    # A fresh prompt each time: one the worker is predicted to hold costs no prefill.
+    for worker in sched.workers:
+        sched.schedule(ScheduleRequest(f"hold-{worker.worker_id}", token_ids=[token] * 64,
+                                       worker=worker))  # fmt: skip
+
+
+async def test_router_queue_routes_past_bookings_that_expire(
+    fleet: list[Worker], client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lost bookings (no first token, no finish) expire after twice the request timeout;
+    # no event announces it, so the gateway's queue loop looks for the freed room.
+    monkeypatch.setattr(service, "QUEUE_POLL_INTERVAL_S", 0.05)
+    cfg = gateway_config(
+        fleet, router_queue_threshold=1.0, max_num_batched_tokens=8, request_timeout_s=2.0
+    )
+    async with GatewayServer(cfg) as gw:
+        sched = gw.core.scheduler
+        _hold_every_worker(sched)  # they expire 4 s from now
+        await asyncio.sleep(3.0)
+        waiting = asyncio.ensure_future(complete(client, gw.url, "Behind lost ones. " * 4))
+        await eventually(lambda: gw.core.queue_stats().pending == 1)  # type: ignore[union-attr]
+        _, answer = await waiting  # routed within about a second, under its 2 s limit
+        assert answer["usage"]["completion_tokens"] > 0
+        assert sched.stats().active.num_requests == 0  # the holds are gone

@@ -147,3 +147,21 @@ def test_without_a_queue_submit_routes_at_once() -> None:
     core.submit("a", _prompt(), NONE, got.append)
     assert not core.queue_enabled and isinstance(got[0], RouteResult)
     assert core.queue_stats() is None and not core.cancel("a")
+
+
+def test_poll_routes_queued_requests_once_a_lost_booking_expires() -> None:
+    clock = ManualClock()
+    cfg = GatewayConfig(
+        block_size=4, router_queue_threshold=1.0, max_num_batched_tokens=4, request_timeout_s=10
+    )
+    core = KvRoutingCore(cfg, clock=clock)
+    core.add_worker(W0)
+    got: dict[str, object] = {}
+    for name in ("lost", "b"):
+        core.submit(name, _prompt(name * 16), NONE, lambda r, n=name: got.__setitem__(n, r))
+    assert list(got) == ["lost"]
+    core.poll()
+    assert list(got) == ["lost"]  # nothing has expired: "b" still waits
+    clock.advance(21.0)  # bookings expire after twice the request timeout
+    core.poll()
+    assert list(got) == ["lost", "b"] and isinstance(got["b"], RouteResult)

@@ -63,6 +63,23 @@ def test_first_tokens_and_finishes_let_waiting_requests_go() -> None:
     assert stats.max_pending_seen == 2
 
 
+def test_an_expired_booking_frees_its_room_without_any_event() -> None:
+    clock = ManualClock()
+    sched = KvScheduler(
+        None, policy="round_robin", block_size=BLOCK, clock=clock, request_expiry_s=30.0
+    )
+    sched.add_worker(0)
+    queue: RouterQueue[str] = RouterQueue(sched, QueueConfig(threshold_tokens=4))
+    queue.submit(_req("lost", [1] * 8), "lost")  # its first token never arrives
+    queue.submit(_req("b", [2] * 8), "b")
+    assert _routed(queue.dispatch()) == ["lost"]
+    clock.advance(29.0)
+    assert queue.dispatch() == []  # still booked
+    clock.advance(2.0)
+    assert _routed(queue.dispatch()) == ["b"]  # "lost" expired: its prefill is gone
+    assert sched.active.prefill_tokens(sched.workers[0]) == 8
+
+
 def test_fcfs_keeps_arrival_order_and_wspt_takes_the_least_uncached_work_first() -> None:
     def order(policy: str) -> list[str]:
         sched = _scheduler(1)
