@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+SRC    := kvrouter tests
 
-.PHONY: run test check lint format typecheck lock bench clean
+.PHONY: run test check lint format typecheck lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,19 +23,19 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check kvrouter tests benchmarks
+	$(BIN)/ruff check $(SRC)
 
 format: $(STAMP)
-	$(BIN)/ruff format kvrouter tests benchmarks
-	$(BIN)/ruff check --fix kvrouter tests benchmarks
+	$(BIN)/ruff format $(SRC)
+	$(BIN)/ruff check --fix $(SRC)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 ## make check: lint, format check, strict types, tests.
 check: $(STAMP)
-	$(BIN)/ruff check kvrouter tests benchmarks
-	$(BIN)/ruff format --check kvrouter tests benchmarks
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 

@@ -68,7 +68,12 @@ class EventStreamError(RouterError):
 
 
 class DecodeError(EventStreamError):
-    """A malformed KV event message; the message names what is wrong."""
+    """A malformed KV event message; the message names what is wrong, ``kind`` what the
+    error counters count it as (``"event"``, or ``"block_size_mismatch"``)."""
+
+    def __init__(self, message: str, kind: str = "event") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class SequenceGap(EventStreamError):

@@ -50,6 +50,7 @@ __all__ = [
     "Usage",
     "decode_chat_request",
     "decode_completion_request",
+    "decode_json",
     "decode_tokenize_request",
     "encode",
     "error_body",
@@ -357,11 +358,22 @@ _tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
 _encoder = msgspec.json.Encoder()
 
 
+def decode_json(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """``decoder.decode(body)``; bytes that are not UTF-8 and nesting too deep for the
+    parser are :class:`InvalidRequest` too (msgspec's own errors pass through)."""
+    try:
+        return decoder.decode(body)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid UTF-8 ({exc.reason})") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the request body's JSON is nested too deeply") from exc
+
+
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     if not body:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
-        return decoder.decode(body)
+        return decode_json(decoder, body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid request: {exc}") from exc
     except msgspec.DecodeError as exc:

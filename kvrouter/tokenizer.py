@@ -307,7 +307,10 @@ def load_tokenizer(spec: str | Path | None, chat_template: str | None = None) ->
         return ByteTokenizer(_template_text(chat_template))
     path = Path(spec)
     if not path.exists():
-        raise ConfigError(f"tokenizer {spec!r} is neither 'byte' nor an existing path")
+        raise ConfigError(
+            f"tokenizer {str(spec)!r} does not exist; give 'byte' or the path of a "
+            "tokenizer.json (or of a folder holding one)"
+        )
     return HfTokenizer(path, chat_template)
 
 

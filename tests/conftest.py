@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,12 @@ def trace_path() -> Path:
     if not TRACE_PATH.exists():
         pytest.skip(f"shared trace not found at {TRACE_PATH} (set KVROUTER_DATA_DIR)")
     return TRACE_PATH
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback TCP port that something already listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]

@@ -7,6 +7,7 @@ Heavy imports (numpy, the engine, aiohttp, matplotlib) happen inside the command
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -118,7 +119,10 @@ def _sim_config(
 ) -> SimConfig:
     from kvrouter.bench.simulate import SimConfig
     from kvrouter.engine import EngineConfig
+    from kvrouter.errors import ConfigError
 
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     engine = EngineConfig(
         block_size=block_size, num_gpu_blocks=num_gpu_blocks, speedup_ratio=engine_speedup
     )
@@ -132,6 +136,24 @@ def _sim_config(
         queue_threshold=queue_threshold,
         queue_policy=queue_policy,
     )
+
+
+def _speedups(text: str) -> list[float]:
+    """``--sweep 1,2,4``: the speedups, each a positive number."""
+    from kvrouter.errors import ConfigError
+
+    speedups = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            speedup = float(item)
+        except ValueError:
+            speedup = math.nan
+        if not speedup > 0:  # also rejects nan
+            raise ConfigError(f"--sweep: {item!r} is not a positive number (e.g. --sweep 1,2,4)")
+        speedups.append(speedup)
+    if not speedups:
+        raise ConfigError(f"--sweep: no speedup in {text!r} (e.g. --sweep 1,2,4)")
+    return speedups
 
 
 def _policies(text: str) -> list[str]:
@@ -226,7 +248,7 @@ def simulate_command(
     if queue_threshold is not None:
         meta["queue"] = {"threshold": queue_threshold, "policy": queue_policy}
     if sweep is not None:
-        speedups = [float(s) for s in sweep.split(",") if s.strip()]
+        speedups = _speedups(sweep)
         doc = _run_sweep(
             requests,
             names,
@@ -416,14 +438,12 @@ def report_command(
     ),
 ) -> None:
     """Tables and plots (PNG, markdown, one self-contained HTML page) from results files."""
-    from kvrouter.bench.report import collect_runs
+    from kvrouter.bench.report import collect_runs, read_sweep
 
     for path in results:
         if not path.exists():
             raise typer.BadParameter(f"no such file: {path}", param_hint="RESULTS")
-    runs, limit_value = collect_runs(
-        [p for p in results if "sweep" not in json.loads(p.read_text())]
-    )
+    runs, limit_value = collect_runs([p for p in results if read_sweep(p) is None])
     if runs:
         _print_table(runs, limit_value)
     _write_report(list(results), out, quiet=False)

@@ -19,20 +19,21 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvrouter.bench.results import RunResult, load_results
+from kvrouter.bench.results import RunResult, load_results, read_json_file
+from kvrouter.errors import ConfigError
 
 __all__ = [
     "ReportFiles",
     "collect_runs",
     "load_imbalance",
     "markdown_table",
+    "read_sweep",
     "rich_table",
     "sweep_markdown",
     "table_rows",
@@ -276,7 +277,7 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> ReportFile
     run_paths: list[str | Path] = []
     sweeps: list[list[dict[str, Any]]] = []
     for path in paths:
-        sweep = _sweep_of(path)
+        sweep = read_sweep(path)
         if sweep is None:
             run_paths.append(path)
         else:
@@ -307,16 +308,16 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> ReportFile
     return ReportFiles(markdown, page, tuple(written))
 
 
-def _sweep_of(path: str | Path) -> list[dict[str, Any]] | None:
+def read_sweep(path: str | Path) -> list[dict[str, Any]] | None:
     """The ``sweep`` list of a sweep results file; ``None`` for a plain results file."""
-    data = json.loads(Path(path).read_text())
+    data = read_json_file(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a results file")
+        raise ConfigError(f"{path}: not a results file")
     sweep = data.get("sweep")
     if sweep is None:
         return None
     if not isinstance(sweep, list):
-        raise ValueError(f"{path}: 'sweep' is not a list")
+        raise ConfigError(f"{path}: 'sweep' is not a list")
     return sweep
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvrouter.errors import ConfigError
+
 __all__ = [
     "FIGURE_KEYS",
     "RequestRecord",
@@ -28,6 +30,7 @@ __all__ = [
     "Series",
     "load_results",
     "percentile",
+    "read_json_file",
     "results_document",
     "save_results",
     "summarize",
@@ -245,8 +248,20 @@ def save_results(path: str | Path, document: Mapping[str, Any]) -> Path:
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a results document; raises ``ValueError`` if it has no ``policies``."""
-    data = json.loads(Path(path).read_text())
+    """Read a results document; raises ``ConfigError`` if it has no ``policies``."""
+    data = read_json_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("policies"), dict):
-        raise ValueError(f"{path}: not a results file (no 'policies' object)")
+        raise ConfigError(f"{path}: not a results file (no 'policies' object)")
     return data
+
+
+def read_json_file(path: str | Path) -> Any:
+    """The JSON value in the file at ``path``; ``ConfigError`` naming the file if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not JSON (not UTF-8 text)") from exc

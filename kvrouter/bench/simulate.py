@@ -43,7 +43,7 @@ from kvrouter.bench.results import RequestRecord, RunResult, Series, summarize
 from kvrouter.bench.workloads import Arrivals, Request, apply_arrivals
 from kvrouter.clock import ManualClock
 from kvrouter.engine import EngineConfig, EngineCore, EngineRequest, StepResult
-from kvrouter.errors import AllWorkersBusy
+from kvrouter.errors import AllWorkersBusy, ConfigError
 from kvrouter.events.model import RouterEvent
 from kvrouter.events.vllm import KVEventBatch, VllmEventDecoder, encode_batch
 from kvrouter.hashing import hash_request
@@ -99,15 +99,15 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         if self.queue_threshold is not None and self.queue_threshold <= 0:
-            raise ValueError(f"queue_threshold must be positive, got {self.queue_threshold}")
+            raise ConfigError(f"queue_threshold must be positive, got {self.queue_threshold}")
         if self.max_decode_steps < 1:
-            raise ValueError(f"max_decode_steps must be >= 1, got {self.max_decode_steps}")
+            raise ConfigError(f"max_decode_steps must be >= 1, got {self.max_decode_steps}")
         if self.num_workers <= 0:
-            raise ValueError(f"num_workers must be positive, got {self.num_workers}")
+            raise ConfigError(f"num_workers must be positive, got {self.num_workers}")
         if self.event_delay_s < 0 or (self.metrics_delay_s or 0.0) < 0:
-            raise ValueError("transport delays must not be negative")
+            raise ConfigError("transport delays must not be negative")
         if self.sample_interval_s <= 0:
-            raise ValueError(f"sample_interval_s must be positive, got {self.sample_interval_s}")
+            raise ConfigError(f"sample_interval_s must be positive, got {self.sample_interval_s}")
 
 
 @dataclass(slots=True)

@@ -30,6 +30,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from kvrouter.errors import ConfigError
+
 __all__ = [
     "BUILTIN_WORKLOADS",
     "MOONCAKE_BLOCK_TOKENS",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 MOONCAKE_BLOCK_TOKENS = 512
+_MOONCAKE_KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
 DEFAULT_VOCAB_SIZE = 32_000
 # Token ids below this are left alone: real vocabularies keep special tokens there.
 _FIRST_TOKEN_ID = 100
@@ -164,27 +167,45 @@ def load_mooncake_trace(
         for index, line in enumerate(itertools.islice(fh, limit)):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            requests.append(_mooncake_request(index, record, block_tokens))
+            try:
+                record = json.loads(line.rstrip(b"\r\n"))
+                requests.append(_mooncake_request(index, record, block_tokens))
+            except ValueError as exc:  # a JSONDecodeError is one too
+                raise ConfigError(f"trace {path} line {index + 1}: {_why(exc)}") from exc
     return requests
 
 
-def _mooncake_request(index: int, record: dict[str, Any], block_tokens: int) -> Request:
-    hash_ids: list[int] = record["hash_ids"]
-    input_length = int(record["input_length"])
+def _why(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return str(exc)
+
+
+def _mooncake_request(index: int, record: Any, block_tokens: int) -> Request:
+    if not isinstance(record, dict) or any(key not in record for key in _MOONCAKE_KEYS):
+        raise ValueError(f"not a Mooncake record (an object with {', '.join(_MOONCAKE_KEYS)})")
+    try:
+        hash_ids = [int(h) for h in record["hash_ids"]]
+        input_length = int(record["input_length"])
+        output_length = int(record["output_length"])
+        timestamp_ms = float(record["timestamp"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"a field is not a number or a list of numbers ({exc})") from exc
     if not hash_ids or input_length > len(hash_ids) * block_tokens:
         raise ValueError(
-            f"trace line {index + 1}: input_length {input_length} does not fit "
+            f"input_length {input_length} does not fit "
             f"{len(hash_ids)} blocks of {block_tokens} tokens"
         )
-    segments = [Segment(int(h), block_tokens) for h in hash_ids]
+    segments = [Segment(h, block_tokens) for h in hash_ids]
     last = input_length - (len(hash_ids) - 1) * block_tokens
-    segments[-1] = Segment(int(hash_ids[-1]), last)
+    segments[-1] = Segment(hash_ids[-1], last)
     return Request(
         request_id=f"trace-{index}",
-        arrival_s=float(record["timestamp"]) / 1000.0,
+        arrival_s=timestamp_ms / 1000.0,
         segments=tuple(segments),
-        output_length=max(1, int(record["output_length"])),
+        output_length=max(1, output_length),
     )
 
 
@@ -296,8 +317,9 @@ class Arrivals:
     def __post_init__(self) -> None:
         if self.kind not in ("trace", "poisson", "concurrency"):
             raise ValueError(f"unknown arrival kind {self.kind!r}")
-        if self.speedup <= 0 or self.rate <= 0 or self.concurrency <= 0:
-            raise ValueError("speedup, rate and concurrency must be positive")
+        for name in ("speedup", "rate", "concurrency"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def closed_loop(self) -> bool:

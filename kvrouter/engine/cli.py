@@ -90,9 +90,11 @@ async def start_worker(
     """Start worker ``index`` (core, KV event publisher, HTTP server) inside ``stack``."""
     from kvrouter.engine import EngineConfig, EngineCore
     from kvrouter.engine.server import EngineServer, ServerConfig
+    from kvrouter.errors import ConfigError
     from kvrouter.tokenizer import load_tokenizer
 
     worker_id = options.worker_id_base + index
+    tokenizer = load_tokenizer(options.tokenizer, options.chat_template)
     config = EngineConfig(
         block_size=options.block_size,
         num_gpu_blocks=options.num_gpu_blocks,
@@ -109,7 +111,6 @@ async def start_worker(
         model_name=options.model_name,
         max_model_len=options.max_model_len,
     )
-    tokenizer = load_tokenizer(options.tokenizer, options.chat_template)
     server = EngineServer(
         core,
         tokenizer,
@@ -117,7 +118,14 @@ async def start_worker(
         kv_publisher=publisher,
         metrics_publisher=metrics_publisher,
     )
-    await stack.enter_async_context(server)
+    try:
+        await stack.enter_async_context(server)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(
+            f"worker {worker_id}: cannot listen for HTTP on "
+            f"{options.host}:{server_config.port}: {why}"
+        ) from exc
     transport = publisher.transport if publisher is not None else None
     addresses = WorkerAddresses(
         worker_id=worker_id,

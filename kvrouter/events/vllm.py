@@ -409,7 +409,7 @@ class VllmEventDecoder:
             try:
                 append(self._convert(raw))
             except DecodeError as exc:
-                errors.append(DecodeError(f"event {index}: {exc}"))
+                errors.append(DecodeError(f"event {index}: {exc}", exc.kind))
         self._num_events += len(events)
         self._num_bad_events += len(errors)
         self._num_skipped_events += skipped
@@ -496,7 +496,8 @@ class VllmEventDecoder:
         if event.block_size != block_size:
             raise DecodeError(
                 f"BlockStored block_size {event.block_size} does not match "
-                f"the router's block_size {block_size}"
+                f"the router's block_size {block_size}",
+                "block_size_mismatch",
             )
         num_blocks = len(event.block_hashes)
         if num_blocks == 0:

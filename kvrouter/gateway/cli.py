@@ -99,11 +99,26 @@ def serve(
     max_prompt_tokens: int | None = typer.Option(None, help="Longest prompt in tokens [131072]."),
     metrics_scrape_interval_s: float | None = typer.Option(None, help="Worker /metrics period."),
     health_check_interval_s: float | None = typer.Option(None, help="Worker /health period."),
+    health_check_timeout_s: float | None = typer.Option(
+        None, help="Timeout of one worker /health check [2]."
+    ),
     request_timeout_s: float | None = typer.Option(None, help="Whole-request timeout [300]."),
+    connect_timeout_s: float | None = typer.Option(
+        None, help="Timeout of connecting to a worker [5]."
+    ),
     max_retries: int | None = typer.Option(None, help="Retries before the first byte [2]."),
+    max_connections: int | None = typer.Option(
+        None, help="Size of the upstream connection pool [1024]."
+    ),
+    retry_after_s: float | None = typer.Option(
+        None, help="Retry-After seconds when no worker is available [1]."
+    ),
     predicted_ttl_s: float | None = typer.Option(None, help="Life of predicted entries [120]."),
     decision_log_sample_rate: float | None = typer.Option(
         None, help="Fraction of decisions logged as one JSON line [0]."
+    ),
+    decision_history: int | None = typer.Option(
+        None, help="Decisions kept for /debug/decisions [256]."
     ),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:

@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "KVROUTER_"
-# The built-in policies of kvrouter.routing.policies (``direct`` is per request).
+# The built-in policies of kvrouter.routing.policies. A request can name its worker
+# under any of them; under ``direct`` every request must.
 ROUTER_MODES = (
     "kv",
     "score",
@@ -53,6 +54,7 @@ ROUTER_MODES = (
     "round_robin",
     "power_of_two",
     "least_loaded",
+    "direct",
 )
 TOKENIZER_BUILTIN = "builtin"
 TOKENIZER_WORKER = "worker"

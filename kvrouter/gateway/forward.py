@@ -66,7 +66,7 @@ from kvrouter.gateway.fanout import (
 from kvrouter.gateway.http_errors import map_error, sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
-from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
+from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse, describe
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import DecisionRecord, GatewayCounters
 from kvrouter.lifecycle import cancel_and_wait
@@ -706,7 +706,7 @@ class _BatchStream:
             await put((index, _BROKEN, exc))
             return
         except Exception as exc:  # never leave the merging loop waiting for this one
-            await put((index, _BROKEN, UpstreamError(f"worker stream failed: {exc!r}")))
+            await put((index, _BROKEN, UpstreamError(f"worker stream failed: {describe(exc)}")))
             return
         await put((index, _END, None))
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from kvrouter.errors import InvalidRequest, RequestTooLarge
 from kvrouter.hashing import Tokens, hash_request, make_salt
+from kvrouter.protocol import decode_json
 from kvrouter.tokenizer import ByteTokenizer, Tokenizer, normalize_messages
 
 __all__ = [
@@ -92,7 +93,7 @@ def parse_body(body: bytes, kind: Kind) -> ParsedBody:
     if not body:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
-        payload = _decoder.decode(body)
+        payload = decode_json(_decoder, body)
     except msgspec.ValidationError as exc:
         raise InvalidRequest("the request body must be a JSON object") from exc
     except msgspec.DecodeError as exc:

@@ -36,6 +36,7 @@ from kvrouter.gateway.metrics import CONTENT_TYPE, GatewayCollector, render_metr
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, batch_prompts, parse_body
 from kvrouter.gateway.service import Gateway
+from kvrouter.protocol import decode_json
 
 __all__ = ["GATEWAY_KEY", "build_app"]
 
@@ -94,6 +95,11 @@ def _make_middleware(gateway: Gateway) -> Any:
                 log.warning("%s %s -> %d: %s", request.method, request.path, response.status, exc)
         except web.HTTPException as exc:
             response = _http_error(exc)
+        except Exception as exc:  # a bug of ours: still a JSON answer, logged and counted
+            log.exception("%s %s failed", request.method, request.path)
+            response = error_response(
+                RuntimeError(f"internal error ({type(exc).__name__}); see the gateway log")
+            )
         counters.requests[(name, response.status)] += 1
         return response
 
@@ -156,7 +162,7 @@ class _Handlers:
     async def add_worker(self, request: web.Request) -> web.Response:
         body = await read_body(request, 1 << 16)
         try:
-            data = _decode_obj.decode(body)
+            data = decode_json(_decode_obj, body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise InvalidRequest(f"expected a JSON object describing a worker: {exc}") from exc
         try:
@@ -165,8 +171,9 @@ class _Handlers:
         except ConfigError as exc:
             raise InvalidRequest(str(exc)) from exc
         await self.gw.check_health(state)
+        # The registry assigns the id when the spec names none.
         return _json(
-            {"worker_id": state.worker_id, **spec.to_dict(), "healthy": state.healthy}, 201
+            {**spec.to_dict(), "worker_id": state.worker_id, "healthy": state.healthy}, 201
         )
 
     async def remove_worker(self, request: web.Request) -> web.Response:
@@ -188,7 +195,9 @@ class _Handlers:
             n = int(raw)
         except ValueError as exc:
             raise InvalidRequest(f"n must be an integer, got {raw!r}") from exc
-        recent = self.gw.counters.recent_decisions(max(0, min(n, 10_000)))
+        if n < 0:
+            raise InvalidRequest(f"n must be >= 0, got {n}")
+        recent = self.gw.counters.recent_decisions(min(n, 10_000))
         return _json({"decisions": [r.to_dict() for r in recent]})
 
     async def explain(self, request: web.Request) -> web.Response:

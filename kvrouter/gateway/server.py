@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -38,6 +39,12 @@ def load_gateway_tokenizer(cfg: GatewayConfig) -> Tokenizer | None:
     if cfg.tokenizer == TOKENIZER_WORKER:
         return None
     spec = None if cfg.tokenizer in (TOKENIZER_BUILTIN, "byte") else cfg.tokenizer
+    if spec is not None and not Path(spec).exists():
+        raise ConfigError(
+            f"tokenizer {spec!r} does not exist; give '{TOKENIZER_BUILTIN}', "
+            f"'{TOKENIZER_WORKER}', 'byte' or the path of a tokenizer.json (or of a folder "
+            "holding one)"
+        )
     return load_tokenizer(spec, cfg.chat_template)
 
 

@@ -4,8 +4,11 @@ loaded; and a user's ``func(matches, metrics) -> worker_id`` wrapped as a policy
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import numpy as np
 
@@ -61,7 +64,10 @@ class DirectPolicy:
 
     def __call__(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
         if request.target is None:
-            raise InvalidRequest("direct routing needs a target worker")
+            raise InvalidRequest(
+                "direct routing needs a target worker (the x-kvrouter-worker header, "
+                'or "kvrouter": {"worker": ID} in the body)'
+            )
         for i, view in enumerate(workers):
             if view.worker == request.target:
                 return decide(self.name, request, workers, i)
@@ -152,17 +158,48 @@ class CustomPolicy:
 
 
 def load_policy(path: str) -> CustomPolicy:
-    """Import ``"package.module:function"`` (or ``"package.module.function"``) as a policy."""
+    """Import ``"package.module:function"`` (or ``"package.module.function"``) as a policy.
+
+    The module is looked for on ``sys.path``, then in the current directory (as uvicorn
+    looks for an app): the ``kvrouter`` console script does not put the directory it is
+    started from on ``sys.path``, where ``python -m`` would.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise ConfigError(f"policy path {path!r} must look like 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import policy module {module_name!r}: {exc}") from exc
+        raise ConfigError(
+            f"cannot import policy module {module_name!r} (looked on sys.path and in "
+            f"{os.getcwd()}): {exc}"
+        ) from exc
     func = getattr(module, attr, None)
     if not callable(func):
         raise ConfigError(f"{module_name!r} has no callable {attr!r}")
     return CustomPolicy(func, name=path)
+
+
+def _import_user_module(name: str) -> ModuleType:
+    cwd = os.getcwd()
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        # Only a top-level package that is nowhere to be found is worth a second look;
+        # a module that fails on a missing import of its own is not.
+        if exc.name != name.partition(".")[0] or _on_sys_path(cwd):
+            raise
+    # The directory stays on sys.path: the module may import its siblings later on.
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        sys.path.remove(cwd)
+        raise
+
+
+def _on_sys_path(directory: str) -> bool:
+    return any(os.path.abspath(entry or os.curdir) == directory for entry in sys.path)

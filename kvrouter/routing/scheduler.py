@@ -63,7 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Overlap as a fraction of the prompt's blocks.
-OVERLAP_BOUNDS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+OVERLAP_BOUNDS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 LATENCY_BOUNDS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3)
 
 

@@ -162,7 +162,7 @@ class Decision:
     def _line(self, row: CandidateScore) -> str:
         text = f"{_worker_label(row.worker)}: {row.hit_rate:.0%} cache hit, {row.load:.0%} load"
         if self.score_name == "cost":
-            text += f", {row.prefill_blocks:.1f} prefill + {row.decode_blocks:.1f} decode blocks"
+            text += f", {row.prefill_blocks:.2f} prefill + {row.decode_blocks:.2f} decode blocks"
         if row.score is not None and self.score_name is not None:
             text += f" -> {self.score_name} {row.score:.2f}"
         return text + (" (Selected)" if row.selected else "")

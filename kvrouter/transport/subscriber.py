@@ -426,7 +426,7 @@ class KvEventSubscriber(AsyncLifecycle):
             self._count_malformed(stream, "batch", message.seq, str(exc))
             return
         for error in batch.errors:
-            self._count_malformed(stream, "event", message.seq, str(error))
+            self._count_malformed(stream, error.kind, message.seq, str(error))
         forced = stream.endpoint.dp_rank
         dp_rank = batch.dp_rank if forced is None else forced
         stream.ranks.add(dp_rank)

@@ -268,6 +268,15 @@ class ZmqTransport(EventTransport):
         if self._started:
             return
         self._started = True
+        try:
+            self._bind_sockets()
+        except BaseException:
+            # ``async with`` does not close what failed to start: a taken port must not
+            # leave the sockets and the context behind.
+            await self.aclose()
+            raise
+
+    def _bind_sockets(self) -> None:
         if self._endpoint is not None:
             # A plain (blocking-API) socket: sends are NOBLOCK and never awaited.
             pub: zmq.Socket[bytes] = zmq.Socket(self._context, zmq.PUB)

@@ -188,6 +188,7 @@ async def test_every_worker_failing_is_a_502(
         assert resp.status == 502
         body = await resp.json()
     assert body["error"]["type"] == "upstream_error"
+    assert "ConnectionKey" not in body["error"]["message"]  # a reason, not an object's repr
     assert len(busy.requests) == 1
     # The unreachable one is out of rotation; the one that answered 503 is not.
     assert [w.worker_id for w in gw.gateway.registry.in_rotation()] == [0]
@@ -345,7 +346,14 @@ async def test_limits_and_bad_input_are_4xx_never_500(
         (b"{not json", 400, "not valid JSON"),
         (b'{"prompt": 1}', 400, "'prompt' must be"),
         (json.dumps({"prompt": "abcd", "kvrouter": {"speed": 1}}).encode(), 400, "unknown key"),
+        (b'{"prompt": "\xff"}', 400, "not valid UTF-8"),
+        (b'{"prompt": "ab", "x": ' + b"[" * 980 + b"]" * 980 + b"}", 400, "nested too deeply"),
     ]
+    for path in ("/v1/completions", "/v1/chat/completions", "/debug/explain"):
+        for body, status, message in cases[-2:]:
+            async with client.post(gw.url + path, data=body) as resp:
+                assert resp.status == status, (path, body)
+                assert message in (await resp.json())["error"]["message"]
     for body, status, message in cases:
         async with client.post(url, data=body) as resp:
             assert resp.status == status, body
@@ -360,6 +368,29 @@ async def test_limits_and_bad_input_are_4xx_never_500(
     async with client.post(url, json={"prompt": "abcd"}, headers={"x-kvrouter-worker": "9"}) as r:
         assert r.status == 400
     assert backend.requests == []
+
+
+async def test_an_unexpected_error_is_a_logged_and_counted_json_500(
+    stack: AsyncExitStack,
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+
+    def broken(self: object, n: int) -> list[object]:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(type(gw.gateway.counters), "recent_decisions", broken)
+    async with client.get(gw.url + "/debug/decisions") as r:
+        assert r.status == 500
+        error = (await r.json())["error"]
+    assert error["type"] == "internal_error" and "KeyError" in error["message"]
+    assert any("GET /debug/decisions failed" in m for m in caplog.messages)
+    async with client.get(gw.url + "/metrics") as r:
+        text = await r.text()
+    assert 'kvrouter_requests_total{route="/debug/decisions",status="500"} 1.0' in text
 
 
 async def test_direct_routing_and_body_overrides_are_stripped(
@@ -380,6 +411,24 @@ async def test_direct_routing_and_body_overrides_are_stripped(
     assert [(d.worker_id, d.policy, d.pinned) for d in recent] == [(1, "direct", True)] * 3
 
 
+async def test_direct_mode_needs_every_request_to_name_its_worker(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    b = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([a.url, b.url], router_mode="direct"))
+    )
+    url = gw.url + "/v1/completions"
+    async with client.post(url, json={"prompt": "abcdefgh"}) as resp:
+        assert resp.status == 400
+        assert "x-kvrouter-worker" in (await resp.json())["error"]["message"]
+    pinned = {"x-kvrouter-worker": "1"}
+    async with client.post(url, json={"prompt": "abcdefgh"}, headers=pinned) as resp:
+        assert resp.status == 200
+    assert a.requests == [] and b.requests == [{"prompt": "abcdefgh"}]
+
+
 async def test_admin_api_adds_lists_and_removes_workers(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:
@@ -392,6 +441,15 @@ async def test_admin_api_adds_lists_and_removes_workers(
     assert (added["worker_id"], added["healthy"], added["url"]) == (5, True, b.url)
     async with client.post(gw.url + "/admin/workers", json={"url": "nope"}) as r:
         assert r.status == 400
+    async with client.post(gw.url + "/admin/workers", data=b'{"url": "\xff"}') as r:
+        assert r.status == 400
+    c = await start_backend(stack, Backend())
+    async with client.post(gw.url + "/admin/workers", json={"url": c.url}) as r:
+        assert r.status == 201
+        assigned = (await r.json())["worker_id"]  # the id the gateway gave it
+    assert isinstance(assigned, int) and assigned not in (0, 5)
+    async with client.delete(gw.url + f"/admin/workers/{assigned}") as r:
+        assert r.status == 200
     async with client.get(gw.url + "/admin/workers") as r:
         listed = (await r.json())["workers"]
     assert [(w["worker_id"], w["url"], w["healthy"], w["mode"]) for w in listed] == [
@@ -462,8 +520,9 @@ async def test_debug_endpoints_and_metrics(
         decisions = (await r.json())["decisions"]
     assert len(decisions) == 1
     assert any("(Selected)" in line for line in decisions[0]["explanation"])
-    async with client.get(gw.url + "/debug/decisions?n=x") as r:
-        assert r.status == 400
+    for bad in ("x", "-1"):
+        async with client.get(gw.url + f"/debug/decisions?n={bad}") as r:
+            assert r.status == 400
     async with client.get(gw.url + "/metrics") as r:
         text = await r.text()
     assert f'kvrouter_decisions_total{{policy="kv",worker="{first}"}} 1.0' in text

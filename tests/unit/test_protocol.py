@@ -73,6 +73,8 @@ def test_stream_options() -> None:
     [
         (b"", "body is empty"),
         (b"{not json", "not valid JSON"),
+        (b'{"prompt": "\xff"}', "not valid UTF-8"),
+        (b'{"prompt": "x", "y": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
         (b"[1, 2]", "Expected `object`"),
         (completion(max_tokens=0), "max_tokens"),
         (completion(max_tokens="ten"), "max_tokens"),

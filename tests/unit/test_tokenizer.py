@@ -196,8 +196,12 @@ def test_chat_template_file_overrides_config(tmp_path: Path) -> None:
 
 
 def test_load_errors_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="neither 'byte' nor an existing path"):
+    with pytest.raises(ConfigError) as missing:
         load_tokenizer(tmp_path / "missing.json")
+    assert str(missing.value) == (
+        f"tokenizer '{tmp_path / 'missing.json'}' does not exist; give 'byte' or the path "
+        "of a tokenizer.json (or of a folder holding one)"
+    )
     bad = tmp_path / "tokenizer.json"
     bad.write_text("not json")
     with pytest.raises(ConfigError, match="cannot load tokenizer"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kvrouter.bench.results import FIGURE_KEYS
@@ -106,3 +107,71 @@ def test_simulate_step_by_step_and_a_bad_window() -> None:
     bad = runner.invoke(app, [*args, "--max-decode-steps", "0"])
     assert bad.exit_code == 2
     assert "max-decode-steps" in bad.output
+
+
+def _trace(path: Path, *records: object) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GOOD_RECORD = {"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}
+
+
+def test_demo_with_no_workers_is_one_error_line() -> None:
+    result = runner.invoke(app, ["demo", "--workers", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: --workers must be at least 1, got 0\n"
+
+
+def test_demo_with_a_zero_speedup_is_one_error_line(tmp_path: Path) -> None:
+    trace = _trace(tmp_path / "t.jsonl", GOOD_RECORD)
+    result = runner.invoke(app, ["demo", "--speedup", "0", "--trace", str(trace)])
+    assert result.exit_code == 2
+    assert result.stderr == "error: speedup must be positive, got 0.0\n"
+
+
+def test_a_trace_that_is_not_json_lines_names_file_and_line(tmp_path: Path) -> None:
+    trace = tmp_path / "notes.md"
+    trace.write_text(json.dumps(GOOD_RECORD) + "\n# not a record\n")
+    for command in (["demo"], ["bench", "simulate"]):
+        result = runner.invoke(app, [*command, "--trace", str(trace)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            f"error: trace {trace} line 2: not JSON (Expecting value at column 1)\n"
+        )
+
+
+def test_report_of_a_file_that_is_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "README.md"
+    path.write_text("# kvrouter\n")
+    result = runner.invoke(app, ["bench", "report", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {path} is not JSON (Expecting value at line 1 column 1)\n"
+
+
+def test_report_of_json_that_is_not_results(tmp_path: Path) -> None:
+    path = _trace(tmp_path / "t.json", GOOD_RECORD)
+    result = runner.invoke(app, ["bench", "report", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {path}: not a results file (no 'policies' object)\n"
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("1,x", "--sweep: 'x' is not a positive number (e.g. --sweep 1,2,4)"),
+        ("2,0", "--sweep: '0' is not a positive number (e.g. --sweep 1,2,4)"),
+        ("nan", "--sweep: 'nan' is not a positive number (e.g. --sweep 1,2,4)"),
+        (",", "--sweep: no speedup in ',' (e.g. --sweep 1,2,4)"),
+    ],
+)
+def test_bad_sweeps_are_one_error_line(sweep: str, message: str) -> None:
+    result = runner.invoke(app, ["bench", "simulate", "--workload", "no-reuse", "--sweep", sweep])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {message}\n"
+
+
+def test_simulate_with_a_zero_block_size_is_one_error_line() -> None:
+    result = runner.invoke(app, ["bench", "simulate", "--block-size", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: block_size must be positive, got 0\n"

@@ -18,6 +18,7 @@ from kvrouter.bench.results import (
     save_results,
     summarize,
 )
+from kvrouter.errors import ConfigError
 
 
 def _records() -> list[RequestRecord]:
@@ -77,6 +78,15 @@ def test_results_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="not a results file"):
         load_results(tmp_path / "bad.json")
+    (tmp_path / "notes.md").write_text("# results\n")
+    with pytest.raises(ConfigError) as caught:
+        load_results(tmp_path / "notes.md")
+    assert str(caught.value) == (
+        f"{tmp_path / 'notes.md'} is not JSON (Expecting value at line 1 column 1)"
+    )
+    (tmp_path / "binary.json").write_bytes(b"\x80")
+    with pytest.raises(ConfigError, match=r"binary\.json is not JSON \(not UTF-8 text\)"):
+        load_results(tmp_path / "binary.json")
 
 
 def _results_file(tmp_path: Path, name: str, ttft_scale: float) -> Path:

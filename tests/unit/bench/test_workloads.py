@@ -23,6 +23,7 @@ from kvrouter.bench.workloads import (
     shared_prefix_requests,
     synthesize_tokens,
 )
+from kvrouter.errors import ConfigError
 
 
 def _write_trace(path: Path, records: list[dict[str, object]]) -> Path:
@@ -84,6 +85,44 @@ def test_mooncake_trace_rejects_lengths_that_do_not_fit(tmp_path: Path) -> None:
         [{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [1, 2]}],
     )
     with pytest.raises(ValueError, match="line 1"):
+        load_mooncake_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("# a title", "not JSON (Expecting value at column 1)"),
+        ('{"timestamp": 0', "not JSON (Expecting ',' delimiter at column 16)"),
+        (
+            '{"timestamp": 0, "hash_ids": [1]}',
+            "not a Mooncake record (an object with timestamp, input_length, output_length, "
+            "hash_ids)",
+        ),
+        ("[1, 2]", "not a Mooncake record"),
+        (
+            '{"timestamp": 0, "input_length": "ten", "output_length": 1, "hash_ids": [1]}',
+            "a field is not a number or a list of numbers",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": 7}',
+            "a field is not a number or a list of numbers",
+        ),
+    ],
+)
+def test_mooncake_trace_errors_name_file_and_line(tmp_path: Path, line: str, why: str) -> None:
+    good = {"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + line + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_mooncake_trace(path)
+    assert str(caught.value).startswith(f"trace {path} line 3: {why}")
+    assert isinstance(caught.value, ValueError)
+
+
+def test_mooncake_trace_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\x80\n")
+    with pytest.raises(ConfigError, match=r"line 1: not UTF-8 text"):
         load_mooncake_trace(path)
 
 
@@ -188,8 +227,12 @@ def test_concurrency_arrivals_keep_order() -> None:
 
 
 def test_arrivals_validate() -> None:
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ConfigError, match=r"^speedup must be positive, got 0$"):
         Arrivals("trace", speedup=0)
+    with pytest.raises(ConfigError, match=r"^rate must be positive, got -1\.0$"):
+        Arrivals("poisson", rate=-1.0)
+    with pytest.raises(ConfigError, match=r"^concurrency must be positive, got 0$"):
+        Arrivals("concurrency", concurrency=0)
     with pytest.raises(ValueError, match="unknown"):
         Arrivals("burst")  # type: ignore[arg-type]
 

@@ -65,3 +65,49 @@ def test_nats_url_is_passed_on_and_inherited(captured: list[MockerOptions]) -> N
     command = engine_cli._child_command(captured[0], 0)
     assert command[command.index("--nats-url") + 1] == "nats://127.0.0.1:4222"
     assert "--nats-url" not in engine_cli._child_command(captured[1], 0)
+
+
+@pytest.fixture
+def start_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mocker`` starts its workers for real, then stops instead of waiting for a signal."""
+
+    async def start_and_stop(options: MockerOptions) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await engine_cli.start_workers(options, stack)
+
+    monkeypatch.setattr(engine_cli, "_serve_in_process", start_and_stop)
+
+
+def test_a_bad_block_size_is_one_error_line(start_only: None) -> None:
+    result = CliRunner().invoke(app, ["mocker", "--block-size", "0", "--base-port", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: block_size must be positive, got 0\n"
+
+
+def test_a_missing_tokenizer_is_one_error_line(start_only: None) -> None:
+    result = CliRunner().invoke(app, ["mocker", "--tokenizer", "/nope.json", "--base-port", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: tokenizer '/nope.json' does not exist; give 'byte' or the path of a "
+        "tokenizer.json (or of a folder holding one)\n"
+    )
+
+
+def test_a_taken_kv_events_port_is_one_error_line(start_only: None, taken_port: int) -> None:
+    args = ["mocker", "--base-port", "0", "--kv-events-base-port", str(taken_port)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(
+        f"error: cannot bind 'tcp://127.0.0.1:{taken_port}': Address already in use"
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_taken_http_port_is_one_error_line(start_only: None, taken_port: int) -> None:
+    args = ["mocker", "--base-port", str(taken_port), "--kv-events-base-port", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: worker 0: cannot listen for HTTP on 127.0.0.1:{taken_port}: "
+        "Address already in use\n"
+    )

@@ -223,6 +223,8 @@ async def test_chat_streaming(harness: Harness) -> None:
     ("body", "needle"),
     [
         (b"{not json", "not valid JSON"),
+        (b'{"prompt": "\xff"}', "not valid UTF-8"),
+        (b'{"prompt": "x", "y": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
         (b"", "body is empty"),
         ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"model": MODEL, "prompt": "x", "n": 3}, "only n=1"),

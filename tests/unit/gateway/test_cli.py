@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ from typer.testing import CliRunner
 
 from kvrouter.cli import app
 from kvrouter.gateway import cli as gateway_cli
+from kvrouter.gateway import server as server_module
 from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 
 
@@ -69,3 +73,46 @@ def test_bad_settings_exit_with_a_clear_message(captured: list[GatewayConfig]) -
     assert result.exit_code == 2
     assert "unknown option(s): --prot" in result.output
     assert captured == []
+
+
+def test_every_setting_has_a_flag(captured: list[GatewayConfig]) -> None:
+    result = invoke(
+        [
+            "serve", "--health-check-timeout-s", "0.5", "--connect-timeout-s", "1.5",
+            "--max-connections", "64", "--retry-after-s", "3", "--decision-history", "32",
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (cfg,) = captured
+    assert cfg.health_check_timeout_s == 0.5
+    assert cfg.connect_timeout_s == 1.5
+    assert cfg.max_connections == 64
+    assert cfg.retry_after_s == 3.0
+    assert cfg.decision_history == 32
+    # Each parameter of ``serve`` is a flag: no setting is left to YAML and env only.
+    serve_flags = set(inspect.signature(gateway_cli.serve).parameters)
+    assert {f.name for f in fields(GatewayConfig)} <= serve_flags
+
+
+def test_new_flags_are_checked(captured: list[GatewayConfig]) -> None:
+    result = invoke(["serve", "--max-connections", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: max_connections must be positive, got 0\n"
+    assert captured == []
+
+
+def test_a_missing_tokenizer_lists_the_accepted_values(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The real start-up, which fails on the tokenizer before it listens.
+    monkeypatch.setattr(server_module, "install_uvloop", lambda: False)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    for name in ("KVROUTER_CONFIG", "KVROUTER_TOKENIZER", "KVROUTER_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    missing = tmp_path / "missing" / "path"
+    result = invoke(["serve", "--port", "0", "--tokenizer", str(missing)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: tokenizer '{missing}' does not exist; give 'builtin', 'worker', 'byte' "
+        "or the path of a tokenizer.json (or of a folder holding one)\n"
+    )

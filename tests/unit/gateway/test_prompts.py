@@ -45,6 +45,8 @@ def test_the_word_kvrouter_inside_a_prompt_is_not_a_field() -> None:
     [
         (b"", "completion", "empty"),
         (b"{nope", "completion", "not valid JSON"),
+        (b'{"prompt": "\xff"}', "completion", "not valid UTF-8"),
+        (b'{"prompt": "x", "y": ' + b"[" * 5000 + b"]" * 5000 + b"}", "chat", "nested too deeply"),
         (b"[1, 2]", "completion", "must be a JSON object"),
         (b'{"model": "m"}', "completion", "'prompt' is required"),
         (b'{"prompt": 5}', "completion", "'prompt' must be"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
+import sys
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -112,7 +116,8 @@ def test_kv_cost_by_hand() -> None:
         (4.0, 24.0),
     ]
     assert decision.explain()[1] == (
-        "Worker 2: 0% cache hit, 0% load, 4.0 prefill + 8.0 decode blocks -> cost 12.00 (Selected)"
+        "Worker 2: 0% cache hit, 0% load, 4.00 prefill + 8.00 decode blocks"
+        " -> cost 12.00 (Selected)"
     )
 
 
@@ -328,3 +333,55 @@ def test_large_fleets_keep_the_best_rows() -> None:
     lines = decision.explain()
     assert lines[-1] == "... and 24 more candidates"
     assert lines[-2].endswith("cost 69.00 (Selected)")
+
+
+CWD_PACKAGE = "kvr_cwd_policy_pkg"
+
+
+@pytest.fixture
+def in_policy_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A user's policy package in the working directory, which (as under the ``kvrouter``
+    console script) is not on ``sys.path``."""
+    package = tmp_path / CWD_PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "routing.py").write_text(
+        "def lowest_id(matches, metrics):\n    return min(matches)\n"
+    )
+    (package / "needs_more.py").write_text("import kvr_not_installed_dep\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    for name in [n for n in sys.modules if n.partition(".")[0] == CWD_PACKAGE]:
+        del sys.modules[name]
+
+
+def test_user_policy_is_found_in_the_working_directory(in_policy_dir: Path) -> None:
+    assert importlib.util.find_spec(CWD_PACKAGE) is None  # not on sys.path
+    policy = load_policy(f"{CWD_PACKAGE}.routing:lowest_id")
+    request, views = _seed_views()
+    lowest = min(view.worker.worker_id for view in views)
+    assert policy(request, views).worker.worker_id == lowest
+    # It stays there: the module may import its siblings later on.
+    assert sys.path[0] == str(in_policy_dir)
+    assert (
+        make_policy(f"{CWD_PACKAGE}.routing:lowest_id").name == f"{CWD_PACKAGE}.routing:lowest_id"
+    )
+
+
+def test_user_policy_missing_everywhere(in_policy_dir: Path) -> None:
+    before = list(sys.path)
+    with pytest.raises(ConfigError) as caught:
+        load_policy("kvr_no_such_pkg.routing:func")
+    assert str(caught.value) == (
+        "cannot import policy module 'kvr_no_such_pkg.routing' (looked on sys.path and in "
+        f"{in_policy_dir}): No module named 'kvr_no_such_pkg'"
+    )
+    assert sys.path == before
+
+
+def test_user_policy_with_a_missing_dependency(in_policy_dir: Path) -> None:
+    before = list(sys.path)
+    with pytest.raises(ConfigError, match="No module named 'kvr_not_installed_dep'"):
+        load_policy(f"{CWD_PACKAGE}.needs_more:func")
+    assert sys.path == before

@@ -260,7 +260,7 @@ def test_remove_worker_everywhere() -> None:
 
 def test_stats_histograms_and_latency() -> None:
     clock = ManualClock()
-    ticks = iter([0.0, 0.0002, 1.0, 1.003])  # two decisions: 200 us and 3 ms
+    ticks = iter([0.0, 0.0002, 1.0, 1.003, 2.0, 2.0002])  # 200 us, 3 ms, 200 us
 
     def timer() -> float:
         return next(ticks)
@@ -270,17 +270,19 @@ def test_stats_histograms_and_latency() -> None:
     sched.add_worker(WorkerKey(0))
     sched.schedule(ScheduleRequest("a", token_ids=_prompt(3, 0)))  # 4 blocks, no overlap
     sched.schedule(ScheduleRequest("b", token_ids=_prompt(3, 1)))  # 3 of 4 predicted
+    sched.schedule(ScheduleRequest("c", token_ids=_prompt(3, 0)))  # 4 of 4: a full hit
     stats = sched.stats()
-    assert stats.num_decisions == 2
-    assert stats.decisions_by_worker == {WorkerKey(0): 2}
-    assert (stats.overlap_blocks_total, stats.prompt_blocks_total) == (3, 8)
+    assert stats.num_decisions == 3
+    assert stats.decisions_by_worker == {WorkerKey(0): 3}
+    assert (stats.overlap_blocks_total, stats.prompt_blocks_total) == (7, 12)
     hist = stats.overlap_ratio
-    assert hist.count == 2
+    assert hist.count == 3
     assert hist.cumulative()[0] == (0.0, 1)  # ratio 0
     assert hist.cumulative()[4] == (0.75, 2)  # ratio 0.75
+    assert hist.cumulative()[6:8] == [(0.99, 2), (1.0, 3)]  # full hits have a bucket
     lat = stats.decision_latency_s
-    assert lat.count == 2
-    assert lat.total == pytest.approx(0.0032)
+    assert lat.count == 3
+    assert lat.total == pytest.approx(0.0034)
     assert lat.quantile(0.5) == 250e-6
     assert lat.quantile(0.99) == 5e-3
 

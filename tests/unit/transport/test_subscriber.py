@@ -220,11 +220,19 @@ async def test_malformed_messages_are_counted_and_skipped(rig: Rig) -> None:
     bus.inject("w1", [b"", encode_seq(0), good])
     bus.inject("w1", [b"", encode_seq(1), b"\xc1"])  # not msgpack
     bus.inject("w1", [b"", encode_seq(2), one_bad_event])
-    await wait_until(lambda: rig.stream().last_seq == 2)
+    wrong_size = KVEventBatch(1.0, [BlockStored([13], None, tokens(8, 2), BLOCK_SIZE * 2)])
+    bus.inject("w1", [b"", encode_seq(3), encode_batch(wrong_size)])
+    await wait_until(lambda: rig.stream().last_seq == 3)
     stats = rig.stream()
-    assert dict(stats.decode_errors) == {"frame_count": 1, "seq": 1, "batch": 1, "event": 1}
-    assert (stats.num_messages, stats.num_events, stats.num_resets) == (3, 2, 0)
-    assert rig.subscriber.stats().num_decode_errors == 4
+    assert dict(stats.decode_errors) == {
+        "frame_count": 1,
+        "seq": 1,
+        "batch": 1,
+        "event": 1,
+        "block_size_mismatch": 1,
+    }
+    assert (stats.num_messages, stats.num_events, stats.num_resets) == (4, 2, 0)
+    assert rig.subscriber.stats().num_decode_errors == 5
     assert rig.index.find_matches_for_request(tokens(0, 2)) == {1: 2}
 
 
