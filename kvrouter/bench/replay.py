@@ -26,6 +26,7 @@ import msgspec
 
 from kvrouter.bench.results import RequestRecord, RunResult, Series, summarize
 from kvrouter.bench.workloads import Arrivals, Request, apply_arrivals, prompt_text
+from kvrouter.errors import ConfigError
 from kvrouter.lifecycle import cancel_and_wait
 
 __all__ = ["WORKER_HEADER", "ReplayConfig", "fetch_model", "replay", "run_replay"]
@@ -106,12 +107,18 @@ def _body(request: Request, config: ReplayConfig, model: str) -> dict[str, Any]:
 async def fetch_model(session: aiohttp.ClientSession, url: str) -> str:
     """The first model id ``GET /v1/models`` lists."""
     async with session.get(f"{url}/v1/models") as resp:
-        resp.raise_for_status()
-        data = await resp.json()
-    models = data.get("data") or []
-    if not models:
-        raise ValueError(f"{url}/v1/models lists no model; pass --model")
-    return str(models[0]["id"])
+        if resp.status != 200:
+            raise ConfigError(f"{url}/v1/models answered {resp.status}; pass --model")
+        try:
+            data = await resp.json(content_type=None)
+        except ValueError as exc:
+            raise ConfigError(f"{url}/v1/models did not answer JSON; pass --model") from exc
+    models = data.get("data") if isinstance(data, dict) else None
+    first = models[0] if isinstance(models, list) and models else None
+    model_id = first.get("id") if isinstance(first, dict) else None
+    if not isinstance(model_id, str) or not model_id:
+        raise ConfigError(f"{url}/v1/models lists no model; pass --model")
+    return model_id
 
 
 async def _send(run: _Run, request: Request) -> _Outcome:

@@ -174,6 +174,8 @@ def run(
     from kvrouter.gateway.embedded import EmbeddedOptions, run_embedded
     from kvrouter.gateway.server import install_uvloop
 
+    if num_workers < 1:
+        _fail(f"--num-workers must be at least 1, got {num_workers}")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -201,6 +203,8 @@ def top(
 
     if interval <= 0:
         _fail(f"--interval must be positive, got {interval}")
+    if not url.startswith(("http://", "https://")):
+        _fail(f"--url must be an http:// or https:// URL, got {url!r}")
     run_top(url, interval)
 
 

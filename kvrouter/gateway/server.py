@@ -146,6 +146,12 @@ async def serve_forever(cfg: GatewayConfig) -> None:
     """Run the gateway until SIGINT / SIGTERM, then shut down cleanly."""
     async with GatewayServer(cfg) as server:
         print(f"kvrouter gateway on {server.url} ({len(cfg.workers)} worker(s))", flush=True)
+        if not cfg.workers:
+            log.warning(
+                "no workers configured: every request gets 503 until one is added "
+                "(POST %s/admin/workers, or --workers)",
+                server.url,
+            )
         await wait_for_signal()
         log.info("shutting down")
 

@@ -18,6 +18,7 @@ routed prompt blocks, since the previous poll. Ctrl-C exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -188,15 +189,29 @@ def run_top(
     console = console or Console()
     previous: Poll | None = None
     frames = 0
+    # On a terminal one frame is redrawn in place; piped or logged, every poll prints
+    # its frame below the last (as ``top -b`` does), so the output is never empty.
+    live = (
+        Live(Text(f"connecting to {url} ..."), console=console, auto_refresh=False)
+        if console.is_terminal
+        else None
+    )
+
+    def show(frame: RenderableType) -> None:
+        if live is not None:
+            live.update(frame, refresh=True)
+        else:
+            console.print(frame)
+
     try:
-        with Live(Text(f"connecting to {url} ..."), console=console, auto_refresh=False) as live:
+        with live if live is not None else contextlib.nullcontext():
             while max_frames is None or frames < max_frames:
                 try:
                     current = Poll(clock(), fetch(url))
                 except (OSError, ValueError) as exc:
-                    live.update(Text(f"{url}: {exc}", style="bold red"), refresh=True)
+                    show(Text(f"{url}: {exc}", style="bold red"))
                 else:
-                    live.update(render_frame(current, previous, url=url), refresh=True)
+                    show(render_frame(current, previous, url=url))
                     previous = current
                 frames += 1
                 if max_frames is None or frames < max_frames:

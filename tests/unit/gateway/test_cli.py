@@ -116,3 +116,34 @@ def test_a_missing_tokenizer_lists_the_accepted_values(
         f"error: tokenizer '{missing}' does not exist; give 'builtin', 'worker', 'byte' "
         "or the path of a tokenizer.json (or of a folder holding one)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "notaurl"], "--url must be an http:// or https:// URL"),
+        (["--interval", "0"], "--interval must be positive"),
+    ],
+)
+def test_top_refuses_bad_options_at_once(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["top", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_run_needs_at_least_one_worker() -> None:
+    result = CliRunner().invoke(app, ["run", "--num-workers", "0"])
+    assert result.exit_code == 2
+    assert "--num-workers must be at least 1, got 0" in result.stderr
+
+
+async def test_serving_without_workers_warns_how_to_add_them(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def no_wait() -> None:
+        return None
+
+    monkeypatch.setattr(server_module, "wait_for_signal", no_wait)
+    with caplog.at_level(logging.WARNING, logger="kvrouter.gateway.server"):
+        await server_module.serve_forever(GatewayConfig(port=0))
+    assert any("no workers configured" in m and "/admin/workers" in m for m in caplog.messages)

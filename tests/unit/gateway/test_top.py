@@ -112,4 +112,7 @@ def test_run_top_draws_frames_and_reports_an_unreachable_gateway() -> None:
     out = io.StringIO()
     console = Console(file=out, width=200, color_system=None, force_terminal=False)
     run_top("http://gw:8000", 0.001, console=console, fetch=fetch, max_frames=2)
-    assert "connection refused" in out.getvalue()
+    # Not a terminal: every poll prints its frame, the table first, then the error.
+    text = out.getvalue()
+    assert "kvrouter http://gw:8000" in text and "connection refused" in text
+    assert text.index("kvrouter http://gw:8000") < text.index("connection refused")
