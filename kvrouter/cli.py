@@ -19,24 +19,13 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from kvrouter.errors import RouterError
+from kvrouter.errors import RouterError, describe_error
 
 __all__ = ["DEBUG_ENV", "EXIT_USER_ERROR", "app", "describe_error", "main"]
 
 DEBUG_ENV = "KVROUTER_DEBUG"
 # The status of a usage error in click, and of ``kvrouter serve``'s bad settings.
 EXIT_USER_ERROR = 2
-
-
-def describe_error(exc: BaseException) -> str:
-    """The one-line message a user sees for ``exc``.
-
-    >>> describe_error(FileNotFoundError(2, "No such file or directory", "t.jsonl"))
-    't.jsonl: No such file or directory'
-    """
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 def _debugging() -> bool:

@@ -83,3 +83,14 @@ class SequenceGap(EventStreamError):
         super().__init__(message)
         self.expected = expected
         self.received = received
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one-line message a user sees for ``exc``.
+
+    >>> describe_error(FileNotFoundError(2, "No such file or directory", "t.jsonl"))
+    't.jsonl: No such file or directory'
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__

@@ -60,7 +60,7 @@ def serve(
     router_mode: str | None = typer.Option(
         None,
         help="kv | prefix_affinity | score | random | round_robin | power_of_two"
-        " | least_loaded [kv].",
+        " | least_loaded | direct [kv].",
     ),
     router_policy: str | None = typer.Option(
         None, help="A policy name or a user policy 'pkg.mod:func' (overrides --router-mode)."
@@ -129,32 +129,24 @@ def serve(
         for name, value in locals().items()
         if name not in ("ctx", "config", "log_level")
     }
-    from kvrouter.errors import ConfigError
     from kvrouter.gateway.config import build_config
 
     flags["workers"] = _workers_from_args(workers, list(ctx.args))
-    try:
-        cfg = build_config(flags=flags, file=config)
-    except ConfigError as exc:
-        _fail(str(exc))
-    _run_async(cfg, log_level)
+    # A bad setting raises ConfigError, which kvrouter.cli reports as one "error:" line.
+    _run_async(build_config(flags=flags, file=config), log_level)
 
 
 def _run_async(cfg: Any, log_level: str) -> None:
     import asyncio
     import logging
 
-    from kvrouter.errors import ConfigError
     from kvrouter.gateway.server import install_uvloop, serve_forever
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     install_uvloop()
-    try:
-        asyncio.run(serve_forever(cfg))
-    except ConfigError as exc:
-        _fail(str(exc))
+    asyncio.run(serve_forever(cfg))
 
 
 def run(
@@ -170,7 +162,6 @@ def run(
     import asyncio
     import logging
 
-    from kvrouter.errors import ConfigError
     from kvrouter.gateway.embedded import EmbeddedOptions, run_embedded
     from kvrouter.gateway.server import install_uvloop
 
@@ -187,10 +178,7 @@ def run(
         speedup_ratio=speedup_ratio,
         block_size=block_size,
     )
-    try:
-        asyncio.run(run_embedded(options))
-    except ConfigError as exc:
-        _fail(str(exc))
+    asyncio.run(run_embedded(options))
 
 
 def top(

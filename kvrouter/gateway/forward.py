@@ -50,6 +50,7 @@ from kvrouter.errors import (
     RouterError,
     UpstreamError,
     UpstreamTimeout,
+    describe_error,
 )
 from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.config import GatewayConfig
@@ -66,7 +67,7 @@ from kvrouter.gateway.fanout import (
 from kvrouter.gateway.http_errors import map_error, sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
-from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse, describe
+from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import DecisionRecord, GatewayCounters
 from kvrouter.lifecycle import cancel_and_wait
@@ -706,7 +707,9 @@ class _BatchStream:
             await put((index, _BROKEN, exc))
             return
         except Exception as exc:  # never leave the merging loop waiting for this one
-            await put((index, _BROKEN, UpstreamError(f"worker stream failed: {describe(exc)}")))
+            await put(
+                (index, _BROKEN, UpstreamError(f"worker stream failed: {describe_error(exc)}"))
+            )
             return
         await put((index, _END, None))
 

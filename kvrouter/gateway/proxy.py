@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from kvrouter.errors import UpstreamError, UpstreamTimeout
+from kvrouter.errors import UpstreamError, UpstreamTimeout, describe_error
 from kvrouter.lifecycle import AsyncLifecycle
 
-__all__ = ["UpstreamClient", "UpstreamFailure", "UpstreamResponse", "describe"]
+__all__ = ["UpstreamClient", "UpstreamFailure", "UpstreamResponse"]
 
 # Statuses that mean "this worker cannot take it now": another worker may.
 _RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
@@ -55,7 +55,9 @@ class UpstreamResponse:
             raise UpstreamTimeout("worker did not finish its answer in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamFailure(
-                f"worker broke off its answer: {describe(exc)}", retryable=True, worker_down=True
+                f"worker broke off its answer: {describe_error(exc)}",
+                retryable=True,
+                worker_down=True,
             ) from exc
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -66,7 +68,7 @@ class UpstreamResponse:
         except TimeoutError as exc:
             raise UpstreamTimeout("worker did not finish its stream in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError(f"worker broke off the stream: {describe(exc)}") from exc
+            raise UpstreamError(f"worker broke off the stream: {describe_error(exc)}") from exc
 
     def release(self) -> None:
         """Return the connection to the pool (the body was read to the end)."""
@@ -155,11 +157,13 @@ class UpstreamClient(AsyncLifecycle):
             raise UpstreamTimeout(f"worker {url} did not answer in time") from exc
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             raise UpstreamFailure(
-                f"cannot reach worker {url}: {describe(exc)}", retryable=True, worker_down=True
+                f"cannot reach worker {url}: {describe_error(exc)}",
+                retryable=True,
+                worker_down=True,
             ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(
-                f"worker {url} failed: {describe(exc)}", retryable=True, worker_down=False
+                f"worker {url} failed: {describe_error(exc)}", retryable=True, worker_down=False
             ) from exc
         if raw.status in _RETRYABLE_STATUSES:
             text = await _read_snippet(raw)
@@ -181,7 +185,7 @@ class UpstreamClient(AsyncLifecycle):
         except TimeoutError as exc:
             raise UpstreamTimeout(f"GET {url} timed out after {timeout_s} s") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError(f"GET {url} failed: {describe(exc)}") from exc
+            raise UpstreamError(f"GET {url} failed: {describe_error(exc)}") from exc
 
 
 async def _read_snippet(raw: aiohttp.ClientResponse, limit: int = 300) -> str:
@@ -191,10 +195,3 @@ async def _read_snippet(raw: aiohttp.ClientResponse, limit: int = 300) -> str:
     except (TimeoutError, aiohttp.ClientError, ConnectionError):
         return "<no body>"
     return data[:limit].decode("utf-8", errors="replace")
-
-
-def describe(exc: BaseException) -> str:
-    """A short reason for an error message: aiohttp's own text (it names the host), or
-    the exception's type when it has none."""
-    text = str(exc)
-    return text if text else type(exc).__name__
