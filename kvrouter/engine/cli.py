@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineBenchResult", "MockerOptions", "WorkerAddresses", "register", "start_workers"]
 
+_CHILD_POLL_S = 0.1  # how often ``--processes`` looks at its workers
+_CHILD_STOP_TIMEOUT_S = 15.0  # then a worker that ignores SIGTERM is killed
+
 
 @dataclass(frozen=True, slots=True)
 class MockerOptions:
@@ -241,22 +244,52 @@ def _say(line: str) -> None:
 
 
 def _serve_in_processes(options: MockerOptions) -> None:
-    """One child process per worker; signals are forwarded, children are reaped."""
+    """One child process per worker; signals are forwarded, children are reaped.
+
+    The workers stand or fall together: when one exits on its own (it could not bind its
+    port, say, or it crashed), the others are stopped too and the command fails, rather
+    than serving a fleet with a hole in it until someone notices."""
     # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards it
     # once; a child signalled twice could die mid-shutdown.
     children = [
         subprocess.Popen(_child_command(options, i), start_new_session=True)
         for i in range(options.num_workers)
     ]
+    stopping = False
 
-    def forward(signum: int, frame: object) -> None:
+    def stop_all(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    def forward(signum: int, frame: object) -> None:
+        stop_all(signum)
+
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    codes = [child.wait() for child in children]
+    deadline: float | None = None
+    # Poll every child each round (``any`` over ``poll()`` would stop at a live one).
+    while [child.poll() for child in children].count(None):
+        if not stopping:
+            failed = next((i for i, c in enumerate(children) if c.returncode is not None), None)
+            if failed is not None:
+                code = children[failed].returncode
+                print(
+                    f"worker {options.worker_id_base + failed} exited with status {code}; "
+                    "stopping the other workers",
+                    file=sys.stderr,
+                )
+                stop_all(signal.SIGTERM)
+        if stopping and deadline is None:
+            deadline = time.monotonic() + _CHILD_STOP_TIMEOUT_S
+        if deadline is not None and time.monotonic() > deadline:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+        time.sleep(_CHILD_POLL_S)
+    codes = [child.returncode for child in children]
     if any(codes):
         raise typer.Exit(max(abs(code) for code in codes))
 

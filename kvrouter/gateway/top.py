@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -172,6 +173,19 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+PIPED_WIDTH = 200  # columns of a frame written to a pipe or a file
+
+
+def default_console(file: IO[str] | None = None) -> Console:
+    """A console on stdout (or ``file``). A terminal sets its own width; piped or logged,
+    rich would assume 80 columns and squeeze the table's 14 columns into ellipses, so
+    the frame gets :data:`PIPED_WIDTH` unless ``COLUMNS`` says otherwise."""
+    console = Console(file=file)
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(file=file, width=PIPED_WIDTH)
+
+
 def run_top(
     url: str,
     interval_s: float = 1.0,
@@ -186,7 +200,7 @@ def run_top(
 
     if interval_s <= 0:
         raise ValueError(f"interval must be positive, got {interval_s}")
-    console = console or Console()
+    console = console or default_console()
     previous: Poll | None = None
     frames = 0
     # On a terminal one frame is redrawn in place; piped or logged, every poll prints

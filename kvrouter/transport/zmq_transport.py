@@ -388,6 +388,8 @@ def _bind(sock: zmq.Socket[Any], endpoint: str) -> str:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close()
-        raise EventStreamError(f"cannot bind {endpoint!r}: {exc}") from exc
+        # pyzmq's message ends with "(addr=...)"; the address is named once, here.
+        reason = zmq.strerror(exc.errno) if exc.errno else str(exc)
+        raise EventStreamError(f"cannot bind {endpoint}: {reason}") from exc
     last = sock.getsockopt(zmq.LAST_ENDPOINT)
     return last.decode() if isinstance(last, bytes) else str(last)

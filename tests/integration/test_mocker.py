@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,3 +176,46 @@ async def test_processes_mode_starts_one_process_per_worker_and_stops_cleanly() 
             await wait_healthy(worker["http"])
     finally:
         assert stop(m.process) == 0
+
+
+def _taken_port_after_a_free_one() -> tuple[socket.socket, int]:
+    """A listening socket on port p + 1 while p is free: a base port whose second
+    worker cannot bind."""
+    for _ in range(50):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        base = taken.getsockname()[1] - 1
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base))
+            except OSError:
+                taken.close()
+                continue
+        taken.listen()
+        return taken, base
+    raise AssertionError("no free port pair found")
+
+
+def test_processes_mode_stops_every_worker_when_one_cannot_start() -> None:
+    taken, base = _taken_port_after_a_free_one()
+    command = [
+        sys.executable, "-m", "kvrouter", "mocker", "--num-workers", "2", "--processes",
+        "--base-port", str(base), "--kv-events-base-port", "-1", "--speedup-ratio", "1000",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with taken:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        try:
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode != 0, output
+    assert "worker 1 exited with status" in output
+    assert "stopping the other workers" in output
+    # Worker 0 had started on the free port; it is gone with the command.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", base)) != 0, output

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 from rich.console import Console
 
-from kvrouter.gateway.top import Poll, render_frame, run_top
+from kvrouter.gateway.top import PIPED_WIDTH, Poll, default_console, render_frame, run_top
 
 
 def _document(decisions: int, requests: int, overlap: int, prompt: int) -> dict[str, Any]:
@@ -116,3 +117,19 @@ def test_run_top_draws_frames_and_reports_an_unreachable_gateway() -> None:
     text = out.getvalue()
     assert "kvrouter http://gw:8000" in text and "connection refused" in text
     assert text.index("kvrouter http://gw:8000") < text.index("connection refused")
+
+
+def test_a_piped_frame_is_wide_enough_for_every_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()  # not a terminal, as under ``kvrouter top | tee log``
+    console = default_console(out)
+    assert console.width == PIPED_WIDTH
+    console.print(render_frame(Poll(0.0, _document(1, 1, 0, 4)), None, url="http://gw:8000"))
+    text = out.getvalue()
+    assert "…" not in text
+    assert "http://w0:8001" in text and "requests" in text
+
+
+def test_columns_still_sets_a_piped_frame_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    assert default_console(io.StringIO()).width == 100

@@ -13,7 +13,7 @@ async def test_a_taken_port_closes_sockets_and_context(taken_port: int, which: s
     endpoints = {"endpoint": "tcp://127.0.0.1:*", "replay_endpoint": "tcp://127.0.0.1:*"}
     endpoints[which] = f"tcp://127.0.0.1:{taken_port}"
     transport = ZmqTransport(**endpoints)
-    with pytest.raises(EventStreamError, match=f"cannot bind 'tcp://127.0.0.1:{taken_port}'"):
+    with pytest.raises(EventStreamError, match=f"cannot bind tcp://127.0.0.1:{taken_port}"):
         async with transport:
             pytest.fail("the transport started on a taken port")
     context = transport._own_context
