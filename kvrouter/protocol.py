@@ -23,6 +23,7 @@ from kvrouter.errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "MAX_N",
     "OUTPUT_TOKENS_FIELD",
     "ChatChoice",
     "ChatChunkChoice",
@@ -38,6 +39,8 @@ __all__ = [
     "CompletionFormat",
     "CompletionRequest",
     "CompletionResponse",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
@@ -50,6 +53,7 @@ __all__ = [
     "Usage",
     "decode_chat_request",
     "decode_completion_request",
+    "decode_detokenize_request",
     "decode_json",
     "decode_tokenize_request",
     "encode",
@@ -59,10 +63,16 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 16
 # Extension field: the exact number of tokens to generate (a benchmark's output length).
 OUTPUT_TOKENS_FIELD = "kvrouter_output_tokens"
+_NO_LOGPROBS = "{field} is not supported: the simulated engine has no token probabilities"
+
+# Most choices one request may ask for (vLLM's default VLLM_MAX_N_SEQUENCES).
+MAX_N = 16384
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
-Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+NumChoices = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+# vLLM takes any temperature >= 0 (OpenAI's own API stops at 2).
+Temperature = Annotated[float, msgspec.Meta(ge=0.0)]
 PromptItem = str | NonNegInt | list[NonNegInt]
 
 
@@ -72,7 +82,11 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
-    """Fields completions and chat share; ``n`` > 1 is not supported."""
+    """Fields completions and chat share.
+
+    The simulated model has no token distribution, so log probabilities are refused
+    rather than silently left out.
+    """
 
     model: str | None = None
     stream: bool = False
@@ -82,7 +96,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     temperature: Temperature | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
-    n: int = 1
+    n: NumChoices | None = 1
+    prompt_logprobs: int | None = None
     user: str | None = None
     cache_salt: str | None = None
     kvrouter_output_tokens: PosInt | None = None
@@ -96,12 +111,21 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def num_choices(self) -> int:
+        """Choices per prompt (``n``; null means 1)."""
+        return self.n or 1
+
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def include_continuous_usage(self) -> bool:
+        """Usage on every chunk too (vLLM: only together with ``include_usage``)."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
+
     def _check_sampling(self) -> None:
-        if self.n != 1:
-            raise InvalidRequest(f"only n=1 is supported, got n={self.n}")
+        if self.prompt_logprobs is not None:
+            raise InvalidRequest(_NO_LOGPROBS.format(field="prompt_logprobs"))
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true")
         max_tokens = self._max_tokens()
@@ -116,6 +140,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
 
     prompt: str | list[PromptItem]
     echo: bool = False
+    logprobs: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each text or token ids (a list of strings is a batch)."""
@@ -132,8 +157,8 @@ class CompletionRequest(_SamplingFields, kw_only=True):
 
     def validate(self) -> None:
         self._check_sampling()
-        if self.echo:
-            raise InvalidRequest("echo is not supported")
+        if self.logprobs is not None:
+            raise InvalidRequest(_NO_LOGPROBS.format(field="logprobs"))
         for i, p in enumerate(self.prompts()):
             if len(p) == 0:
                 raise InvalidRequest(f"prompt[{i}] is empty")
@@ -162,6 +187,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: PosInt | None = None
     add_generation_prompt: bool = True
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def _max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
@@ -174,6 +201,17 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
     def validate(self) -> None:
         self._check_sampling()
+        if self.logprobs:
+            raise InvalidRequest(_NO_LOGPROBS.format(field="logprobs"))
+        if self.top_logprobs:
+            raise InvalidRequest(_NO_LOGPROBS.format(field="top_logprobs"))
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``POST /detokenize``."""
+
+    tokens: list[NonNegInt]
+    model: str | None = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -303,6 +341,12 @@ class TokenizeResponse(msgspec.Struct, kw_only=True):
     token_strs: list[str] | None = None
 
 
+class DetokenizeResponse(msgspec.Struct, kw_only=True):
+    """vLLM's ``/detokenize`` answer."""
+
+    prompt: str
+
+
 class RenderedSamplingParams(msgspec.Struct, kw_only=True):
     max_tokens: int
     min_tokens: int = 0
@@ -355,6 +399,7 @@ class RenderedRequest(msgspec.Struct, kw_only=True):
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+_detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
 _encoder = msgspec.json.Encoder()
 
 
@@ -401,6 +446,12 @@ def decode_tokenize_request(body: bytes) -> TokenizeRequest:
     return request
 
 
+def decode_detokenize_request(body: bytes) -> DetokenizeRequest:
+    """Decode a ``/detokenize`` request body."""
+    request: DetokenizeRequest = _decode(_detokenize_decoder, body)
+    return request
+
+
 def encode(value: Any) -> bytes:
     """JSON bytes of a response struct (or of plain builtins)."""
     return _encoder.encode(value)
@@ -438,16 +489,27 @@ class CompletionFormat:
     def __init__(self, model: str) -> None:
         self.model = model
 
-    def first_chunk(self, request_id: str, created: int, index: int) -> bytes | None:
+    def first_chunk(
+        self, request_id: str, created: int, index: int, *, usage: Usage | None = None
+    ) -> bytes | None:
         """Completions streams have no opening chunk."""
         return None
 
     def chunk(
-        self, request_id: str, created: int, index: int, text: str, finish_reason: str | None
+        self,
+        request_id: str,
+        created: int,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        *,
+        usage: Usage | None = None,
     ) -> bytes:
         choice = CompletionChoice(index=index, text=text, finish_reason=_reason(finish_reason))
         return encode(
-            CompletionChunk(id=request_id, created=created, model=self.model, choices=[choice])
+            CompletionChunk(
+                id=request_id, created=created, model=self.model, choices=[choice], usage=usage
+            )
         )
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
@@ -488,16 +550,25 @@ class ChatFormat:
     def __init__(self, model: str) -> None:
         self.model = model
 
-    def first_chunk(self, request_id: str, created: int, index: int) -> bytes | None:
+    def first_chunk(
+        self, request_id: str, created: int, index: int, *, usage: Usage | None = None
+    ) -> bytes | None:
         choice = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
-        return self._chunk(request_id, created, [choice])
+        return self._chunk(request_id, created, [choice], usage)
 
     def chunk(
-        self, request_id: str, created: int, index: int, text: str, finish_reason: str | None
+        self,
+        request_id: str,
+        created: int,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        *,
+        usage: Usage | None = None,
     ) -> bytes:
         delta = ChatDelta(content=text) if text else ChatDelta()
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=_reason(finish_reason))
-        return self._chunk(request_id, created, [choice])
+        return self._chunk(request_id, created, [choice], usage)
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
         return self._chunk(request_id, created, [], usage)

@@ -39,6 +39,7 @@ __all__ = [
     "ByteTokenizer",
     "ChatTemplate",
     "HfTokenizer",
+    "IncrementalDecoder",
     "Tokenizer",
     "load_tokenizer",
     "normalize_messages",
@@ -253,6 +254,52 @@ class HfTokenizer:
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
     ) -> str:
         return self._chat_template.render(messages, add_generation_prompt)
+
+
+class IncrementalDecoder:
+    """The text of a growing token sequence, in the pieces a stream sends.
+
+    Decoding each new token on its own loses what depends on its neighbours: the
+    leading space of a SentencePiece word, a character whose UTF-8 bytes are split over
+    several tokens, the spaces a word-level decoder puts between tokens. This decodes a
+    window that starts one step back and hands out only what the new tokens added; a
+    piece ending in an incomplete character is held back until a later token (or the
+    end) completes it. Joined, the pieces are the decoding of the whole sequence (for
+    decoders whose text only grows at the end, which is all the usual ones).
+
+    >>> decoder = IncrementalDecoder(ByteTokenizer())
+    >>> [decoder.feed(ids) for ids in ([0xC3 + 3], [0xA9 + 3, 33 + 3])]
+    ['', 'é!']
+    """
+
+    __slots__ = ("_by_bytes", "_ids", "_prefix_offset", "_read_offset", "_tokenizer")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        # Byte tokens decode the same with or without neighbours: no window is needed,
+        # only the held-back tokens of an incomplete character (one decode per step).
+        self._by_bytes = type(tokenizer) is ByteTokenizer  # a subclass may decode otherwise
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # the window starts here: context for the new tokens
+        self._read_offset = 0  # tokens before this are handed out as text
+
+    def feed(self, new_ids: Sequence[int], final: bool = False) -> str:
+        """The text ``new_ids`` add; with ``final``, also whatever was held back."""
+        ids = self._ids
+        ids.extend(new_ids)
+        decode = self._tokenizer.decode
+        if self._by_bytes:
+            text = decode(ids)
+            if not final and text.endswith("\ufffd"):
+                return ""
+            ids.clear()
+            return text
+        before = decode(ids[self._prefix_offset : self._read_offset])
+        after = decode(ids[self._prefix_offset :])
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return after[len(before) :]
 
 
 def _read_tokenizer_config(directory: Path) -> dict[str, Any]:

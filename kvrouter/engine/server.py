@@ -9,11 +9,13 @@
                               WorkerMetricsPublisher ◀── core.metrics()
 
 Endpoints (vLLM's): ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when
-``stream`` is true), ``GET /v1/models``, ``GET /health``, ``GET /metrics``,
-``POST /tokenize``, ``POST /v1/completions/render``, ``POST /v1/chat/completions/render``.
+``stream`` is true), ``GET /v1/models``, ``GET /health``, ``GET|POST /ping``,
+``GET /version``, ``GET /metrics``, ``POST /tokenize``, ``POST /detokenize``,
+``POST /v1/completions/render``, ``POST /v1/chat/completions/render``.
 
 The output text is synthetic but deterministic: the tokenizer's decoding of the token
-ids the core generates. A client that disconnects has its request aborted in the core.
+ids the core generates. Each of a request's ``n`` choices per prompt is its own engine
+request. A client that disconnects has its request aborted in the core.
 
 Usage::
 
@@ -29,10 +31,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
+from kvrouter import __version__
 from kvrouter.engine import EngineCore, EngineRequest, RequestOutput
 from kvrouter.engine.http import (
     ModelNotFound,
@@ -57,6 +60,7 @@ from kvrouter.protocol import (
     ChatFormat,
     CompletionFormat,
     CompletionRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     RenderedRequest,
@@ -65,14 +69,16 @@ from kvrouter.protocol import (
     Usage,
     decode_chat_request,
     decode_completion_request,
+    decode_detokenize_request,
     decode_tokenize_request,
     encode,
 )
-from kvrouter.tokenizer import Tokenizer
+from kvrouter.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["EngineServer", "ServerConfig", "ServerStats", "render_engine_metrics"]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Prompts longer than this are tokenized in a thread, shorter ones inline: a thread hop
 # costs more than encoding a few kilobytes.
@@ -141,26 +147,60 @@ class _Waiter:
 
 @dataclass(slots=True)
 class _Generation:
-    """One HTTP generation request: its engine request ids and running totals."""
+    """One HTTP generation request: its engine requests and running totals.
+
+    Choice ``i`` (its engine request ``sub_ids[i]``) answers prompt ``i // n``. As in
+    vLLM, usage counts each prompt's tokens (and cache hits) once, however many
+    choices it has, and the output tokens of every choice.
+    """
 
     request_id: str
     sub_ids: list[str]
     created: int
+    n: int
+    prompt_lens: list[int]
+    echo_texts: list[str] | None = None  # per prompt, when the prompt is echoed
     queue: asyncio.Queue[tuple[int, RequestOutput]] = field(default_factory=asyncio.Queue)
-    num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_open: int = 0
 
-    def account(self, output: RequestOutput) -> None:
+    def account(self, index: int, output: RequestOutput) -> None:
         if output.finished:
             self.num_open -= 1
-            self.num_prompt_tokens += output.num_prompt_tokens
             self.num_output_tokens += output.num_output_tokens
-            self.num_cached_tokens += output.num_cached_tokens
+            if index % self.n == 0:
+                self.num_cached_tokens += output.num_cached_tokens
 
     def usage(self) -> Usage:
-        return Usage.of(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
+        num_prompt_tokens = sum(self.prompt_lens)
+        return Usage.of(num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
+
+    def choice_usage(self, index: int, num_output_tokens: int) -> Usage:
+        """vLLM's per-chunk usage (``continuous_usage_stats``): one choice so far."""
+        prompt_tokens = self.prompt_lens[index // self.n]
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=num_output_tokens,
+            total_tokens=prompt_tokens + num_output_tokens,
+        )
+
+    def echo(self, index: int) -> str:
+        """What choice ``index``'s text starts with: its prompt when echoed."""
+        return self.echo_texts[index // self.n] if self.echo_texts is not None else ""
+
+
+def _engine_request_ids(request_id: str, num_prompts: int, n: int) -> list[str]:
+    """One engine request id per choice, in choice order (choice ``i`` answers prompt
+    ``i // n``); a lone choice keeps ``request_id`` itself.
+
+    >>> _engine_request_ids("r", 2, 2)
+    ['r-0-0', 'r-0-1', 'r-1-0', 'r-1-1']
+    """
+    bases = [f"{request_id}-{i}" for i in range(num_prompts)] if num_prompts > 1 else [request_id]
+    if n == 1:
+        return bases
+    return [f"{base}-{j}" for base in bases for j in range(n)]
 
 
 class EngineServer(AsyncLifecycle):
@@ -270,8 +310,12 @@ class EngineServer(AsyncLifecycle):
         app.router.add_post("/v1/completions/render", self._render_completions)
         app.router.add_post("/v1/chat/completions/render", self._render_chat)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/ping", self._health)
+        app.router.add_post("/ping", self._health)
+        app.router.add_get("/version", self._version)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -353,8 +397,14 @@ class EngineServer(AsyncLifecycle):
         body = await read_body(request)
         req = decode_completion_request(body)
         self._check_model(req.model)
-        prompts = [await self._encode_prompt(p) for p in req.prompts()]
-        return await self._generate(request, req, prompts, self._completion_format)
+        texts_or_ids = req.prompts()
+        prompts = [await self._encode_prompt(p) for p in texts_or_ids]
+        echo_texts = None
+        if req.echo:
+            echo_texts = [
+                p if isinstance(p, str) else self._tokenizer.decode(p) for p in texts_or_ids
+            ]
+        return await self._generate(request, req, prompts, self._completion_format, echo_texts)
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
@@ -369,14 +419,15 @@ class EngineServer(AsyncLifecycle):
         req: CompletionRequest | ChatCompletionRequest,
         prompts: list[list[int]],
         fmt: ResponseFormat,
+        echo_texts: list[str] | None = None,
     ) -> web.StreamResponse:
         max_tokens = req.output_tokens()
         for ids in prompts:
             self._check_length(len(ids), max_tokens)
-        gen = self._submit(request_id_of(request, fmt.id_prefix), prompts, req)
+        gen = self._submit(request_id_of(request, fmt.id_prefix), prompts, req, echo_texts)
         try:
             if req.stream:
-                return await self._stream(request, gen, fmt, req.include_usage())
+                return await self._stream(request, gen, fmt, req)
             return await self._collect(gen, fmt)
         finally:
             for sub_id in gen.sub_ids:
@@ -387,16 +438,25 @@ class EngineServer(AsyncLifecycle):
         request_id: str,
         prompts: list[list[int]],
         req: CompletionRequest | ChatCompletionRequest,
+        echo_texts: list[str] | None,
     ) -> _Generation:
         if self._closed or self._failed:
             raise ShuttingDown("the server is shutting down or its engine failed")
-        many = len(prompts) > 1
-        sub_ids = [f"{request_id}-{i}" if many else request_id for i in range(len(prompts))]
-        gen = _Generation(request_id, sub_ids, int(time.time()), num_open=len(prompts))
-        for i, (sub_id, ids) in enumerate(zip(sub_ids, prompts, strict=True)):
+        n = req.num_choices()
+        sub_ids = _engine_request_ids(request_id, len(prompts), n)
+        gen = _Generation(
+            request_id,
+            sub_ids,
+            int(time.time()),
+            n,
+            [len(ids) for ids in prompts],
+            echo_texts,
+            num_open=len(sub_ids),
+        )
+        for i, sub_id in enumerate(sub_ids):
             engine_request = EngineRequest(
                 sub_id,
-                ids,
+                prompts[i // n],
                 req.output_tokens(),
                 cache_salt=req.cache_salt,
                 min_tokens=req.min_tokens,
@@ -419,35 +479,49 @@ class EngineServer(AsyncLifecycle):
         while gen.num_open > 0:
             index, output = await gen.queue.get()
             token_ids[index].extend(output.new_token_ids)
-            gen.account(output)
+            gen.account(index, output)
             if output.finished:
                 reasons[index] = finish_reason(output)
-        texts = [self._tokenizer.decode(ids) for ids in token_ids]
+        texts = [gen.echo(i) + self._tokenizer.decode(ids) for i, ids in enumerate(token_ids)]
         body = fmt.response(gen.request_id, gen.created, texts, reasons, gen.usage())
         response = web.Response(body=body, content_type="application/json")
         response.headers["x-request-id"] = gen.request_id
         return response
 
     async def _stream(
-        self, request: web.Request, gen: _Generation, fmt: ResponseFormat, include_usage: bool
+        self,
+        request: web.Request,
+        gen: _Generation,
+        fmt: ResponseFormat,
+        req: CompletionRequest | ChatCompletionRequest,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         response.headers["x-request-id"] = gen.request_id
         await response.prepare(request)
         rid, created = gen.request_id, gen.created
+        continuous = req.include_continuous_usage()
+        num_choices = len(gen.sub_ids)
+        decoders = [IncrementalDecoder(self._tokenizer) for _ in range(num_choices)]
+        num_tokens = [0] * num_choices
         try:
-            for index in range(len(gen.sub_ids)):
-                first = fmt.first_chunk(rid, created, index)
+            for index in range(num_choices):
+                usage = gen.choice_usage(index, 0) if continuous else None
+                first = fmt.first_chunk(rid, created, index, usage=usage)
                 if first is not None:
                     await response.write(sse(first))
             while gen.num_open > 0:
                 index, output = await gen.queue.get()
-                gen.account(output)
+                gen.account(index, output)
                 reason = finish_reason(output) if output.finished else None
                 if output.new_token_ids or reason is not None:
-                    text = self._tokenizer.decode(output.new_token_ids)
-                    await response.write(sse(fmt.chunk(rid, created, index, text, reason)))
-            if include_usage:
+                    text = decoders[index].feed(output.new_token_ids, final=output.finished)
+                    if num_tokens[index] == 0:
+                        text = gen.echo(index) + text
+                    num_tokens[index] += len(output.new_token_ids)
+                    usage = gen.choice_usage(index, num_tokens[index]) if continuous else None
+                    chunk = fmt.chunk(rid, created, index, text, reason, usage=usage)
+                    await response.write(sse(chunk))
+            if req.include_usage():
                 await response.write(sse(fmt.usage_chunk(rid, created, gen.usage())))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -477,7 +551,7 @@ class EngineServer(AsyncLifecycle):
         size = sum(len(str(m.get("content") or "")) for m in messages)
         return await self._run_tokenizer(encode_messages, size)
 
-    async def _run_tokenizer(self, fn: Callable[[], list[int]], size: int) -> list[int]:
+    async def _run_tokenizer(self, fn: Callable[[], _T], size: int) -> _T:
         if size <= _INLINE_TOKENIZE_CHARS:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(None, fn)
@@ -545,6 +619,13 @@ class EngineServer(AsyncLifecycle):
         self._check_length(len(token_ids), req.output_tokens())
         return RenderedRequest.of(request_id, token_ids, req, self.config.model_name)
 
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        req = decode_detokenize_request(await read_body(request))
+        self._check_model(req.model)
+        tokens = req.tokens
+        text = await self._run_tokenizer(lambda: self._tokenizer.decode(tokens), len(tokens))
+        return json_response(encode(DetokenizeResponse(prompt=text)))
+
     async def _models(self, request: web.Request) -> web.Response:
         name = self.config.model_name
         card = ModelCard(
@@ -554,6 +635,9 @@ class EngineServer(AsyncLifecycle):
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return json_response(encode({"version": __version__}))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         text = render_engine_metrics(self._core, self.config.model_name)

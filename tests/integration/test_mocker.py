@@ -164,6 +164,30 @@ async def test_workers_are_independent(mocker: Mocker) -> None:
                 assert (await response.json())["tokens"] == [100, 101, 102]
 
 
+async def test_mocker_answers_like_a_vllm_server(mocker: Mocker) -> None:
+    url = mocker.workers[0]["http"]
+    await wait_healthy(url)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/ping") as response:
+            assert response.status == 200
+        async with session.get(url + "/version") as response:
+            assert "version" in await response.json()
+        async with session.post(url + "/detokenize", json={"tokens": [100, 101]}) as response:
+            assert await response.json() == {"prompt": "ab"}
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    result = await client.completions.create(
+        model="sim", prompt="hello", max_tokens=2, n=2, echo=True
+    )
+    assert [c.index for c in result.choices] == [0, 1]
+    assert all(c.text.startswith("hello") and len(c.text) == 7 for c in result.choices)
+    assert result.usage is not None and result.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x"}], logprobs=True
+        )
+    await client.close()
+
+
 async def test_processes_mode_starts_one_process_per_worker_and_stops_cleanly() -> None:
     m = start_mocker(
         "--num-workers", "2", "--base-port", "0", "--kv-events-base-port", "-1",

@@ -10,12 +10,14 @@ import pytest
 from kvrouter.errors import InvalidRequest
 from kvrouter.protocol import (
     DEFAULT_MAX_TOKENS,
+    MAX_N,
     ChatFormat,
     CompletionFormat,
     RenderedRequest,
     Usage,
     decode_chat_request,
     decode_completion_request,
+    decode_detokenize_request,
     decode_tokenize_request,
     error_body,
 )
@@ -61,6 +63,27 @@ def test_output_tokens_precedence() -> None:
     assert decode_chat_request(chat(max_tokens=7)).output_tokens() == 7
 
 
+def test_n_echo_and_logprobs_fields() -> None:
+    assert decode_completion_request(completion(n=3, echo=True)).num_choices() == 3
+    assert decode_completion_request(completion(n=None)).num_choices() == 1
+    assert decode_chat_request(chat(n=2)).num_choices() == 2
+    # Asking for no log probabilities is not asking for them.
+    assert decode_chat_request(chat(logprobs=False, top_logprobs=0)).num_choices() == 1
+    assert decode_completion_request(completion(logprobs=None)).logprobs is None
+
+
+def test_temperature_above_two_is_accepted_as_vllm_does() -> None:
+    assert decode_completion_request(completion(temperature=3.5)).temperature == 3.5
+
+
+def test_continuous_usage_needs_include_usage() -> None:
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    assert decode_chat_request(chat(stream=True, stream_options=both)).include_continuous_usage()
+    alone = {"continuous_usage_stats": True}
+    req = decode_chat_request(chat(stream=True, stream_options=alone))
+    assert not req.include_continuous_usage()
+
+
 def test_stream_options() -> None:
     req = decode_chat_request(chat(stream=True, stream_options={"include_usage": True}))
     assert req.include_usage() is True
@@ -78,14 +101,17 @@ def test_stream_options() -> None:
         (b"[1, 2]", "Expected `object`"),
         (completion(max_tokens=0), "max_tokens"),
         (completion(max_tokens="ten"), "max_tokens"),
-        (completion(n=2), "only n=1"),
+        (completion(n=0), r"\$\.n"),
+        (completion(n=MAX_N + 1), r"\$\.n"),
         (completion(temperature=-1), "temperature"),
         (completion(min_tokens=5, max_tokens=2), "min_tokens"),
         (completion(prompt=[]), "must not be empty"),
         (completion(prompt=[1, "a"]), "mixes"),
         (completion(prompt=[-1]), "prompt"),
         (completion(prompt=[""]), r"prompt\[0\] is empty"),
-        (completion(echo=True), "echo"),
+        (completion(logprobs=2), "logprobs is not supported"),
+        (completion(logprobs=0), "logprobs is not supported"),
+        (completion(prompt_logprobs=1), "prompt_logprobs is not supported"),
         (json.dumps({"max_tokens": 3}).encode(), "prompt"),
     ],
 )
@@ -100,6 +126,9 @@ def test_bad_completion_requests(body: bytes, needle: str) -> None:
         (chat(messages=[]), "messages"),
         (chat(messages=[{"content": "x"}]), "role"),
         (chat(max_completion_tokens=0), "max_completion_tokens"),
+        (chat(n=0), r"\$\.n"),
+        (chat(logprobs=True), "logprobs is not supported"),
+        (chat(top_logprobs=3), "top_logprobs is not supported"),
     ],
 )
 def test_bad_chat_requests(body: bytes, needle: str) -> None:
@@ -113,6 +142,14 @@ def test_chat_message_dicts_keep_parts_for_the_template() -> None:
     assert req.message_dicts() == [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
     req = decode_chat_request(chat(messages=[{"role": "assistant"}]))
     assert req.message_dicts() == [{"role": "assistant", "content": None}]
+
+
+def test_detokenize_request() -> None:
+    assert decode_detokenize_request(b'{"tokens": [5, 6]}').tokens == [5, 6]
+    with pytest.raises(InvalidRequest, match="tokens"):
+        decode_detokenize_request(b'{"model": "m"}')
+    with pytest.raises(InvalidRequest, match="tokens"):
+        decode_detokenize_request(b'{"tokens": [-1]}')
 
 
 def test_tokenize_request_needs_exactly_one_input() -> None:
@@ -163,6 +200,8 @@ def test_completion_format() -> None:
     assert [c["text"] for c in response["choices"]] == ["x", "y"]
     assert [c["finish_reason"] for c in response["choices"]] == ["length", "stop"]
     assert response["usage"]["total_tokens"] == 3
+    with_usage = json.loads(fmt.chunk("id", 5, 0, "a", None, usage=Usage.of(1, 2, 0)))
+    assert with_usage["usage"]["total_tokens"] == 3
     usage_chunk = json.loads(fmt.usage_chunk("id", 5, Usage.of(1, 2, 1)))
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["prompt_tokens_details"] == {"cached_tokens": 1}

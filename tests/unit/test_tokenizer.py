@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HfRawTokenizer
-from tokenizers import models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 
 from kvrouter.errors import ConfigError, InvalidRequest
 from kvrouter.tokenizer import (
@@ -17,6 +17,7 @@ from kvrouter.tokenizer import (
     ByteTokenizer,
     ChatTemplate,
     HfTokenizer,
+    IncrementalDecoder,
     Tokenizer,
     load_tokenizer,
     normalize_messages,
@@ -208,3 +209,46 @@ def test_load_errors_are_config_errors(tmp_path: Path) -> None:
         load_tokenizer(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_tokenizer(None, chat_template=str(tmp_path / "nope.jinja"))
+
+
+# --- incremental decoding --------------------------------------------------------------
+
+
+def feed_one_by_one(tok: Tokenizer, ids: list[int]) -> list[str]:
+    decoder = IncrementalDecoder(tok)
+    return [decoder.feed([i]) for i in ids] + [decoder.feed([], final=True)]
+
+
+def test_incremental_decoding_keeps_what_single_tokens_lose(tmp_path: Path) -> None:
+    # SentencePiece style: a word's leading space, and byte tokens for "é".
+    vocab = {"[UNK]": 0, "\u2581the": 1, "\u2581cat": 2, "s": 3, "<0xC3>": 4, "<0xA9>": 5}
+    raw = HfRawTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HfTokenizer(tmp_path)
+    ids = [1, 2, 3, 4, 5, 1]
+    assert "".join(tok.decode([i]) for i in ids) != tok.decode(ids)
+    pieces = feed_one_by_one(tok, ids)
+    assert pieces == ["the", " cat", "s", "", "\u00e9", " the", ""]
+    assert "".join(pieces) == tok.decode(ids) == "the cats\u00e9 the"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    # Text that UTF-8 can carry: no lone surrogates (a JSON body cannot hold one either).
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\ufffd"), max_size=20),
+    st.integers(min_value=1, max_value=4),
+)
+def test_incremental_byte_decoding_joins_to_the_whole_text(text: str, step: int) -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.feed(ids[i : i + step]) for i in range(0, len(ids), step)]
+    pieces.append(decoder.feed([], final=True))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_incremental_decoding_hands_out_an_unfinished_character_at_the_end() -> None:
+    assert feed_one_by_one(ByteTokenizer(), [0xC3 + 3]) == ["", "\ufffd"]

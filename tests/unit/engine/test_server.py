@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,7 +20,7 @@ from kvrouter.engine.server import EngineServer, ServerConfig
 from kvrouter.events.model import Stored
 from kvrouter.events.vllm import VllmEventDecoder
 from kvrouter.load.prometheus import parse_engine_metrics
-from kvrouter.tokenizer import ByteTokenizer
+from kvrouter.tokenizer import ByteTokenizer, Tokenizer
 from kvrouter.transport.base import Message, SubscriptionEndpoint, parse_frames
 from kvrouter.transport.inproc import InProcBus, InProcTransport
 from kvrouter.transport.publisher import KvEventPublisher
@@ -48,7 +48,9 @@ class Harness:
             return response.status, json.loads(await response.read())
 
 
-async def make_harness(speedup_ratio: float = 1000.0, max_model_len: int = 4096) -> Harness:
+async def make_harness(
+    speedup_ratio: float = 1000.0, max_model_len: int = 4096, tokenizer: Tokenizer | None = None
+) -> Harness:
     config = EngineConfig(block_size=BLOCK_SIZE, num_gpu_blocks=1024, speedup_ratio=speedup_ratio)
     core = EngineCore(config, worker_id=7)
     bus = InProcBus()
@@ -56,7 +58,7 @@ async def make_harness(speedup_ratio: float = 1000.0, max_model_len: int = 4096)
     await publisher.start()
     server = EngineServer(
         core,
-        ByteTokenizer(),
+        tokenizer or ByteTokenizer(),
         ServerConfig(model_name=MODEL, max_model_len=max_model_len, shutdown_timeout_s=0.2),
         kv_publisher=publisher,
     )
@@ -78,7 +80,11 @@ async def harness() -> AsyncIterator[Harness]:
 
 
 async def test_completion_text_prompt(harness: Harness) -> None:
-    result = await harness.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5)
+    # A fixed id fixes the output tokens (and so the text's length: a rare special or
+    # multi-byte token id would decode to fewer characters).
+    result = await harness.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=5, extra_headers={"x-request-id": "c-1"}
+    )
     assert result.object == "text_completion"
     assert result.model == MODEL
     assert len(result.choices) == 1
@@ -162,6 +168,7 @@ async def test_streaming_completion_with_usage(harness: Harness) -> None:
         max_tokens=4,
         stream=True,
         stream_options={"include_usage": True},
+        extra_headers={"x-request-id": "s-1"},  # fixed tokens, one character each
     )
     chunks = [chunk async for chunk in stream]
     text_chunks = [c for c in chunks if c.choices]
@@ -183,6 +190,110 @@ async def test_raw_stream_ends_with_done(harness: Harness) -> None:
     assert len(events) == 3
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: {") for e in events[:-1])
+
+
+async def test_n_choices_per_prompt(harness: Harness) -> None:
+    result = await harness.client.completions.create(
+        model=MODEL,
+        prompt=["first prompt", "second"],
+        max_tokens=16,
+        n=2,
+        extra_headers={"x-request-id": "n-1"},
+    )
+    # vLLM's order: choice prompt_index * n + j.
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    # (The text's length is not the token count: the byte tokenizer skips special ids.)
+    assert all(c.finish_reason == "length" and c.text for c in result.choices)
+    # Every choice samples its own 16 tokens: equal texts by chance are out of reach.
+    assert len({c.text for c in result.choices}) == 4
+    assert result.usage is not None
+    # Each prompt's tokens count once, every choice's output tokens count.
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (18, 64)
+    assert harness.core.stats().requests_added == 4
+
+
+async def test_n_choices_stream(harness: Harness) -> None:
+    stream = await harness.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        n=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    # One opening chunk per choice, then the tokens.
+    assert [c.choices[0].delta.role for c in chunks[:3]] == ["assistant"] * 3
+    assert [c.choices[0].index for c in chunks[:3]] == [0, 1, 2]
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1, 2]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == 6
+
+
+async def test_echo_prepends_the_prompt(harness: Harness) -> None:
+    plain = await harness.client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=3, extra_headers={"x-request-id": "e1"}
+    )
+    echoed = await harness.client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=3, echo=True, extra_headers={"x-request-id": "e1"}
+    )
+    assert echoed.choices[0].text == "abc" + plain.choices[0].text
+    assert echoed.usage is not None and echoed.usage.completion_tokens == 3
+    # Token-id prompts are echoed as their decoding; streams echo in their first chunk.
+    stream = await harness.client.completions.create(
+        model=MODEL, prompt=[100, 101], max_tokens=2, echo=True, stream=True
+    )
+    texts = [c.choices[0].text async for c in stream]
+    assert texts[0].startswith("ab") and len(texts[0]) == 3
+    assert len(texts) == 2
+
+
+async def test_continuous_usage_stats(harness: Harness) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    async with harness.http.post(harness.url + "/v1/chat/completions", json=body) as response:
+        raw = await response.read()
+    events = [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 2, 3, 3]
+    assert all(c["usage"]["prompt_tokens"] == prompt_tokens for c in chunks)
+
+
+class _SpacedTokenizer(ByteTokenizer):
+    """Decodes a token sequence with spaces between tokens, as word-level tokenizers
+    do: decoding token by token would lose the spaces."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join([ByteTokenizer.decode(self, [i]) for i in ids])
+
+
+async def test_streamed_text_joins_to_the_whole_text() -> None:
+    h = await make_harness(tokenizer=_SpacedTokenizer())
+    try:
+        headers = {"x-request-id": "same"}
+        whole = await h.client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=6, extra_headers=headers
+        )
+        stream = await h.client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=6, stream=True, extra_headers=headers
+        )
+        pieces = [c.choices[0].text async for c in stream]
+        assert len(pieces) == 6  # still one chunk per token
+        assert "".join(pieces) == whole.choices[0].text
+        assert whole.choices[0].text.count(" ") == 5
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
 
 
 # --- chat ------------------------------------------------------------------------------
@@ -227,7 +338,8 @@ async def test_chat_streaming(harness: Harness) -> None:
         (b'{"prompt": "x", "y": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
         (b"", "body is empty"),
         ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
-        ({"model": MODEL, "prompt": "x", "n": 3}, "only n=1"),
+        ({"model": MODEL, "prompt": "x", "n": 0}, "$.n"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 1}, "logprobs is not supported"),
         ({"model": MODEL, "prompt": [1, "a"]}, "mixes"),
         ({"model": MODEL}, "prompt"),
         ({"model": MODEL, "prompt": "x" * 4090, "max_tokens": 10}, "maximum context length"),
@@ -276,6 +388,16 @@ async def test_request_too_big_for_the_cache_is_400() -> None:
         await h.server.aclose()
 
 
+async def test_logprobs_are_refused_not_ignored(harness: Harness) -> None:
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        await harness.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True
+        )
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        await harness.client.completions.create(model=MODEL, prompt="x", logprobs=0)
+    assert harness.core.stats().requests_added == 0
+
+
 async def test_unknown_route_is_json_404(harness: Harness) -> None:
     status, payload = await harness.post("/v1/nothing", {})
     assert status == 404
@@ -290,6 +412,21 @@ async def test_models_and_health(harness: Harness) -> None:
     assert [m.id for m in models.data] == [MODEL]
     async with harness.http.get(harness.url + "/health") as response:
         assert response.status == 200
+
+
+async def test_ping_version_and_detokenize(harness: Harness) -> None:
+    for method in ("GET", "POST"):
+        async with harness.http.request(method, harness.url + "/ping") as response:
+            assert response.status == 200
+    async with harness.http.get(harness.url + "/version") as response:
+        assert response.status == 200
+        assert isinstance((await response.json())["version"], str)
+    status, payload = await harness.post("/detokenize", {"model": MODEL, "tokens": [100, 101]})
+    assert (status, payload) == (200, {"prompt": "ab"})
+    status, payload = await harness.post("/detokenize", {"prompt": "ab"})
+    assert status == 400
+    status, payload = await harness.post("/detokenize", {"model": "other", "tokens": [1]})
+    assert status == 404
 
 
 async def test_tokenize_prompt_and_messages(harness: Harness) -> None:
@@ -380,6 +517,22 @@ async def test_stream_disconnect_aborts_the_request() -> None:
         assert h.core.num_running == 0
         assert h.core.stats().requests_aborted == 1
         assert h.server.stats().num_aborted == 1
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
+
+
+async def test_disconnect_aborts_every_choice() -> None:
+    h = await make_harness(speedup_ratio=10.0)
+    try:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "n": 3, "stream": True}
+        response = await h.http.post(h.url + "/v1/completions", json=body)
+        await response.content.readline()
+        response.close()
+        await wait_until_idle(h)
+        assert h.core.num_running == 0
+        assert h.core.stats().requests_aborted == 3
     finally:
         await h.http.close()
         await h.client.close()
