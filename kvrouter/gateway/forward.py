@@ -11,8 +11,11 @@
 
 A retry skips the workers that already failed this request (``exclude``) without
 taking them out of rotation: a worker that answers 5xx is alive, merely unable to take
-this one now. Only a connection failure (refused, reset, dropped) takes a worker out,
-until a health check passes. A timeout before the first byte is retried once.
+this one now, and so is one whose 200 answer is not JSON (or, to a streaming request,
+not an event stream). A connection failure (refused, reset, dropped) takes a worker
+out, until a health check passes, and so do ``error_threshold`` failed answers in a row
+(:class:`~kvrouter.gateway.registry.WorkerRegistry`). A timeout before the first byte
+is retried once.
 
 After the first byte has gone to the client, a failure cannot be retried: a stream
 ends with an SSE error event in OpenAI's shape and ``data: [DONE]``.
@@ -179,6 +182,15 @@ class RequestForwarder:
     # -- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         """Serve one ``/v1/completions`` or ``/v1/chat/completions`` request."""
+        try:
+            return await self._handle(request, kind)
+        except asyncio.CancelledError:
+            # The client went away (its handler is cancelled), wherever the request was:
+            # tokenizing, queued, waiting for a worker, or streaming.
+            self._counters.num_disconnects += 1
+            raise
+
+    async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         body = await read_body(request, self._cfg.max_body_bytes)
         parsed = parse_body(body, kind)
         overrides = parse_overrides(request.headers, parsed.kvrouter_field)
@@ -228,6 +240,11 @@ class RequestForwarder:
         rotation = self._registry.rotation()
         if not rotation:
             raise NoWorkerAvailable("no worker is available")
+        if queued is not None and queued[0].worker not in rotation:
+            # Its worker left the rotation between the queue routing the request and the
+            # request resuming: the request has had its turn, so route it again now.
+            self._core.on_finish(request_id)
+            queued = None
         if queued is not None:
             route, start = queued
         else:
@@ -387,11 +404,10 @@ class RequestForwarder:
         if exc.worker_down:
             # Unreachable: out of rotation until a health check passes, and its cache
             # can no longer be trusted. A worker that merely said no (a 5xx answer) is
-            # only skipped by this request's retries.
+            # only skipped by this request's retries, unless it says no to every one.
             self._registry.mark_failed(state.worker_id, str(exc))
         else:
-            state.num_failures += 1
-            state.last_error = str(exc)
+            self._registry.mark_error(state.worker_id, str(exc))
 
     async def _try_worker(
         self,
@@ -406,9 +422,10 @@ class RequestForwarder:
             upstream = await self._upstream.open(
                 state.url + _PATHS[kind], parsed.forward_body, request.headers
             )
+            upstream.check_media_type(stream=parsed.stream)
             if parsed.stream and upstream.status == 200:
                 return await self._stream(request, upstream, state, request_id)
-            data = await self._read_whole(upstream, request_id)
+            data = await self._read_whole(upstream, state, request_id)
             headers = upstream.passthrough_headers()
             headers["x-kvrouter-worker"] = str(state.worker_id)
             return web.Response(body=data, status=upstream.status, headers=headers)
@@ -433,15 +450,21 @@ class RequestForwarder:
         self._counters.num_in_flight -= 1
         self._core.on_finish(request_id)
 
-    async def _read_whole(self, upstream: UpstreamResponse, request_id: str) -> bytes:
+    async def _read_whole(
+        self, upstream: UpstreamResponse, state: WorkerState, request_id: str
+    ) -> bytes:
         try:
             data = await upstream.read()
         except BaseException:
             upstream.close()
             raise
         upstream.release()
-        self._core.on_first_token(request_id)
+        self._on_first_byte(state, request_id)
         return data
+
+    def _on_first_byte(self, state: WorkerState, request_id: str) -> None:
+        state.consecutive_errors = 0  # it answered: its failed answers are no longer in a row
+        self._core.on_first_token(request_id)
 
     async def _stream(
         self,
@@ -455,7 +478,7 @@ class RequestForwarder:
         response: web.StreamResponse | None = None
         try:
             first = await self._first_chunk(chunks, state)
-            self._core.on_first_token(request_id)
+            self._on_first_byte(state, request_id)
             response = web.StreamResponse(
                 status=200, headers={**_SSE_HEADERS, "x-kvrouter-worker": str(state.worker_id)}
             )
@@ -470,9 +493,6 @@ class RequestForwarder:
             self._counters.num_disconnects += 1
             if response is not None:
                 return response
-            raise
-        except asyncio.CancelledError:
-            self._counters.num_disconnects += 1
             raise
         finally:
             if finished:
@@ -589,7 +609,8 @@ class RequestForwarder:
             upstream = await self._upstream.open(
                 state.url + _PATHS["completion"], sub.forward_body, headers
             )
-            data = await self._read_whole(upstream, request_id)
+            upstream.check_media_type(stream=False)
+            data = await self._read_whole(upstream, state, request_id)
             return _Answer(upstream.status, data, state.worker_id)
 
     async def _open_stream(
@@ -612,14 +633,15 @@ class RequestForwarder:
             upstream = await self._upstream.open(
                 state.url + _PATHS["completion"], sub.forward_body, headers
             )
+            upstream.check_media_type(stream=True)
             if upstream.status != 200:
-                data = await self._read_whole(upstream, request_id)
+                data = await self._read_whole(upstream, state, request_id)
                 self._end_on(state, request_id)
                 return _OpenStream(state, upstream.status, data, None, None, lambda: None)
             await on_accepted(state.worker_id)
             chunks = aiter(upstream.iter_chunks())
             first = await self._first_chunk(chunks, state)
-            self._core.on_first_token(request_id)
+            self._on_first_byte(state, request_id)
         except BaseException:
             if upstream is not None:
                 upstream.close()
@@ -673,9 +695,6 @@ class _BatchStream:
             if self._response is None:
                 raise
             return self._response
-        except asyncio.CancelledError:
-            self._fw._counters.num_disconnects += 1
-            raise
         finally:
             await cancel_and_wait(*tasks)
             for stream, clean in zip(self._streams, self._clean, strict=True):

@@ -70,6 +70,26 @@ class UpstreamResponse:
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamError(f"worker broke off the stream: {describe_error(exc)}") from exc
 
+    def check_media_type(self, *, stream: bool) -> None:
+        """Raise :class:`UpstreamFailure` (retryable) when a 200 answer says it is not
+        what was asked for: JSON, or for a streaming request an event stream (an HTML
+        page from a proxy in front of the worker, an engine that ignored ``stream``).
+        Passed on, it would reach the client as a success nobody can parse."""
+        if self.status != 200 or "Content-Type" not in self.headers:
+            return
+        media = self.raw.content_type
+        if stream:
+            ok, wanted = media == "text/event-stream", "an event stream"
+        else:
+            ok, wanted = media == "application/json" or media.endswith("+json"), "JSON"
+        if not ok:
+            self.close()
+            raise UpstreamFailure(
+                f"worker {self.raw.url} answered 200 with {media}, not {wanted}",
+                retryable=True,
+                worker_down=False,
+            )
+
     def release(self) -> None:
         """Return the connection to the pool (the body was read to the end)."""
         self.raw.release()
@@ -169,7 +189,7 @@ class UpstreamClient(AsyncLifecycle):
             text = await _read_snippet(raw)
             raw.release()
             # It answered, so it is up: another worker may take this request, but this
-            # one stays in rotation (health checks decide whether it is broken).
+            # one stays in rotation (unless it fails answer after answer).
             raise UpstreamFailure(
                 f"worker {url} answered {raw.status}: {text}", retryable=True, worker_down=False
             )

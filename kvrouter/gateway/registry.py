@@ -6,9 +6,15 @@ rotation (the gateway removes a dead worker's blocks from the index then).
 
 ::
 
-    add(spec) ──> in rotation ──(failed health check / failed request)──> out of rotation
-                      ^                                                       │
+    add(spec) ──> in rotation ──(failed health check / unreachable for a request /
+                      ^          error_threshold failed answers in a row)──> out of rotation
+                      │                                                       │
                       └───────────────(health check passes again)─────────────┘
+
+A worker that answers but fails a request (a 5xx, a 200 nobody can use) is only
+skipped by that request's retries; one that fails every request while its health check
+passes would otherwise stay in rotation for good, and win every tie of the cost model
+(its cache, never filled, is the smallest).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class WorkerState:
     added_s: float
     healthy: bool = True
     consecutive_failures: int = 0
+    consecutive_errors: int = 0  # failed answers since its last good one
     last_health_ok_s: float | None = None
     last_metrics_s: float | None = None
     last_error: str | None = None
@@ -109,11 +116,17 @@ class WorkerRegistry:
     [0]
     """
 
-    def __init__(self, clock: Clock = monotonic, failure_threshold: int = 1) -> None:
-        if failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+    def __init__(
+        self, clock: Clock = monotonic, failure_threshold: int = 1, error_threshold: int = 5
+    ) -> None:
+        if failure_threshold < 1 or error_threshold < 1:
+            raise ValueError(
+                "failure_threshold and error_threshold must be >= 1, got "
+                f"{failure_threshold} and {error_threshold}"
+            )
         self._clock = clock
         self._failure_threshold = failure_threshold
+        self._error_threshold = error_threshold
         self._workers: dict[int, WorkerState] = {}
         self._on_down: list[Listener] = []
         self._on_up: list[Listener] = []
@@ -216,10 +229,27 @@ class WorkerRegistry:
         state.consecutive_failures += 1
         state.num_failures += 1
         state.last_error = reason
-        if state.healthy and state.consecutive_failures >= self._failure_threshold:
+        if state.consecutive_failures >= self._failure_threshold:
+            self._take_out(state, reason)
+
+    def mark_error(self, worker_id: int, reason: str) -> None:
+        """A worker answered a request but failed it; at ``error_threshold`` such answers
+        in a row (none good between them) it leaves rotation until a health check
+        passes, and after that at its next failed answer."""
+        state = self._workers.get(worker_id)
+        if state is None:
+            return
+        state.consecutive_errors += 1
+        state.num_failures += 1
+        state.last_error = reason
+        if state.consecutive_errors >= self._error_threshold:
+            self._take_out(state, f"{state.consecutive_errors} failed answers in a row: {reason}")
+
+    def _take_out(self, state: WorkerState, reason: str) -> None:
+        if state.healthy:
             state.healthy = False
             self._rotation = None
-            log.warning("worker %d out of rotation: %s", worker_id, reason)
+            log.warning("worker %d out of rotation: %s", state.worker_id, reason)
             for hook in self._on_down:
                 hook(state)
 

@@ -5,10 +5,11 @@ checker and metrics scraper tasks, the per-worker KV event feeds and the request
 forwarder. ``async with Gateway(cfg, core) as gw:`` starts it; :meth:`Gateway.aclose`
 stops the loops, closes the event feeds and the session (idempotent).
 
-A worker that fails a health check, or that cannot be reached for a request, leaves
-the rotation and its blocks leave the index (``core.remove_worker``); it rejoins when a
-health check passes. A worker that answers a request with an error stays in rotation
-(that request's retries skip it).
+A worker that fails a health check, that cannot be reached for a request, or that
+fails several answers in a row, leaves the rotation and its blocks leave the index
+(``core.remove_worker``); it rejoins when a health check passes, with a fresh KV event
+subscription that replays its cache into the index. A worker that answers one request
+with an error stays in rotation (that request's retries skip it).
 
 Load metrics come from each worker's ``/metrics`` page (scraped every
 ``metrics_scrape_interval_s``), or, for a worker configured with a ``metrics``
@@ -109,6 +110,7 @@ class Gateway(AsyncLifecycle):
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
+        self._resubscribing: set[int] = set()
         self.registry.add_listeners(on_down=self._on_down, on_up=self._on_up)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -158,11 +160,13 @@ class Gateway(AsyncLifecycle):
     async def remove_worker(self, worker_id: int) -> WorkerState:
         """Take a worker out for good; raises ``KeyError`` when it is unknown."""
         state = self.registry.remove(worker_id)
+        # Out of the routing core before the first await: a request routed while the
+        # feeds stop would find its worker gone from the rotation.
+        self.core.remove_worker(state.key)
         if self._feeds is not None and state.spec.kv_events:
             await self._feeds.stop_feed(worker_id)
         if self._metrics_feeds is not None and state.spec.metrics:
             await self._metrics_feeds.stop_feed(worker_id)
-        self.core.remove_worker(state.key)
         return state
 
     def on_pushed_metrics(self, metrics: ForwardPassMetrics) -> None:
@@ -203,8 +207,31 @@ class Gateway(AsyncLifecycle):
         if status != 200:
             self.registry.mark_failed(state.worker_id, f"health check answered {status}")
             return False
+        rejoins = not state.healthy
         self.registry.mark_ok(state.worker_id)
+        if rejoins and self.registry.get(state.worker_id) is state:
+            await self._resubscribe(state)
         return True
+
+    async def _resubscribe(self, state: WorkerState) -> None:
+        """Follow a worker that rejoined the rotation with a fresh event subscription.
+
+        Its blocks left the index when it left, but its cache did not (a stall, a
+        dropped connection): the old stream would go on from where it was, and every
+        event that builds on a forgotten block would be rejected. A new subscription
+        first replays what the worker's replay socket holds, so the index learns its
+        cache again (a restarted worker replays its new, empty history).
+        """
+        worker_id = state.worker_id
+        if self._feeds is None or not state.spec.kv_events or worker_id in self._resubscribing:
+            return
+        self._resubscribing.add(worker_id)  # two checks passing at once subscribe once
+        try:
+            await self._feeds.stop_feed(worker_id)
+            if self.registry.get(worker_id) is state:  # not removed meanwhile
+                await self._feeds.start_feed(state)
+        finally:
+            self._resubscribing.discard(worker_id)
 
     async def _queue_loop(self) -> None:
         # Finishes and first tokens dispatch queued requests at once; this catches room

@@ -358,6 +358,36 @@ async def test_failover_when_a_worker_dies(client: aiohttp.ClientSession) -> Non
             w.stop()
 
 
+async def test_a_worker_back_in_rotation_has_its_cache_indexed_again(
+    client: aiohttp.ClientSession,
+) -> None:
+    workers = start_workers([15])
+    try:
+        async with GatewayServer(gateway_config(workers)) as gw:
+            text = "Out of rotation and back. " * 10
+            await complete(client, gw.url, text)
+            index = gw.core.indexer
+            blocks = len(prompt_hashes(text))
+            await eventually(lambda: index.stats().num_entries >= blocks)
+            # A dropped connection takes the worker out and its blocks leave the index,
+            # though the worker is alive and keeps its cache.
+            gw.gateway.registry.mark_failed(15, "connection dropped")
+            assert index.stats().num_entries == 0
+            await eventually(lambda: gw.gateway.registry.get(15).healthy)  # type: ignore[union-attr]
+            # Back in rotation, the index learns the cache the worker kept (a replay)...
+            await eventually(lambda: index.stats().num_entries >= blocks, timeout_s=15.0)
+            # ...so events that build on it are applied, not rejected.
+            longer = text + "And a follow-up question that continues it. " * 4
+            await complete(client, gw.url, longer)
+            longer_blocks = len(prompt_hashes(longer))
+            await eventually(lambda: index.stats().num_entries >= longer_blocks, timeout_s=15.0)
+            assert index.stats().rejected["unknown_parent"] == 0
+            assert gw.core.scheduler.stats().active.num_requests == 0
+    finally:
+        for w in workers:
+            w.stop()
+
+
 async def test_busy_workers_answer_503_and_disconnects_free_their_load(
     client: aiohttp.ClientSession,
 ) -> None:

@@ -21,7 +21,10 @@ import pytest
 from aiohttp import web
 
 from kvrouter.gateway.config import GatewayConfig, WorkerSpec
+from kvrouter.gateway.overrides import RoutingOverrides
+from kvrouter.gateway.prompts import parse_body
 from kvrouter.gateway.server import GatewayServer
+from kvrouter.routing import ScheduleRequest
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +34,7 @@ SLOW_START_S = 1.0
 
 @dataclass
 class Backend:
-    """A scripted worker: ``mode`` is ok | drop | status503 | break | slow | hang."""
+    """A scripted worker: ``mode`` is ok | drop | status503 | html | break | slow | hang."""
 
     mode: str = "ok"
     kv_usage: float = 0.0
@@ -51,6 +54,8 @@ class Backend:
             return web.Response()
         if self.mode == "status503":
             return web.json_response({"error": {"message": "busy"}}, status=503)
+        if self.mode == "html":  # a 200 that is neither JSON nor an event stream
+            return web.Response(text="<html>maintenance</html>", content_type="text/html")
         if body.get("prompt") == "refuse me":  # a worker's own 4xx, for this prompt only
             return web.json_response({"error": {"message": "refused", "code": 400}}, status=400)
         if self.mode == "hang":  # accepts, then says nothing until the gateway gives up
@@ -122,11 +127,14 @@ def assert_two_prompts_merged(text: str, gw: GatewayServer) -> None:
     assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
 
 
-def dead_url() -> str:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        return int(sock.getsockname()[1])
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def config(urls: list[str], **overrides: Any) -> GatewayConfig:
@@ -223,6 +231,68 @@ async def test_a_worker_answering_5xx_is_skipped_for_the_retry_but_stays_in_rota
     assert len(busy.requests) == 2
 
 
+async def test_a_200_answer_that_is_not_json_or_an_event_stream_is_retried(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    broken = await start_backend(stack, Backend(mode="html"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([broken.url, good.url], router_mode="round_robin"))
+    )
+    url = gw.url + "/v1/completions"
+    # Pinned, there is no other worker: a clear 502 instead of a 200 nobody can parse.
+    for stream, wanted in ((False, "not JSON"), (True, "not an event stream")):
+        body = {"prompt": "abcdefgh", "stream": stream}
+        async with client.post(url, json=body, headers={"x-kvrouter-worker": "0"}) as resp:
+            assert resp.status == 502
+            message = (await resp.json())["error"]["message"]
+        assert message.endswith(f"answered 200 with text/html, {wanted}")
+    # It answered, so it is alive: it stays in rotation.
+    assert len(gw.gateway.registry.in_rotation()) == 2
+    bodies: list[dict[str, Any]] = [
+        {"prompt": "abcdefgh"},
+        {"prompt": "abcdefgh", "stream": True},
+        {"prompt": ["abcdefgh", "ijklmnop"]},
+        {"prompt": ["abcdefgh", "ijklmnop"], "stream": True},
+    ]
+    for body in bodies:
+        async with client.post(url, json=body) as resp:
+            assert resp.status == 200
+            assert set(resp.headers["x-kvrouter-worker"].split(",")) == {"1"}
+            text = await resp.text()
+        assert "maintenance" not in text
+    assert len(broken.requests) >= 3  # round robin sent it some first; all were retried
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0
+
+
+async def test_a_worker_failing_every_request_leaves_the_rotation(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    failing = await start_backend(stack, Backend(mode="status503"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([failing.url, good.url], router_mode="round_robin"))
+    )
+    state = gw.gateway.registry.get(0)
+    assert state is not None
+    for i in range(50):  # its health check passes, but it fails whatever it is sent
+        body = {"prompt": f"prompt {i}"}
+        async with client.post(gw.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+        if not state.healthy:
+            break
+    assert not state.healthy
+    assert len(failing.requests) == state.consecutive_errors == 5  # five in a row
+    assert "answered 503" in (state.last_error or "")
+    assert gw.core.scheduler.workers == (gw.gateway.registry.get(1).key,)  # type: ignore[union-attr]
+    assert gw.core.indexer.tree_size(state.key) == 0
+    async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as r:
+        assert r.status == 200
+    assert len(failing.requests) == 5
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
 async def test_a_timeout_before_the_first_byte_is_retried_once(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:
@@ -313,6 +383,87 @@ async def test_client_disconnect_cancels_upstream_and_frees_the_booking(
     assert gw.core.scheduler.stats().active.num_requests == 0
     assert gw.gateway.counters.num_in_flight == 0
     assert gw.gateway.counters.num_disconnects == 1
+
+
+async def test_a_client_leaving_before_its_answer_is_counted_and_freed(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    hanging = await start_backend(stack, Backend(mode="hang"))
+    gw = await stack.enter_async_context(GatewayServer(config([hanging.url])))
+    leaving = asyncio.ensure_future(
+        client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"})
+    )
+    for _ in range(100):
+        if hanging.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.gateway.counters.num_in_flight == 1
+    leaving.cancel()  # a client that gives up on a (non-streaming) answer
+    await asyncio.gather(leaving, return_exceptions=True)
+    for _ in range(100):
+        if gw.gateway.counters.num_in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.gateway.counters.num_in_flight == 0
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_disconnects == 1
+
+
+async def test_a_queued_request_whose_worker_leaves_before_it_resumes_is_routed_again(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backends = [await start_backend(stack, Backend()) for _ in range(2)]
+    gw = await stack.enter_async_context(
+        GatewayServer(
+            config([b.url for b in backends], router_queue_threshold=1.0, max_num_batched_tokens=8)
+        )
+    )
+    sched = gw.core.scheduler
+    for worker in sched.workers:  # a long prefill on each: requests wait in the queue
+        sched.schedule(ScheduleRequest(f"hold-{worker.worker_id}", token_ids=[1] * 64,
+                                       worker=worker))  # fmt: skip
+    waiting = asyncio.ensure_future(
+        client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"})
+    )
+    for _ in range(100):
+        if gw.core.queue_stats().pending == 1:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.02)
+    # Room on worker 0: the queue routes the request there, and before the request
+    # resumes, a dropped connection takes worker 0 out of rotation.
+    gw.core.on_finish("hold-0")
+    assert gw.core.queue_stats().pending == 0  # type: ignore[union-attr]
+    gw.gateway.registry.mark_failed(0, "connection dropped")
+    async with await waiting as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kvrouter-worker"] == "1"
+    assert (len(backends[0].requests), len(backends[1].requests)) == (0, 1)
+    gw.core.on_finish("hold-1")
+    assert sched.stats().active.num_requests == 0
+
+
+async def test_a_request_routed_while_a_worker_is_being_removed_avoids_it(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    b = await start_backend(stack, Backend())
+    # Worker 0 has an event feed (to an address with no publisher): stopping it takes
+    # a moment, during which requests keep coming.
+    workers = (WorkerSpec(a.url, kv_events=f"tcp://127.0.0.1:{free_port()}"), WorkerSpec(b.url))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([], workers=workers, router_mode="round_robin"))
+    )
+    removing = asyncio.ensure_future(gw.gateway.remove_worker(0))
+    await asyncio.sleep(0)  # the removal runs up to stopping the feed
+    assert not removing.done()
+    parsed = parse_body(b'{"prompt": "abcdefgh"}', "completion")
+    prompt = await gw.gateway.prepare(parsed, "completion")
+    for i in range(2):  # round robin would come to worker 0
+        attempt = gw.gateway.forwarder.choose(f"r{i}", prompt, RoutingOverrides())
+        assert attempt.state.worker_id == 1
+        gw.core.on_finish(f"r{i}")
+    await removing
+    assert gw.core.scheduler.stats().active.num_requests == 0
 
 
 async def test_all_workers_busy_is_503_with_retry_after(

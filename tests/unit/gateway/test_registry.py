@@ -60,3 +60,26 @@ def test_threshold_and_metrics_age() -> None:
     clock.advance(2.5)
     assert reg.infos()[0].metrics_age_s == 2.5
     assert reg.infos()[0].mode == "events"
+
+
+def test_failed_answers_in_a_row_take_a_worker_out() -> None:
+    reg = WorkerRegistry(ManualClock(), error_threshold=3)
+    downs: list[int] = []
+    reg.add_listeners(on_down=lambda s: downs.append(s.worker_id))
+    state = reg.add(WorkerSpec("http://a:1"))
+    reg.mark_error(0, "answered 500")
+    reg.mark_error(0, "answered 500")
+    state.consecutive_errors = 0  # a good answer between them: not in a row
+    reg.mark_error(0, "answered 500")
+    reg.mark_error(0, "answered 500")
+    assert state.healthy
+    reg.mark_error(0, "answered 503")
+    assert (state.healthy, downs, state.num_failures) == (False, [0], 5)
+    assert state.last_error == "answered 503"
+    # A passing health check brings it back; its next failed answer takes it out again.
+    reg.mark_ok(0)
+    assert state.healthy
+    reg.mark_error(0, "answered 500")
+    assert (state.healthy, downs) == (False, [0, 0])
+    with pytest.raises(ValueError, match="error_threshold"):
+        WorkerRegistry(error_threshold=0)
