@@ -12,21 +12,26 @@
 (``selector(request, instance_ids) -> instance_id``, e.g. :func:`kvrouter.runtime.kv_selector`)
 which instance holds the most of the request's prefix.
 
-A call that fails before its first item (the instance vanished) is retried on another
-instance for ``random``, ``round_robin`` and ``kv``; ``direct`` never switches instance.
-After the first item a failure is raised to the caller as :class:`UpstreamError`.
+A call to an instance that is no longer there (:class:`InstanceGone`: nothing was sent to
+it) is retried on another instance for ``random``, ``round_robin`` and ``kv``; ``direct``
+never switches instance. Any other failure is raised to the caller as
+:class:`UpstreamError`, since the request may have run: the endpoint's own error, an
+instance that died with the call in flight, a lost connection, lost frames, or
+:class:`UpstreamTimeout` after a silence. A caller that stops reading (cancelled, or the
+stream closed early) stops the endpoint's handler too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random as _random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 from kvrouter.errors import NoWorkerAvailable, UpstreamError
 
-__all__ = ["Client", "ClientTransport", "InstanceGone", "Selector"]
+__all__ = ["Client", "ClientTransport", "InstanceGone", "Selector", "retry_until_first_item"]
 
 Selector = Callable[[Any, list[int]], int]
 ROUTER_MODES = ("random", "round_robin", "kv")
@@ -39,7 +44,7 @@ class InstanceGone(UpstreamError):
 class ClientTransport(Protocol):
     def instance_ids(self) -> list[int]: ...
 
-    def call(self, instance_id: int, request: Any) -> AsyncIterator[Any]: ...
+    def call(self, instance_id: int, request: Any) -> AsyncGenerator[Any, None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -90,7 +95,7 @@ class Client:
     def round_robin(self, request: Any) -> AsyncIterator[Any]:
         return self._call_with_retry(request, "round_robin")
 
-    def direct(self, request: Any, instance_id: int) -> AsyncIterator[Any]:
+    def direct(self, request: Any, instance_id: int) -> AsyncGenerator[Any, None]:
         if instance_id not in self._transport.instance_ids():
             raise NoWorkerAvailable(f"no instance {instance_id:x} of this endpoint")
         return self._transport.call(instance_id, request)
@@ -110,18 +115,34 @@ class Client:
         assert self._selector is not None, "kv mode without a selector"
         return self._selector(request, ids)
 
-    async def _call_with_retry(self, request: Any, mode: str) -> AsyncIterator[Any]:
+    def _call_with_retry(self, request: Any, mode: str) -> AsyncIterator[Any]:
         tried: set[int] = set()
-        for attempt in range(self._max_attempts):
+
+        def call_another() -> AsyncGenerator[Any, None]:
             instance_id = self._choose(request, mode, tried)
             tried.add(instance_id)
+            return self._transport.call(instance_id, request)
+
+        return retry_until_first_item(call_another, self._max_attempts)
+
+
+async def retry_until_first_item(
+    open_stream: Callable[[], AsyncGenerator[Any, None]], max_attempts: int
+) -> AsyncGenerator[Any, None]:
+    """The items of ``open_stream()``, opened again (up to ``max_attempts`` times in all)
+    while it fails with :class:`InstanceGone` before its first item: the instance never
+    held the call, so another may take it. After the first item nothing is retried.
+
+    Each stream is closed with the caller's, so an abandoned call stops at the instance.
+    """
+    for attempt in range(1, max_attempts + 1):
+        async with contextlib.aclosing(open_stream()) as stream:
             try:
-                stream = self._transport.call(instance_id, request)
                 first = await anext(stream)
             except StopAsyncIteration:
                 return
             except InstanceGone:
-                if attempt + 1 == self._max_attempts:
+                if attempt == max_attempts:
                     raise
                 continue
             yield first

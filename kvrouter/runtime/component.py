@@ -15,7 +15,7 @@ numbers, bytes, None).
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -75,7 +75,7 @@ def service_spec(obj: object) -> ServiceSpec:
     return spec
 
 
-Handler = Callable[[Any], AsyncIterator[Any]]
+Handler = Callable[[Any], AsyncGenerator[Any, None]]
 
 
 def endpoints_of(obj: object) -> dict[str, Handler]:
@@ -94,7 +94,7 @@ def _as_stream(method: Callable[[Any], Any], streaming: bool) -> Handler:
     if streaming:
         return method
 
-    async def one(request: Any) -> AsyncIterator[Any]:
+    async def one(request: Any) -> AsyncGenerator[Any, None]:
         yield await method(request)
 
     return one

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from kvrouter.errors import UpstreamError
@@ -82,13 +83,14 @@ class _InprocTransport:
     def instance_ids(self) -> list[int]:
         return list(self._instances)
 
-    async def call(self, instance_id: int, request: Any) -> AsyncIterator[Any]:
+    async def call(self, instance_id: int, request: Any) -> AsyncGenerator[Any, None]:
         handler = self._instances.get(instance_id)
         if handler is None:
             raise InstanceGone(f"instance {instance_id:x} is gone")
         try:
-            async for item in handler(request):
-                yield item
+            async with contextlib.aclosing(handler(request)) as items:
+                async for item in items:
+                    yield item
         except (UpstreamError, GeneratorExit):
             raise
         except Exception as exc:  # the endpoint's own failure, reported as the remote side would

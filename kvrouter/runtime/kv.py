@@ -13,17 +13,20 @@ by ``cache_salt_of``, by default the request's ``"cache_salt"`` key when it is a
 mapping) changes its first block's hash as in vLLM, so tenants share no prefix. The
 booking made at decision time is released on the first item (prefill done) and at the
 end of the stream, on every path: completion, error or the caller abandoning the stream.
+An instance found gone before the first item (:class:`InstanceGone`: nothing was sent to
+it) leaves the scheduler and the request is scheduled again, ``max_attempts`` times in all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from kvrouter.events.model import WorkerKey
 from kvrouter.routing.scheduler import KvScheduler, ScheduleRequest
-from kvrouter.runtime.client import Client
+from kvrouter.runtime.client import Client, retry_until_first_item
 
 __all__ = ["KvRouterClient"]
 
@@ -51,8 +54,10 @@ class KvRouterClient:
         *,
         tokens_of: TokensOf = _token_ids,
         cache_salt_of: CacheSaltOf = _cache_salt,
+        max_attempts: int = 3,
     ) -> None:
         self._client = client
+        self._max_attempts = max_attempts
         self._scheduler = scheduler
         self._tokens_of = tokens_of
         self._cache_salt_of = cache_salt_of
@@ -79,16 +84,23 @@ class KvRouterClient:
             cache_salt=self._cache_salt_of(request),
         )
 
-    async def generate(self, request: Any) -> AsyncIterator[Any]:
+    def generate(self, request: Any) -> AsyncIterator[Any]:
+        """Route ``request`` by KV overlap and stream the chosen instance's items; an
+        instance found gone before the first item is routed around."""
+        return retry_until_first_item(lambda: self._generate_once(request), self._max_attempts)
+
+    async def _generate_once(self, request: Any) -> AsyncGenerator[Any, None]:
         self._sync_workers()
         request_id = f"kv-{next(self._ids)}"
         decision = self._scheduler.schedule(self._schedule_request(request_id, request))
         try:
-            first = True
-            async for item in self._client.direct(request, decision.worker.worker_id):
-                if first:
-                    self._scheduler.on_first_token(request_id)
-                    first = False
-                yield item
+            stream = self._client.direct(request, decision.worker.worker_id)
+            async with contextlib.aclosing(stream):
+                first = True
+                async for item in stream:
+                    if first:
+                        self._scheduler.on_first_token(request_id)
+                        first = False
+                    yield item
         finally:
             self._scheduler.on_finish(request_id)

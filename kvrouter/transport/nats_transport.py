@@ -51,6 +51,7 @@ __all__ = [
     "NatsSubscription",
     "NatsTransport",
     "is_nats_endpoint",
+    "log_nats_error",
     "nats_endpoint",
     "pack_envelope",
     "split_nats_endpoint",
@@ -116,12 +117,26 @@ def unpack_envelope(data: bytes) -> list[bytes]:
     return [data[_TOPIC_LEN_BYTES:topic_end], data[topic_end:seq_end], data[seq_end:]]
 
 
+async def log_nats_error(exc: Exception) -> None:
+    """``error_cb`` for nats-py: one line per error instead of its default traceback.
+
+    A refused connection, which every reconnect attempt meets while the server is down,
+    is logged at debug level; the lost connection itself is a warning, once.
+    """
+    level = logging.DEBUG if isinstance(exc, OSError) else logging.WARNING
+    logger.log(level, "NATS: %s: %s", type(exc).__name__, exc)
+
+
 async def _connect(servers: str | list[str]) -> Any:
     import nats
 
     try:
         return await nats.connect(
-            servers, connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            servers,
+            connect_timeout=2,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=log_nats_error,
         )
     except Exception as exc:  # nats raises several unrelated types for an unreachable server
         raise EventStreamError(f"cannot connect to NATS at {servers}: {exc}") from exc

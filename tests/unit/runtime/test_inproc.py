@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -105,3 +106,54 @@ async def test_kv_mode_uses_the_selector() -> None:
         assert out == [{"worker": "b", "i": 0}]
     with pytest.raises(ValueError, match="needs a selector"):
         await InprocRuntime().client("demo", "Worker", "generate", router_mode="kv")
+
+
+@service(namespace="demo")
+class Ticker:
+    def __init__(self) -> None:
+        self.num_running = 0
+
+    @endpoint
+    async def ticks(self, request: None) -> AsyncIterator[str]:
+        self.num_running += 1
+        try:
+            while True:
+                yield "tick"
+                await asyncio.sleep(0)
+        finally:
+            self.num_running -= 1
+
+
+async def test_a_caller_that_goes_away_stops_the_handler() -> None:
+    async with InprocRuntime() as rt:
+        ticker = Ticker()
+        await rt.serve(ticker)
+        client = await rt.client("demo", "Ticker", "ticks")
+        for call in (client.generate, client.random, client.round_robin):
+            stream = call(None)
+            assert await anext(stream) == "tick"
+            await stream.aclose()
+            assert ticker.num_running == 0
+
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in client.generate(None):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ticker.num_running == 0
+
+
+async def test_no_instance_is_a_clear_error_without_waiting() -> None:
+    async with InprocRuntime() as rt:
+        client = await rt.client("demo", "Worker", "generate")
+        for call in (client.generate, client.random, client.round_robin):
+            with pytest.raises(NoWorkerAvailable, match="no instance"):
+                await collect(call({"n": 1}))
+        with pytest.raises(NoWorkerAvailable, match=r"0 of 1 instances after 0\.05 s"):
+            await client.wait_for_instances(timeout_s=0.05)

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+import pytest
 
 from kvrouter.clock import ManualClock
 from kvrouter.events.model import RouterEvent, Stored, StoredBlock
 from kvrouter.hashing import compute_block_hashes
 from kvrouter.index import KvIndexer
 from kvrouter.routing.scheduler import KvScheduler
-from kvrouter.runtime import InprocRuntime, KvRouterClient, endpoint, service
+from kvrouter.runtime import Client, InprocRuntime, InstanceGone, KvRouterClient, endpoint, service
 
 BLOCK = 4
 
@@ -93,3 +95,45 @@ async def test_a_cache_salt_routes_only_to_the_same_tenants_prefix() -> None:
             client, scheduler, tokens_of=lambda r: r[0], cache_salt_of=lambda r: r[1]
         )
         assert custom.select((prompt, "tenant-1")) == worker
+
+
+class GhostTransport:
+    """Lists instances 1 and 2; instance 1 died without a goodbye (as after a kill)."""
+
+    def __init__(self) -> None:
+        self.listed = {1, 2}
+        self.alive = {2}
+
+    def instance_ids(self) -> list[int]:
+        return sorted(self.listed)
+
+    async def call(self, instance_id: int, request: Any) -> AsyncGenerator[Any, None]:
+        if instance_id not in self.alive:
+            self.listed.discard(instance_id)
+            raise InstanceGone(f"instance {instance_id} has no responders")
+        yield instance_id
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_an_instance_found_gone_before_the_first_item_is_routed_around() -> None:
+    clock = ManualClock()
+    indexer = KvIndexer(block_size=BLOCK, clock=clock)
+    scheduler = KvScheduler(indexer, block_size=BLOCK, clock=clock, predict_cache=False)
+    transport = GhostTransport()
+    router = KvRouterClient(Client(transport), scheduler)
+    prompt = list(range(40))
+    store(indexer, 1, prompt)  # the dead instance holds the whole prefix
+    assert [item async for item in router.generate({"token_ids": prompt})] == [2]
+    assert {k.worker_id for k in scheduler.workers} == {2}
+    assert scheduler.stats().active.num_requests == 0
+
+    # Every attempt finds its instance gone: the last InstanceGone reaches the caller.
+    transport.alive.clear()
+    transport.listed = {2, 3}
+    impatient = KvRouterClient(Client(transport), scheduler, max_attempts=2)
+    with pytest.raises(InstanceGone):
+        [item async for item in impatient.generate({"token_ids": prompt})]
+    assert transport.listed == set()
+    assert scheduler.stats().active.num_requests == 0
