@@ -9,7 +9,8 @@ Sequence check, per endpoint (``applied``: last seq applied; ``live``: last seq 
 on the live stream, which only grows while the publisher process lives)::
 
     seq <= live                 publisher restarted: reset the worker, start from 0
-    seq <= applied              already applied through a replay: skip
+    seq <= applied              already applied through a replay: skip, if its payload
+                                is the one replayed; else the publisher restarted
     seq == applied + 1          apply
     seq >  applied + 1          gap: replay [applied + 1, ...] from the replay socket;
                                 if the replay does not start there (no longer buffered),
@@ -142,6 +143,9 @@ class _Stream:
     subscription: Subscription | None = None
     applied: int = -1  # last seq applied (-1: none since start or restart)
     live: int | None = None  # last seq seen on the live stream
+    # seq -> hash of the payload applied from a replay, for seqs ahead of ``live``: a
+    # live message with such a seq is the same message again, or a new publisher's.
+    replayed: dict[int, int] = field(default_factory=dict)
     ranks: set[int] = field(default_factory=set)
     num_messages: int = 0
     num_events: int = 0
@@ -350,11 +354,14 @@ class KvEventSubscriber(AsyncLifecycle):
             return
         stream.num_messages += 1
         seq = message.seq
-        if stream.live is not None and seq <= stream.live:
+        if (stream.live is not None and seq <= stream.live) or (
+            seq <= stream.applied and stream.replayed.pop(seq, None) != hash(message.payload)
+        ):
             self._on_restart(stream, seq)
         stream.live = seq
         if seq <= stream.applied:
             return
+        stream.replayed.clear()  # the live stream is past every replayed seq
         if seq == stream.applied + 1:
             self._apply(stream, message)
             return
@@ -366,11 +373,12 @@ class KvEventSubscriber(AsyncLifecycle):
             "worker %d: publisher restarted (seq %d after %s); resetting its blocks",
             stream.endpoint.worker_id,
             seq,
-            stream.live,
+            stream.applied if stream.live is None else stream.live,
         )
         self._reset(stream)
         stream.applied = -1
         stream.live = None
+        stream.replayed.clear()
 
     async def _repair(self, stream: _Stream, message: Message) -> None:
         late_join = stream.applied < 0
@@ -415,6 +423,7 @@ class KvEventSubscriber(AsyncLifecycle):
                     )
                     self._reset(stream)
             self._apply(stream, message)
+            stream.replayed[message.seq] = hash(message.payload)
         return holes
 
     def _apply(self, stream: _Stream, message: Message) -> None:

@@ -251,3 +251,28 @@ async def test_metrics_over_zmq() -> None:
             publisher.update(ForwardPassMetrics(worker_id=4, kv_active_blocks=7))
             await wait_until(lambda: len(received) == 1)
             assert received[0] == ForwardPassMetrics(worker_id=4, kv_active_blocks=7)
+
+
+async def test_publisher_restart_after_a_catch_up_replay_resets_the_worker() -> None:
+    # The router caught up by replay alone (seq 0..1), so no live seq was seen yet; the
+    # restarted publisher's seq 0 and 1 must not pass for messages already applied.
+    index = KvIndexer(block_size=BLOCK_SIZE)
+    first = publisher_on()
+    await first.start()
+    endpoint = endpoint_of(first)
+    store(first, 0, [11])
+    store(first, 4, [12], parent=11)
+    async with KvEventSubscriber(index, block_size=BLOCK_SIZE, endpoints=[endpoint]) as sub:
+        await wait_until(lambda: only(sub).last_seq == 1)
+        await first.aclose()
+        async with publisher_on(endpoint.address, endpoint.replay_address) as second:
+            await wait_until(lambda: only(sub).connected)
+            await asyncio.sleep(SUBSCRIPTION_SETTLE_S)
+            store(second, 100, [20])
+            store(second, 200, [30])
+            await wait_until(lambda: only(sub).num_events == 4)
+            stream = only(sub)
+            assert (stream.last_seq, stream.num_restarts) == (1, 1)
+            assert index.find_matches_for_request(tokens(0, 2)) == {}
+            assert index.find_matches_for_request(tokens(100, 1)) == {1: 1}
+            assert index.find_matches_for_request(tokens(200, 1)) == {1: 1}
