@@ -180,7 +180,10 @@ def _event_as_map(event: KVCacheEvent, *, omit_unset: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 _Hash = int | bytes
-_Rank = Annotated[int, msgspec.Meta(ge=0)]
+# A data-parallel rank names an index entry of its own (a bogus huge one would stay for
+# good), so ranks are bounded far above any real data-parallel size.
+MAX_DP_RANK = 65535
+_Rank = Annotated[int, msgspec.Meta(ge=0, le=MAX_DP_RANK)]
 
 
 class _MapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):

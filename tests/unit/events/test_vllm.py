@@ -316,6 +316,7 @@ class TestBatch:
         assert decoder.decode(pack([1.0, [], None])).dp_rank == 0
         assert decoder.decode(pack([1.0, [], 3])).dp_rank == 3
         assert decoder.decode(pack([1.0, [], 3, "extra"])).dp_rank == 3
+        assert decoder.decode(pack([1.0, [], 65535])).dp_rank == 65535
 
     def test_int_timestamp(self) -> None:
         assert VllmEventDecoder(4).decode(pack([7, []])) == DecodedBatch(7.0, 0, [], [])
@@ -332,6 +333,9 @@ class TestBatch:
             pack(["now", []]),
             pack([1.0, {"a": 1}]),
             pack([1.0, [], -1]),
+            pack([1.0, [], 65536]),
+            pack([1.0, [], 2**63]),
+            pack({"ts": 1.0, "events": [], "attn_dp_rank": 65536}),
             pack([1.0, [], "rank"]),
             pack([1.0, []])[:-1],
             pack(5),
