@@ -30,13 +30,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from kvrouter import __version__
 from kvrouter.engine import EngineCore, EngineRequest, RequestOutput
+from kvrouter.engine.generation import Generation, Waiter, engine_request_ids
 from kvrouter.engine.http import (
     ModelNotFound,
     ShuttingDown,
@@ -66,7 +67,6 @@ from kvrouter.protocol import (
     RenderedRequest,
     ResponseFormat,
     TokenizeResponse,
-    Usage,
     decode_chat_request,
     decode_completion_request,
     decode_detokenize_request,
@@ -137,72 +137,6 @@ class _Counters:
     num_kv_events: int = 0
 
 
-@dataclass(slots=True)
-class _Waiter:
-    """Where one engine request's outputs go: its HTTP request's queue, at ``index``."""
-
-    queue: asyncio.Queue[tuple[int, RequestOutput]]
-    index: int
-
-
-@dataclass(slots=True)
-class _Generation:
-    """One HTTP generation request: its engine requests and running totals.
-
-    Choice ``i`` (its engine request ``sub_ids[i]``) answers prompt ``i // n``. As in
-    vLLM, usage counts each prompt's tokens (and cache hits) once, however many
-    choices it has, and the output tokens of every choice.
-    """
-
-    request_id: str
-    sub_ids: list[str]
-    created: int
-    n: int
-    prompt_lens: list[int]
-    echo_texts: list[str] | None = None  # per prompt, when the prompt is echoed
-    queue: asyncio.Queue[tuple[int, RequestOutput]] = field(default_factory=asyncio.Queue)
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_open: int = 0
-
-    def account(self, index: int, output: RequestOutput) -> None:
-        if output.finished:
-            self.num_open -= 1
-            self.num_output_tokens += output.num_output_tokens
-            if index % self.n == 0:
-                self.num_cached_tokens += output.num_cached_tokens
-
-    def usage(self) -> Usage:
-        num_prompt_tokens = sum(self.prompt_lens)
-        return Usage.of(num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
-
-    def choice_usage(self, index: int, num_output_tokens: int) -> Usage:
-        """vLLM's per-chunk usage (``continuous_usage_stats``): one choice so far."""
-        prompt_tokens = self.prompt_lens[index // self.n]
-        return Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=num_output_tokens,
-            total_tokens=prompt_tokens + num_output_tokens,
-        )
-
-    def echo(self, index: int) -> str:
-        """What choice ``index``'s text starts with: its prompt when echoed."""
-        return self.echo_texts[index // self.n] if self.echo_texts is not None else ""
-
-
-def _engine_request_ids(request_id: str, num_prompts: int, n: int) -> list[str]:
-    """One engine request id per choice, in choice order (choice ``i`` answers prompt
-    ``i // n``); a lone choice keeps ``request_id`` itself.
-
-    >>> _engine_request_ids("r", 2, 2)
-    ['r-0-0', 'r-0-1', 'r-1-0', 'r-1-1']
-    """
-    bases = [f"{request_id}-{i}" for i in range(num_prompts)] if num_prompts > 1 else [request_id]
-    if n == 1:
-        return bases
-    return [f"{base}-{j}" for base in bases for j in range(n)]
-
-
 class EngineServer(AsyncLifecycle):
     """Serves one engine core over vLLM's HTTP API; an async context manager."""
 
@@ -220,7 +154,7 @@ class EngineServer(AsyncLifecycle):
         self._tokenizer = tokenizer
         self._kv_publisher = kv_publisher
         self._metrics_publisher = metrics_publisher
-        self._waiters: dict[str, _Waiter] = {}
+        self._waiters: dict[str, Waiter] = {}
         self._wake = asyncio.Event()
         self._counters = _Counters()
         self._runner: web.AppRunner | None = None
@@ -439,12 +373,12 @@ class EngineServer(AsyncLifecycle):
         prompts: list[list[int]],
         req: CompletionRequest | ChatCompletionRequest,
         echo_texts: list[str] | None,
-    ) -> _Generation:
+    ) -> Generation:
         if self._closed or self._failed:
             raise ShuttingDown("the server is shutting down or its engine failed")
         n = req.num_choices()
-        sub_ids = _engine_request_ids(request_id, len(prompts), n)
-        gen = _Generation(
+        sub_ids = engine_request_ids(request_id, len(prompts), n)
+        gen = Generation(
             request_id,
             sub_ids,
             int(time.time()),
@@ -468,12 +402,12 @@ class EngineServer(AsyncLifecycle):
                 for started in sub_ids[:i]:
                     self._abort(started)
                 raise InvalidRequest(str(exc)) from exc
-            self._waiters[sub_id] = _Waiter(gen.queue, i)
+            self._waiters[sub_id] = Waiter(gen.queue, i)
         self._counters.num_requests += 1
         self._wake.set()
         return gen
 
-    async def _collect(self, gen: _Generation, fmt: ResponseFormat) -> web.Response:
+    async def _collect(self, gen: Generation, fmt: ResponseFormat) -> web.Response:
         token_ids: list[list[int]] = [[] for _ in gen.sub_ids]
         reasons: list[str | None] = [None for _ in gen.sub_ids]
         while gen.num_open > 0:
@@ -491,7 +425,7 @@ class EngineServer(AsyncLifecycle):
     async def _stream(
         self,
         request: web.Request,
-        gen: _Generation,
+        gen: Generation,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
     ) -> web.StreamResponse:
