@@ -270,18 +270,15 @@ def _serve_in_processes(options: MockerOptions) -> None:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     deadline: float | None = None
-    # Poll every child each round (``any`` over ``poll()`` would stop at a live one).
-    while [child.poll() for child in children].count(None):
-        if not stopping:
-            failed = next((i for i, c in enumerate(children) if c.returncode is not None), None)
-            if failed is not None:
-                code = children[failed].returncode
-                print(
-                    f"worker {options.worker_id_base + failed} exited with status {code}; "
-                    "stopping the other workers",
-                    file=sys.stderr,
-                )
-                stop_all(signal.SIGTERM)
+    while None in (codes := [child.poll() for child in children]):
+        failed = next((i for i, code in enumerate(codes) if code is not None), None)
+        if not stopping and failed is not None:
+            print(
+                f"worker {options.worker_id_base + failed} exited with status {codes[failed]}; "
+                "stopping the other workers",
+                file=sys.stderr,
+            )
+            stop_all(signal.SIGTERM)
         if stopping and deadline is None:
             deadline = time.monotonic() + _CHILD_STOP_TIMEOUT_S
         if deadline is not None and time.monotonic() > deadline:
@@ -289,9 +286,8 @@ def _serve_in_processes(options: MockerOptions) -> None:
                 if child.poll() is None:
                     child.kill()
         time.sleep(_CHILD_POLL_S)
-    codes = [child.returncode for child in children]
     if any(codes):
-        raise typer.Exit(max(abs(code) for code in codes))
+        raise typer.Exit(max(abs(code or 0) for code in codes))
 
 
 def _child_command(options: MockerOptions, index: int) -> list[str]:

@@ -420,9 +420,8 @@ class RequestForwarder:
         state = attempt.state
         with self._booked(state, request_id):
             upstream = await self._upstream.open(
-                state.url + _PATHS[kind], parsed.forward_body, request.headers
+                state.url + _PATHS[kind], parsed.forward_body, request.headers, stream=parsed.stream
             )
-            upstream.check_media_type(stream=parsed.stream)
             if parsed.stream and upstream.status == 200:
                 return await self._stream(request, upstream, state, request_id)
             data = await self._read_whole(upstream, state, request_id)
@@ -607,9 +606,8 @@ class RequestForwarder:
         state = attempt.state
         with self._booked(state, request_id):
             upstream = await self._upstream.open(
-                state.url + _PATHS["completion"], sub.forward_body, headers
+                state.url + _PATHS["completion"], sub.forward_body, headers, stream=False
             )
-            upstream.check_media_type(stream=False)
             data = await self._read_whole(upstream, state, request_id)
             return _Answer(upstream.status, data, state.worker_id)
 
@@ -631,9 +629,8 @@ class RequestForwarder:
         upstream: UpstreamResponse | None = None
         try:
             upstream = await self._upstream.open(
-                state.url + _PATHS["completion"], sub.forward_body, headers
+                state.url + _PATHS["completion"], sub.forward_body, headers, stream=True
             )
-            upstream.check_media_type(stream=True)
             if upstream.status != 200:
                 data = await self._read_whole(upstream, state, request_id)
                 self._end_on(state, request_id)

@@ -70,26 +70,6 @@ class UpstreamResponse:
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamError(f"worker broke off the stream: {describe_error(exc)}") from exc
 
-    def check_media_type(self, *, stream: bool) -> None:
-        """Raise :class:`UpstreamFailure` (retryable) when a 200 answer says it is not
-        what was asked for: JSON, or for a streaming request an event stream (an HTML
-        page from a proxy in front of the worker, an engine that ignored ``stream``).
-        Passed on, it would reach the client as a success nobody can parse."""
-        if self.status != 200 or "Content-Type" not in self.headers:
-            return
-        media = self.raw.content_type
-        if stream:
-            ok, wanted = media == "text/event-stream", "an event stream"
-        else:
-            ok, wanted = media == "application/json" or media.endswith("+json"), "JSON"
-        if not ok:
-            self.close()
-            raise UpstreamFailure(
-                f"worker {self.raw.url} answered 200 with {media}, not {wanted}",
-                retryable=True,
-                worker_down=False,
-            )
-
     def release(self) -> None:
         """Return the connection to the pool (the body was read to the end)."""
         self.raw.release()
@@ -155,8 +135,15 @@ class UpstreamClient(AsyncLifecycle):
         body: bytes,
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
+        *,
+        stream: bool | None = None,
     ) -> UpstreamResponse:
         """POST ``body`` as JSON to ``url``; return the open response.
+
+        ``stream``: what a 200 must be, an event stream (``True``) or JSON (``False``);
+        one that says it is something else (an HTML page from a proxy in front of the
+        worker, an engine that ignored ``stream``) is a retryable failure, since passed
+        on it would reach the client as a success nobody can parse. ``None``: any.
 
         Raises :class:`UpstreamFailure` (retryable) for connection errors and 5xx
         answers, :class:`~kvrouter.errors.UpstreamTimeout` when the worker does not
@@ -193,6 +180,8 @@ class UpstreamClient(AsyncLifecycle):
             raise UpstreamFailure(
                 f"worker {url} answered {raw.status}: {text}", retryable=True, worker_down=False
             )
+        if stream is not None and raw.status == 200 and "Content-Type" in raw.headers:
+            _check_media_type(raw, url, stream)
         return UpstreamResponse(raw.status, raw.headers, raw)
 
     async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
@@ -215,3 +204,18 @@ async def _read_snippet(raw: aiohttp.ClientResponse, limit: int = 300) -> str:
     except (TimeoutError, aiohttp.ClientError, ConnectionError):
         return "<no body>"
     return data[:limit].decode("utf-8", errors="replace")
+
+
+def _check_media_type(raw: aiohttp.ClientResponse, url: str, stream: bool) -> None:
+    media = raw.content_type
+    if stream:
+        ok, wanted = media == "text/event-stream", "an event stream"
+    else:
+        ok, wanted = media == "application/json" or media.endswith("+json"), "JSON"
+    if not ok:
+        raw.close()
+        raise UpstreamFailure(
+            f"worker {url} answered 200 with {media}, not {wanted}",
+            retryable=True,
+            worker_down=False,
+        )
