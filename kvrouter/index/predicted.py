@@ -9,7 +9,10 @@ so the bookkeeping per block is two dict operations, not a record of its own::
     _booking_heap: [(expiry_s, n, Booking)]       soonest first: the expiry order
 
 An entry (worker, key) belongs to ``worker.predicted[key]``; a refresh points the key at
-the newer booking, which makes the old booking's copy stale at no cost. When a booking
+the newer booking, which makes the old booking's copy stale at no cost. A booking does
+not refresh a key that already expires no more than ``REFRESH_FRACTION`` of its TTL
+before it does (or later): a hot prefix booked by every request costs one lookup per
+block, not a rewrite of the entry and a compaction of the booking it came from. When a booking
 expires or is pruned, only the keys it still owns are dropped. ``live`` counts them;
 a booking whose keys are mostly stale is compacted by the call that made them stale,
 and one with none left lets its key list go at once. See docs/indexer.md for the rule.
@@ -27,7 +30,11 @@ from kvrouter.events.model import WorkerKey
 from kvrouter.hashing import compute_sequence_hashes
 from kvrouter.index.state import WorkerState, clear_bit
 
-__all__ = ["Booking", "PredictedEntries"]
+__all__ = ["REFRESH_FRACTION", "Booking", "PredictedEntries"]
+
+# A refresh that would move an entry's expiry later by less than this fraction of the
+# booking's TTL is skipped (the entry may expire that much early).
+REFRESH_FRACTION = 0.01
 
 _NO_KEYS: tuple[int, ...] = ()
 
@@ -93,7 +100,9 @@ class PredictedEntries:
         no events this *is* their cache (approximate mode); for the others it covers
         the gap between routing a request and its events. A block the worker already
         holds from events is left alone; a predicted block is refreshed (new expiry,
-        youngest for pruning); a later Stored event for it turns it into a real entry.
+        youngest for pruning) unless its expiry is already no more than ``ttl_s / 100``
+        earlier than the new one (a longer-lived prediction is never shortened); a later
+        Stored event for it turns it into a real entry.
         Predicted blocks count in :meth:`find_matches` exactly like real device blocks
         until they expire or are pruned.
 
@@ -114,13 +123,21 @@ class PredictedEntries:
         heap = self._booking_heap
         if heap and heap[0][0] <= now:
             self._expire_predicted(now)
-        self._book(state, sequence_hashes, now + ttl)
+        self._book(state, sequence_hashes, now + ttl, ttl * REFRESH_FRACTION)
         if self._num_predicted > self.max_predicted_blocks:
             self._prune_predicted()
 
-    def _book(self, state: WorkerState, keys: Sequence[int], expiry_s: float) -> None:
-        """One booking of ``keys`` for ``state``; the hot loop of approximate mode."""
+    def _book(
+        self, state: WorkerState, keys: Sequence[int], expiry_s: float, slack_s: float = 0.0
+    ) -> None:
+        """One booking of ``keys`` for ``state``; the hot loop of approximate mode.
+
+        A key predicted by a booking that expires at ``expiry_s - slack_s`` or later
+        stays with it (see the module docstring).
+        """
         booking = Booking(state, expiry_s)
+        fresh_from = expiry_s - slack_s
+        fresh: Booking | None = None  # the last older booking found fresh enough
         nodes = self._gpu_nodes
         node_of = nodes.get
         predicted = state.predicted
@@ -139,8 +156,11 @@ class PredictedEntries:
                     continue  # held from events: the real entry wins
                 # A block held by one worker shares that worker's bit object.
                 nodes[key] = mask | bit if mask else bit
-            elif old is booking:
-                continue  # the same key twice in one prompt
+            elif old is fresh or old is booking:
+                continue  # fresh enough, or the same key twice in one prompt
+            elif old.expiry_s >= fresh_from:
+                fresh = old  # a prompt's keys mostly share their booking
+                continue
             else:
                 old.live -= 1  # refreshed: the older booking's copy goes stale
                 if old is not last:

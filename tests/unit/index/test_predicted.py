@@ -137,16 +137,47 @@ def test_sequence_and_local_forms_book_the_same_entries() -> None:
 def test_refreshed_bookings_let_their_keys_go() -> None:
     clock = ManualClock()
     indexer = make(clock)
-    for _ in range(1500):  # each call refreshes the one block of the previous one
+    for _ in range(60):  # each call refreshes the one block of the previous one
         indexer.add_predicted(W1, [1])
+        clock.advance(1.5)  # past the refresh slack (1% of the 120 s TTL)
     assert indexer.stats().num_predicted == 1
     assert len(indexer._bookings) == 1
     released = [booking for _, _, booking in indexer._booking_heap if not booking.live]
-    assert len(released) == 1499
+    assert len(released) == 59
     assert all(booking.keys == () for booking in released)
     clock.advance(121.0)
     assert indexer.find_matches([1]).scores == {}
     assert (len(indexer._booking_heap), len(indexer._bookings)) == (0, 0)
+
+
+def test_a_fresh_prediction_is_not_rebooked() -> None:
+    # A hot prefix booked by every request: within 1% of the TTL nothing is rewritten.
+    clock = ManualClock()
+    indexer = make(clock)
+    indexer.add_predicted(W1, [1, 2])
+    for _ in range(1500):
+        clock.advance(0.0008)  # 1.2 s in all: still within the slack of 1.2 s
+        indexer.add_predicted(W1, [1, 2, 3])  # 3 is new and gets its own booking
+    assert (len(indexer._booking_heap), len(indexer._bookings)) == (2, 2)
+    stats = indexer.stats()
+    assert (stats.num_predicted, stats.predicted_added) == (3, 3)
+    clock.advance(0.5)  # now 1.7 s after the first booking: it is refreshed
+    indexer.add_predicted(W1, [1, 2])
+    assert [len(b.keys) for b in indexer._bookings] == [1, 2]  # 3's booking, then 1 and 2
+    clock.advance(118.8)  # t = 120.5: the first two bookings have expired
+    assert indexer.find_matches([1, 2]).scores == {W1: 2}  # refreshed at t = 1.7
+    assert indexer.find_matches([3]).scores == {}
+
+
+def test_a_shorter_prediction_does_not_shorten_a_longer_one() -> None:
+    clock = ManualClock()
+    indexer = make(clock)
+    indexer.add_predicted(W1, [1], ttl_s=100.0)
+    indexer.add_predicted(W1, [1], ttl_s=5.0)
+    clock.advance(50.0)
+    assert indexer.find_matches([1]).scores == {W1: 1}
+    clock.advance(50.0)
+    assert indexer.find_matches([1]).scores == {}
 
 
 def test_mostly_refreshed_booking_is_compacted_and_keeps_its_order() -> None:
@@ -154,6 +185,7 @@ def test_mostly_refreshed_booking_is_compacted_and_keeps_its_order() -> None:
     indexer = make(clock, max_predicted_blocks=12)
     first = list(range(1000, 1010))
     indexer.add_predicted_sequence(W1, first)
+    clock.advance(2.0)  # past the refresh slack
     indexer.add_predicted_sequence(W1, first[:6])  # 6 of 10 refreshed: 4 left, compacted
     assert list(indexer._bookings[0].keys) == first[6:]
     indexer.add_predicted_sequence(W1, [2000, 2001, 2002])  # 13 > 12: 1000+6 goes first

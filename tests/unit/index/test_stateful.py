@@ -2,11 +2,12 @@
 
 The model keeps, per worker and medium, ``{engine_hash: prefix}`` (a prefix is the
 tuple of local hashes from the root), plus one insertion-ordered
-``{(worker, prefix): expiry_s}`` for predictions (a refresh moves an entry to the end;
-pruning drops from the front until ``MAX_PREDICTED`` are left). A worker's score for a
-prompt is the largest ``i`` such that it holds every prefix ``prompt[:1] ..
-prompt[:i]``. After every step, find_matches is checked for every prefix any worker
-holds, each extended by one block nobody holds.
+``{(worker, prefix): expiry_s}`` for predictions (a refresh moves an entry to the end,
+unless the entry already expires no earlier: the clock moves in whole seconds, more
+than any refresh slack here; pruning drops from the front until ``MAX_PREDICTED`` are
+left). A worker's score for a prompt is the largest ``i`` such that it holds every
+prefix ``prompt[:1] .. prompt[:i]``. After every step, find_matches is checked for
+every prefix any worker holds, each extended by one block nobody holds.
 """
 
 from __future__ import annotations
@@ -202,11 +203,14 @@ class IndexerMachine(RuleBasedStateMachine):
         now = int(self.clock())
         predicted = {p: e for p, e in self.predicted.items() if e > now}
         real = model.held("GPU")
+        expiry = now + (TTL_S if ttl is None else ttl)
         for i in range(1, len(new) + 1):
             prefix = tuple(new[:i])
             if prefix not in real:
+                if predicted.get((key, prefix), -1) >= expiry:
+                    continue  # fresh enough: not refreshed, and never shortened
                 predicted.pop((key, prefix), None)  # a refresh makes it the youngest
-                predicted[(key, prefix)] = now + (TTL_S if ttl is None else ttl)
+                predicted[(key, prefix)] = expiry
         while len(predicted) > MAX_PREDICTED:
             del predicted[next(iter(predicted))]
         self.predicted = predicted
