@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+import xxhash
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -42,6 +43,7 @@ __all__ = [
     "IncrementalDecoder",
     "Tokenizer",
     "load_tokenizer",
+    "media_marker",
     "normalize_messages",
 ]
 
@@ -123,23 +125,44 @@ class ChatTemplate:
             raise InvalidRequest(f"chat template failed on these messages: {exc}") from exc
 
 
-def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def normalize_messages(
+    messages: Sequence[Mapping[str, Any]], *, media: Literal["reject", "mark"] = "reject"
+) -> list[dict[str, Any]]:
     """Plain dicts whose ``content`` is a string, as templates expect.
 
     OpenAI content-part lists (``[{"type": "text", "text": ...}, ...]``) are joined;
-    ``None`` content (an assistant turn with tool calls only) becomes ``""``.
+    ``None`` content (an assistant turn with tool calls only) becomes ``""``. A part
+    that is not text (an image, audio, a video, a file) is refused with ``media``
+    ``"reject"``, and replaced by its :func:`media_marker` with ``"mark"``.
     """
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if "role" not in message:
             raise InvalidRequest(f"messages[{i}] has no 'role'")
         item = dict(message)
-        item["content"] = _content_text(message.get("content"), i)
+        item["content"] = _content_text(message.get("content"), i, media)
         out.append(item)
     return out
 
 
-def _content_text(content: Any, index: int) -> str:
+def media_marker(part: Mapping[str, Any]) -> str:
+    """The text that stands for a non-text content part in a routed prompt.
+
+    The router cannot know how an engine expands an image into tokens, nor the content
+    hash it salts those blocks with, so it cannot match past one. The marker makes the
+    prompt's blocks match up to the part (the text before it tokenizes as the engine's
+    does) and, past it, only prompts with the same part: it names a hash of the part.
+
+    >>> media_marker({"type": "image_url", "image_url": {"url": "https://x/cat.png"}})
+    '<|dc56d8e9a1eae0d278d101a993e34b11:image_url|>'
+    """
+    data = json.dumps(part, sort_keys=True, separators=(",", ":"), default=str)
+    kind = str(part.get("type") or "part")[:32]
+    # The digest comes first: prompts with different parts part ways at once.
+    return f"<|{xxhash.xxh3_128_hexdigest(data.encode())}:{kind}|>"
+
+
+def _content_text(content: Any, index: int, media: Literal["reject", "mark"]) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -151,6 +174,8 @@ def _content_text(content: Any, index: int) -> str:
                 parts.append(str(part.get("text") or ""))
             elif isinstance(part, str):
                 parts.append(part)
+            elif media == "mark" and isinstance(part, Mapping):
+                parts.append(media_marker(part))
             else:
                 raise InvalidRequest(f"messages[{index}].content has a non-text part")
         return "".join(parts)

@@ -245,7 +245,7 @@ def tokenize_locally(
     if kind == "chat":
         if tokenizer is None:
             raise InvalidRequest("this gateway has no local tokenizer for chat requests")
-        messages = normalize_messages(payload["messages"])
+        messages = normalize_messages(payload["messages"], media="mark")
         add_gen = payload.get("add_generation_prompt", True) is not False
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen)
         if isinstance(tokenizer, ByteTokenizer):

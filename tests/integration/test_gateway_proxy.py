@@ -562,6 +562,28 @@ async def test_direct_routing_and_body_overrides_are_stripped(
     assert [(d.worker_id, d.policy, d.pinned) for d in recent] == [(1, "direct", True)] * 3
 
 
+async def test_a_chat_request_with_an_image_is_routed_and_forwarded_unchanged(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([a.url])))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    text = {"type": "text", "text": "What is in this picture?"}
+    other = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAAAAAAAAA="}}
+    bodies = [
+        {"model": "m", "messages": [{"role": "user", "content": [text, picture]}]}
+        for picture in (image, image, other)
+    ]
+    for body in bodies:
+        async with client.post(gw.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    assert a.requests == bodies  # the worker gets the images, not the routing markers
+    different, same, first = gw.gateway.counters.recent_decisions(3)  # newest first
+    assert first.overlap_blocks == 0 and first.request_blocks > 10
+    assert same.overlap_blocks == same.request_blocks  # predicted from the first one
+    assert 0 < different.overlap_blocks < different.request_blocks - 8  # the text only
+
+
 async def test_direct_mode_needs_every_request_to_name_its_worker(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:

@@ -20,6 +20,7 @@ from kvrouter.tokenizer import (
     IncrementalDecoder,
     Tokenizer,
     load_tokenizer,
+    media_marker,
     normalize_messages,
 )
 
@@ -110,6 +111,18 @@ def test_content_parts_are_joined_and_none_is_empty() -> None:
         {"role": "user", "content": "ab"},
         {"role": "assistant", "content": ""},
     ]
+
+
+def test_non_text_parts_become_markers_when_asked() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    other = {"type": "image_url", "image_url": {"url": "data:image/png;base64,BBBB"}}
+    content = [{"type": "text", "text": "see "}, image, {"type": "text", "text": " here"}]
+    [marked] = normalize_messages([{"role": "user", "content": content}], media="mark")
+    assert marked["content"] == "see " + media_marker(image) + " here"
+    assert media_marker(image).endswith(":image_url|>")
+    assert media_marker(image) != media_marker(other)
+    with pytest.raises(InvalidRequest, match="non-text part"):
+        normalize_messages([{"role": "user", "content": content}])  # refused by default
 
 
 @pytest.mark.parametrize(

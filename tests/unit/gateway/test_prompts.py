@@ -99,6 +99,44 @@ def test_chat_goes_through_the_template() -> None:
     assert list(prepared.token_ids) != tok.encode("hi")
 
 
+def _image(url: str) -> dict[str, object]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _chat_hashes(content: object) -> list[int]:
+    system = {"role": "system", "content": "You look at pictures. " * 8}
+    messages = [system, {"role": "user", "content": content}]
+    return prepare_prompt(
+        ByteTokenizer(), {"messages": messages}, "chat", block_size=16, max_prompt_tokens=10**5
+    ).sequence_hashes
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_an_image_is_routed_on_the_text_before_it_and_matches_only_itself() -> None:
+    question = {"type": "text", "text": "What is in this picture? Answer in one line. " * 4}
+    cat = _chat_hashes([_image("https://example.com/cat.png"), question])
+    cat_again = _chat_hashes([_image("https://example.com/cat.png"), question])
+    dog = _chat_hashes([_image("https://example.com/dog.png"), question])
+    text_only = _chat_hashes([question])
+    assert cat == cat_again  # the same image: every block matches
+    before = _common_prefix(cat, text_only)  # the blocks before the image
+    # Two images' markers share their "<|" opening at most: a block more, sometimes.
+    assert before <= _common_prefix(cat, dog) <= before + 1
+    assert 0 < before < len(cat) - 8  # the system prompt matches, nothing past the image
+
+
+def test_any_non_text_part_is_marked_not_refused() -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    hashes = _chat_hashes([{"type": "text", "text": "listen"}, audio])
+    assert hashes != _chat_hashes([{"type": "text", "text": "listen"}])
+
+
 def test_cache_salt_changes_the_hashes() -> None:
     tok = ByteTokenizer()
     plain = prepare_prompt(tok, {"prompt": "abcd"}, "completion", block_size=4, max_prompt_tokens=9)
