@@ -20,6 +20,11 @@ notices frames lost on the way (NATS does not resend) and fails the call instead
 returning a stream with a hole. A caller that stops early (cancelled, timed out, the
 stream abandoned) sends ``{"cancel": inbox}`` to the instance, which cancels the handler.
 
+Callers have a lease too. A call carries the caller's ``"ttl"``, and every ``lease_s / 5``
+the caller sends each instance it has calls on ``{"alive": [inbox, ...], "ttl": lease_s}``.
+An instance cancels a call whose caller has not been heard of for ``ttl`` seconds: a
+caller process that is killed, or cut off, does not leave handlers running for nobody.
+
 A caller's calls in flight fail with :class:`~kvrouter.errors.UpstreamError` when its own
 connection to NATS drops: frames may be lost in the gap and nothing would resend them.
 New calls work again once the connection is back.
@@ -64,6 +69,10 @@ class _Presence(msgspec.Struct):
 class _CallFrame(msgspec.Struct, omit_defaults=True):
     r: Any = msgspec.UNSET  # the request
     cancel: str | None = None  # or: stop the call whose reply inbox this is
+    alive: list[str] | None = None  # or: the caller of these calls is still there
+    # With a request or ``alive``: cancel the call(s) if the caller is not heard of for
+    # this long (absent: no lease).
+    ttl: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class _ReplyFrame(msgspec.Struct, omit_defaults=True):
@@ -117,6 +126,7 @@ class NatsServed:
         self._subs: list[Any] = []
         self._keys: list[tuple[str, str, str]] = []
         self._calls: dict[str, asyncio.Task[None]] = {}  # by the caller's reply inbox
+        self._caller_deadlines: dict[str, float] = {}  # loop time, by reply inbox
         self._beat: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -141,10 +151,27 @@ class NatsServed:
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(self._lease_s / BEATS_PER_LEASE)
+            self._cancel_orphans()
             try:
                 await self._announce(self._keys)
             except Exception as exc:  # nats raises several types; the next beat tries again
                 log.debug("heartbeat of instance %x failed: %s", self.instance_id, exc)
+
+    def _cancel_orphans(self) -> None:
+        """Cancel the calls whose caller's lease ran out."""
+        now = asyncio.get_running_loop().time()
+        for inbox, deadline in list(self._caller_deadlines.items()):
+            task = self._calls.get(inbox)
+            if task is not None and deadline <= now:
+                log.warning("the caller of %s is gone (no keepalive): call cancelled", inbox)
+                del self._caller_deadlines[inbox]
+                task.cancel()
+
+    def _extend_leases(self, inboxes: list[str], ttl: float) -> None:
+        deadline = asyncio.get_running_loop().time() + ttl
+        for inbox in inboxes:
+            if inbox in self._caller_deadlines:
+                self._caller_deadlines[inbox] = deadline
 
     def _on_discover(self, key: tuple[str, str, str]) -> Any:
         async def on_discover(msg: Any) -> None:
@@ -163,16 +190,26 @@ class NatsServed:
                 task = self._calls.get(call.cancel)
                 if task is not None:
                     task.cancel()
+            elif call.alive is not None:
+                if call.ttl is not None:
+                    self._extend_leases(call.alive, call.ttl)
             elif call.r is msgspec.UNSET or not msg.reply:
                 await self._refuse(msg, "bad call: it needs a request ('r') and a reply subject")
             elif msg.reply in self._calls:
                 await self._refuse(msg, "bad call: a call to this reply subject is running")
             else:
-                task = asyncio.create_task(self._answer(handler, call.r, msg.reply))
-                self._calls[msg.reply] = task
-                task.add_done_callback(lambda _: self._calls.pop(msg.reply, None))
+                reply = msg.reply
+                task = asyncio.create_task(self._answer(handler, call.r, reply))
+                self._calls[reply] = task
+                if call.ttl is not None:
+                    self._caller_deadlines[reply] = asyncio.get_running_loop().time() + call.ttl
+                task.add_done_callback(lambda _: self._forget_call(reply))
 
         return on_call
+
+    def _forget_call(self, reply: str) -> None:
+        self._calls.pop(reply, None)
+        self._caller_deadlines.pop(reply, None)
 
     async def _refuse(self, msg: Any, why: str) -> None:
         log.warning("%s on %s (reply %r)", why, msg.subject, msg.reply)
@@ -222,7 +259,9 @@ class NatsRuntime:
     """Serve components and create clients over one NATS connection.
 
     ``lease_s``: served instances beat every ``lease_s / 5`` seconds; a client counts an
-    instance gone ``lease_s`` after its last beat.
+    instance gone ``lease_s`` after its last beat. Clients send a keepalive for their
+    calls in flight as often; an instance cancels a call ``lease_s`` (the caller's)
+    after its caller's last one.
     """
 
     def __init__(
@@ -305,7 +344,9 @@ class NatsRuntime:
         selector: Selector | None = None,
         idle_timeout_s: float = 120.0,
     ) -> Client:
-        transport = _NatsTransport(self._nc, (namespace, component, endpoint), idle_timeout_s)
+        transport = _NatsTransport(
+            self._nc, (namespace, component, endpoint), idle_timeout_s, self._lease_s
+        )
         await transport.start()
         client = Client(transport, router_mode=router_mode, selector=selector, rng=self._rng)
         self._transports.append(transport)
@@ -337,20 +378,41 @@ class _Instance:
 
 
 class _NatsTransport:
-    def __init__(self, nc: Any, key: tuple[str, str, str], idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        key: tuple[str, str, str],
+        idle_timeout_s: float,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> None:
         self._nc = nc
         self._key = key
         self._idle_timeout_s = idle_timeout_s
+        self._lease_s = lease_s
         self._instances: dict[int, _Instance] = {}
         self._calls: dict[str, asyncio.Queue[Any]] = {}  # by reply inbox
+        self._calls_on: dict[int, set[str]] = {}  # reply inboxes by instance
         self._subs: list[Any] = []
         self._loop = asyncio.get_running_loop()
+        self._keepalive: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._subs.append(await self._nc.subscribe(_subject("_up", self._key), cb=self._on_up))
         self._subs.append(await self._nc.subscribe(_subject("_down", self._key), cb=self._on_down))
         await self._nc.publish(_subject("_disc", self._key), b"")
         await self._nc.flush()
+        self._keepalive = asyncio.create_task(self._keep_calls_alive())
+
+    async def _keep_calls_alive(self) -> None:
+        """Tell every instance with calls of ours in flight that we are still here."""
+        while True:
+            await asyncio.sleep(self._lease_s / BEATS_PER_LEASE)
+            for instance_id, inboxes in list(self._calls_on.items()):
+                frame = _encode(_CallFrame(alive=sorted(inboxes), ttl=self._lease_s))
+                try:
+                    await self._nc.publish(_call_subject(self._key, instance_id), frame)
+                except Exception as exc:  # nats raises several types; the next beat tries
+                    log.debug("keepalive to instance %x failed: %s", instance_id, exc)
 
     async def _on_up(self, msg: Any) -> None:
         self._on_presence(msg, serving=True)
@@ -388,11 +450,12 @@ class _NatsTransport:
 
     async def call(self, instance_id: int, request: Any) -> AsyncGenerator[Any, None]:
         subject = _call_subject(self._key, instance_id)
-        payload = _encode(_CallFrame(r=request))
+        payload = _encode(_CallFrame(r=request, ttl=self._lease_s))
         inbox = self._nc.new_inbox()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         sub = await self._nc.subscribe(inbox, cb=queue.put)
         self._calls[inbox] = queue
+        self._calls_on.setdefault(instance_id, set()).add(inbox)
         finished = False  # the instance sent its last frame: nothing to cancel there
         try:
             await self._nc.publish(subject, payload, reply=inbox)
@@ -408,6 +471,10 @@ class _NatsTransport:
                 yield frame.d
         finally:
             del self._calls[inbox]
+            inboxes = self._calls_on[instance_id]
+            inboxes.discard(inbox)
+            if not inboxes:
+                del self._calls_on[instance_id]
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             if not finished:
@@ -461,6 +528,7 @@ class _NatsTransport:
                     ) from None
 
     async def aclose(self) -> None:
+        await cancel_and_wait(self._keepalive)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -278,6 +278,49 @@ async def test_a_caller_that_goes_away_stops_the_handler(nats_url: str) -> None:
         assert worker.num_started == 3
 
 
+CALLER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from kvrouter.runtime import NatsRuntime
+
+    async def main():
+        rt = await NatsRuntime.connect(sys.argv[1], lease_s=1.0)
+        client = await rt.client("itest", "Worker", "ticks")
+        await client.wait_for_instances()
+        async for _ in client.generate(0.05):
+            print("calling", flush=True)
+            await asyncio.sleep(3600)  # holds the stream open until it is killed
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_killed_caller_stops_the_handler_within_its_lease(
+    nats_url: str, tmp_path: Path
+) -> None:
+    async with await NatsRuntime.connect(nats_url, lease_s=1.0) as rt:
+        worker = Worker()
+        await rt.serve(worker)
+        script = tmp_path / "caller.py"
+        script.write_text(CALLER_SCRIPT)
+        caller = subprocess.Popen(
+            [sys.executable, str(script), nats_url], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert caller.stdout is not None
+            line = await asyncio.to_thread(caller.stdout.readline)
+            assert line.strip() == "calling"
+            await asyncio.sleep(2.5)  # the caller's keepalives hold the call past its lease
+            assert worker.num_running == 1
+            caller.kill()  # no cancel message: only the missing keepalives tell
+            killed_at = asyncio.get_running_loop().time()
+            await _wait_until(lambda: worker.num_running == 0, timeout_s=10.0)
+            assert asyncio.get_running_loop().time() - killed_at < 5.0  # lease 1 s
+        finally:
+            _stop(caller)
+
+
 async def test_an_item_that_cannot_be_sent_is_a_clear_error(nats_url: str) -> None:
     async with await NatsRuntime.connect(nats_url) as rt:
         await rt.serve(Worker())
