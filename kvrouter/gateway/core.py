@@ -125,8 +125,9 @@ class RoutingCore(Protocol):
         """The request's first byte arrived: its prefill is done."""
         ...
 
-    def on_finish(self, request_id: str) -> None:
-        """The request ended (completion, error, disconnect, timeout); free its booking."""
+    def on_finish(self, request_id: str, *, failed: bool = False) -> None:
+        """The request ended (completion, error, disconnect, timeout); free its booking.
+        ``failed``: the worker failed it before answering (its predictions go too)."""
         ...
 
     def add_worker(self, worker: WorkerKey, *, publishes_events: bool = True) -> None:

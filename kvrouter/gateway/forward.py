@@ -433,21 +433,25 @@ class RequestForwarder:
     def _booked(self, state: WorkerState, request_id: str) -> Iterator[None]:
         """A request in flight on ``state``: counted, and finished in the router at the end."""
         self._start_on(state)
+        failed = False
         try:
             yield
+        except UpstreamFailure:
+            failed = True  # before any answer: what was predicted for it is not there
+            raise
         finally:
             # Every path ends here: success, error, retry, client disconnect (cancel).
-            self._end_on(state, request_id)
+            self._end_on(state, request_id, failed)
 
     def _start_on(self, state: WorkerState) -> None:
         state.num_requests += 1
         state.num_in_flight += 1
         self._counters.num_in_flight += 1
 
-    def _end_on(self, state: WorkerState, request_id: str) -> None:
+    def _end_on(self, state: WorkerState, request_id: str, failed: bool = False) -> None:
         state.num_in_flight -= 1
         self._counters.num_in_flight -= 1
-        self._core.on_finish(request_id)
+        self._core.on_finish(request_id, failed=failed)
 
     async def _read_whole(
         self, upstream: UpstreamResponse, state: WorkerState, request_id: str

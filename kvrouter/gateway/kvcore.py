@@ -199,8 +199,8 @@ class KvRoutingCore:
         if self.scheduler.on_first_token(request_id):
             self._dispatch()  # its prefill no longer counts: room for a queued request
 
-    def on_finish(self, request_id: str) -> None:
-        if self.scheduler.on_finish(request_id):
+    def on_finish(self, request_id: str, *, failed: bool = False) -> None:
+        if self.scheduler.on_finish(request_id, failed=failed):
             self._dispatch()
 
     # -- workers ---------------------------------------------------------------------------

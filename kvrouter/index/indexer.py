@@ -105,6 +105,7 @@ class KvIndexer(PredictedEntries):
                 "predicted_expired",
                 "predicted_pruned",
                 "predicted_superseded",
+                "predicted_withdrawn",
             ),
             0,
         )
@@ -531,6 +532,7 @@ class KvIndexer(PredictedEntries):
             predicted_expired=counts["predicted_expired"],
             predicted_pruned=counts["predicted_pruned"],
             predicted_superseded=counts["predicted_superseded"],
+            predicted_withdrawn=counts["predicted_withdrawn"],
         )
 
     # --------------------------------------------------------------- snapshots

@@ -92,7 +92,7 @@ class PredictedEntries:
 
     def add_predicted_sequence(
         self, worker: WorkerKey, sequence_hashes: Sequence[int], *, ttl_s: float | None = None
-    ) -> None:
+    ) -> Booking | None:
         """Record that ``worker`` will hold the prompt's blocks for ``ttl_s`` seconds.
 
         ``sequence_hashes`` are the prompt's sequence hashes (unsigned 64-bit, as
@@ -104,7 +104,8 @@ class PredictedEntries:
         earlier than the new one (a longer-lived prediction is never shortened); a later
         Stored event for it turns it into a real entry.
         Predicted blocks count in :meth:`find_matches` exactly like real device blocks
-        until they expire or are pruned.
+        until they expire or are pruned. Returns the booking (``None`` when nothing new
+        was booked), which :meth:`withdraw_prediction` takes back.
 
         >>> from kvrouter.clock import ManualClock
         >>> from kvrouter.index import KvIndexer
@@ -123,13 +124,23 @@ class PredictedEntries:
         heap = self._booking_heap
         if heap and heap[0][0] <= now:
             self._expire_predicted(now)
-        self._book(state, sequence_hashes, now + ttl, ttl * REFRESH_FRACTION)
+        booking = self._book(state, sequence_hashes, now + ttl, ttl * REFRESH_FRACTION)
         if self._num_predicted > self.max_predicted_blocks:
             self._prune_predicted()
+        return booking
+
+    def withdraw_prediction(self, booking: Booking) -> int:
+        """Drop the entries ``booking`` still owns (the request it was made for failed
+        before the worker computed anything); returns how many."""
+        if not booking.live:
+            return 0
+        dropped = self._forget(booking, booking.live)
+        self._counts["predicted_withdrawn"] += dropped
+        return dropped
 
     def _book(
         self, state: WorkerState, keys: Sequence[int], expiry_s: float, slack_s: float = 0.0
-    ) -> None:
+    ) -> Booking | None:
         """One booking of ``keys`` for ``state``; the hot loop of approximate mode.
 
         A key predicted by a booking that expires at ``expiry_s - slack_s`` or later
@@ -169,7 +180,7 @@ class PredictedEntries:
             predicted[key] = booking
             own(key)
         if not mine:
-            return
+            return None
         added = len(predicted) - before
         booking.keys = mine
         booking.live = len(mine)
@@ -183,6 +194,7 @@ class PredictedEntries:
         bookings = self._bookings
         while not bookings[0].live:  # fully refreshed ones leave now, not at expiry
             bookings.popleft()
+        return booking
 
     def _supersede(self, state: WorkerState, key: int) -> bool:
         """A Stored event for ``key``: a prediction of it becomes the real entry (the

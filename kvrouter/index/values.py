@@ -69,3 +69,4 @@ class IndexerStats:
     predicted_expired: int
     predicted_pruned: int
     predicted_superseded: int
+    predicted_withdrawn: int  # taken back: their request failed before any work

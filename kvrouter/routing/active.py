@@ -229,6 +229,9 @@ class ActiveSequences:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
+    def __len__(self) -> int:
+        return len(self._requests)
+
     def worker_of(self, request_id: str) -> WorkerKey | None:
         req = self._requests.get(request_id)
         return None if req is None else req.worker

@@ -33,7 +33,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvrouter.clock import Clock, monotonic
 from kvrouter.errors import AllWorkersBusy, InvalidRequest, NoWorkerAvailable
@@ -85,7 +85,10 @@ class IndexerLike(Protocol):
 
     def add_predicted_sequence(
         self, worker: WorkerKey, sequence_hashes: Sequence[int], *, ttl_s: float | None = None
-    ) -> object: ...
+    ) -> Any:  # an opaque booking for withdraw_prediction, or None
+        ...
+
+    def withdraw_prediction(self, booking: Any, /) -> object: ...
 
     def remove_worker(self, worker_id: int, dp_rank: int | None = None) -> object: ...
 
@@ -219,6 +222,9 @@ class KvScheduler:
         self._predicted_ttl_s = predicted_ttl_s
         self._explain_every = explain_every
         self.active = ActiveSequences(clock=clock, expiry_s=request_expiry_s)
+        # The predicted cache entries each request in flight booked, to withdraw if it
+        # fails before the worker computed anything.
+        self._predictions: dict[str, Any] = {}
         self._policies: dict[str, Policy] = {}
         self.policy = self._resolve_policy(policy)
         self._workers: dict[WorkerKey, _Worker] = {}
@@ -376,8 +382,15 @@ class KvScheduler:
         self._num_first_tokens += done
         return done
 
-    def on_finish(self, request_id: str) -> bool:
-        """The request ended, however it ended (idempotent; unknown ids are ignored)."""
+    def on_finish(self, request_id: str, *, failed: bool = False) -> bool:
+        """The request ended, however it ended (idempotent; unknown ids are ignored).
+
+        ``failed``: the worker refused or lost it before answering, so the cache entries
+        predicted for it there are withdrawn (they would draw its prefix to that worker).
+        """
+        booking = self._predictions.pop(request_id, None)
+        if failed and booking is not None and self.indexer is not None:
+            self.indexer.withdraw_prediction(booking)
         freed = self.active.free(request_id)
         self._num_finished += freed
         return freed
@@ -540,9 +553,20 @@ class KvScheduler:
             state = self._workers.get(worker)
             start = view.overlap(worker) if state is not None and state.publishes_events else 0
             if start < len(seq):
-                self.indexer.add_predicted_sequence(
+                booking = self.indexer.add_predicted_sequence(
                     worker, seq[start:], ttl_s=self._predicted_ttl_s
                 )
+                if booking is not None:
+                    predictions = self._predictions
+                    predictions[view.request_id] = booking
+                    if len(predictions) > 2 * len(self.active) + 1024:
+                        self._forget_lost_predictions()
+
+    def _forget_lost_predictions(self) -> None:
+        """Let go of the bookings of requests that left without :meth:`on_finish` (the
+        active set expired them); their entries stay until their own expiry."""
+        active = self.active
+        self._predictions = {r: b for r, b in self._predictions.items() if r in active}
 
     def _record(self, decision: Decision, latency_s: float) -> None:
         self._num_decisions += 1

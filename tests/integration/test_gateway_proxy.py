@@ -22,9 +22,10 @@ from aiohttp import web
 
 from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 from kvrouter.gateway.overrides import RoutingOverrides
-from kvrouter.gateway.prompts import parse_body
+from kvrouter.gateway.prompts import parse_body, prepare_prompt
 from kvrouter.gateway.server import GatewayServer
 from kvrouter.routing import ScheduleRequest
+from kvrouter.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +128,18 @@ def assert_two_prompts_merged(text: str, gw: GatewayServer) -> None:
     assert (sched.num_first_tokens, sched.num_finished, sched.active.num_requests) == (2, 2, 0)
 
 
+def parse_prompt_hashes(gw: GatewayServer, prompt: str) -> list[int]:
+    """The sequence hashes the gateway computes for a completion ``prompt``."""
+    prepared = prepare_prompt(
+        ByteTokenizer(),
+        {"prompt": prompt},
+        "completion",
+        block_size=gw.core.block_size,
+        max_prompt_tokens=10**6,
+    )
+    return prepared.sequence_hashes
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -225,6 +238,10 @@ async def test_a_worker_answering_5xx_is_skipped_for_the_retry_but_stays_in_rota
     assert "answered 503" in (infos[0].last_error or "")
     assert [k.worker_id for k in gw.core.scheduler.workers] == [0, 1]
     assert gw.core.scheduler.stats().active.num_requests == 0
+    # What was predicted for the refused attempt is withdrawn; the answered one stays.
+    assert gw.core.indexer.stats().predicted_withdrawn == 2  # "abcdefgh": 2 blocks of 4
+    seq = parse_prompt_hashes(gw, "abcdefgh")
+    assert {k.worker_id for k in gw.core.indexer.find_matches_sequence(seq).scores} == {1}
     # Still a candidate for the next request: round robin comes back to it.
     async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
         assert resp.status == 200

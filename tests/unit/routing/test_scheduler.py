@@ -356,3 +356,29 @@ def test_approximate_workers_predict_and_refresh_every_block() -> None:
     clock.advance(8.0)  # 16 s after the first booking, 8 s after the refresh
     seq = hash_request(prompt, BS)[1]
     assert indexer.find_matches_sequence(seq).scores == {first: 6}
+
+
+def test_a_failed_request_withdraws_its_predictions_a_finished_one_keeps_them() -> None:
+    sched, indexer, _ = _scheduler()
+    ok, failed = _prompt(8, 1), _prompt(8, 2, suffix_blocks=4)
+    sched.schedule(ScheduleRequest("ok", token_ids=ok, worker=WORKERS[2]))
+    sched.schedule(ScheduleRequest("failed", token_ids=failed, worker=WORKERS[3]))
+    assert indexer.find_matches(hash_request(failed, BS)[0]).scores[WORKERS[3]] == 12
+    assert sched.on_finish("ok")
+    assert sched.on_finish("failed", failed=True)
+    scores = indexer.find_matches(hash_request(failed, BS)[0]).scores
+    assert WORKERS[3] not in scores  # withdrawn: the worker never computed them
+    assert scores[WORKERS[2]] == 8  # the shared prefix, predicted by the finished one
+    assert indexer.stats().predicted_withdrawn == 12
+    assert not sched.on_finish("failed", failed=True)  # idempotent
+
+
+def test_bookings_of_requests_that_expired_without_finishing_are_let_go() -> None:
+    sched, _, clock = _scheduler(request_expiry_s=10.0)
+    for i in range(1100):
+        sched.schedule(ScheduleRequest(f"lost{i}", token_ids=_prompt(1, i)))
+    clock.advance(11.0)
+    for i in range(1100):  # the lost ones expire; their bookings must not pile up
+        sched.schedule(ScheduleRequest(f"new{i}", token_ids=_prompt(1, 5000 + i)))
+        sched.on_finish(f"new{i}")
+    assert len(sched._predictions) <= 1024 + 2
