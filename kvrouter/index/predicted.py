@@ -12,10 +12,12 @@ An entry (worker, key) belongs to ``worker.predicted[key]``; a refresh points th
 the newer booking, which makes the old booking's copy stale at no cost. A booking does
 not refresh a key that already expires no more than ``REFRESH_FRACTION`` of its TTL
 before it does (or later): a hot prefix booked by every request costs one lookup per
-block, not a rewrite of the entry and a compaction of the booking it came from. When a booking
-expires or is pruned, only the keys it still owns are dropped. ``live`` counts them;
-a booking whose keys are mostly stale is compacted by the call that made them stale,
-and one with none left lets its key list go at once. See docs/indexer.md for the rule.
+block, not a rewrite of the entry and a compaction of the booking it came from.
+
+When a booking expires or is pruned, only the keys it still owns are dropped. ``live``
+counts them; a booking whose keys are mostly stale is compacted by the call that made
+them stale, and one with none left lets its key list go at once. See docs/indexer.md
+for the rule.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from kvrouter.index.state import WorkerState, clear_bit
 
 __all__ = ["REFRESH_FRACTION", "Booking", "PredictedEntries"]
 
-# A refresh that would move an entry's expiry later by less than this fraction of the
-# booking's TTL is skipped (the entry may expire that much early).
+# A refresh that would move an entry's expiry later by no more than this fraction of
+# the booking's TTL is skipped (the entry may expire that much early).
 REFRESH_FRACTION = 0.01
 
 _NO_KEYS: tuple[int, ...] = ()
@@ -110,7 +112,7 @@ class PredictedEntries:
         >>> from kvrouter.clock import ManualClock
         >>> from kvrouter.index import KvIndexer
         >>> indexer = KvIndexer(clock=ManualClock())
-        >>> indexer.add_predicted_sequence(WorkerKey(3), [11, 12], ttl_s=5.0)
+        >>> booking = indexer.add_predicted_sequence(WorkerKey(3), [11, 12], ttl_s=5.0)
         >>> indexer.find_matches_sequence([11, 12, 13]).scores
         {WorkerKey(worker_id=3, dp_rank=0): 2}
         """

@@ -73,10 +73,10 @@ class WorkerMetricsPublisher(AsyncLifecycle):
     """Publish a worker's load metrics: on change (debounced) and as a keep-alive.
 
     Takes ownership of ``transport``. ``clock`` stamps messages (wall-clock seconds by
-    default); debouncing uses monotonic time.
+    default); debouncing uses monotonic time::
 
-    >>> publisher = WorkerMetricsPublisher(transport, min_interval_s=0.05)  # doctest: +SKIP
-    >>> publisher.update(ForwardPassMetrics(worker_id=1, num_requests_waiting=3))  # +SKIP
+        publisher = WorkerMetricsPublisher(transport, min_interval_s=0.05)
+        publisher.update(ForwardPassMetrics(worker_id=1, num_requests_waiting=3))
     """
 
     def __init__(

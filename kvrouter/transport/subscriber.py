@@ -192,7 +192,8 @@ class KvEventSubscriber(AsyncLifecycle):
     ``transport``: how to reach publishers (default: a subscribe-only ZeroMQ transport
     the subscriber owns; a transport passed in stays the caller's).
 
-    >>> subscriber = KvEventSubscriber(indexer, block_size=16, endpoints=[
+    >>> from kvrouter.index import KvIndexer
+    >>> subscriber = KvEventSubscriber(KvIndexer(block_size=16), block_size=16, endpoints=[
     ...     WorkerEndpoint(1, "tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")])
     >>> async with subscriber: ...                    # doctest: +SKIP
     """
