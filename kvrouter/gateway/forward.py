@@ -23,8 +23,8 @@ ends with an SSE error event in OpenAI's shape and ``data: [DONE]``.
 A batch completion (``prompt`` a list of several prompts) fans out: each prompt is
 routed, retried and booked as a request of its own, all run at once, and the answers
 are merged into one (:mod:`kvrouter.gateway.fanout`). A stream starts once every worker
-has accepted its prompt and the first prompt has its first byte (:class:`_BatchStream`),
-so a refusal is still a plain HTTP error.
+has accepted its prompt and the first prompt has its first byte
+(:class:`~kvrouter.gateway.batch.BatchStream`), so a refusal is still a plain HTTP error.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
-from multidict import CIMultiDict
 
 from kvrouter.clock import Clock, monotonic
 from kvrouter.errors import (
@@ -53,21 +52,25 @@ from kvrouter.errors import (
     RouterError,
     UpstreamError,
     UpstreamTimeout,
-    describe_error,
 )
 from kvrouter.events.model import WorkerKey
+from kvrouter.gateway.batch import (
+    SSE_HEADERS,
+    Batch,
+    BatchStream,
+    OpenStream,
+    PromptAnswer,
+    json_response,
+    sub_headers,
+)
 from kvrouter.gateway.config import GatewayConfig
 from kvrouter.gateway.core import RouteResult, RoutingCore
 from kvrouter.gateway.fanout import (
-    SseRewriter,
-    UsageSum,
     choices_per_prompt,
-    first_event_id,
     merge_completions,
     split_batch,
-    usage_chunk,
 )
-from kvrouter.gateway.http_errors import map_error, sse_error_event
+from kvrouter.gateway.http_errors import sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
 from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
@@ -81,7 +84,6 @@ log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvrouter.decisions")
 
 _PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _encoder = msgspec.json.Encoder()
 _T = TypeVar("_T")
 
@@ -106,51 +108,6 @@ class _Attempt:
 
     state: WorkerState
     route: RouteResult
-
-
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    """A batch completion split into one request per prompt."""
-
-    subs: list[ParsedBody]
-    prompts: list[PreparedPrompt]
-    ids: list[str]
-    headers: list[Mapping[str, str]]
-    overrides: RoutingOverrides
-    n: int  # choices per prompt
-
-
-@dataclass(slots=True)
-class _Answer:
-    """A worker's whole answer to one prompt of a batch."""
-
-    status: int
-    body: bytes
-    worker_id: int
-
-
-@dataclass(slots=True)
-class _OpenStream:
-    """One prompt of a streamed batch, open up to its first chunk (or its error answer).
-
-    ``close`` must be called exactly once: it ends the booking and the connection.
-    """
-
-    state: WorkerState
-    status: int
-    first: bytes  # the first chunk; the whole answer when status is not 200
-    chunks: AsyncIterator[bytes] | None
-    upstream: UpstreamResponse | None
-    done: Callable[[], None]
-
-    def close(self, clean: bool) -> None:
-        if self.upstream is not None:
-            if clean:
-                self.upstream.release()
-            else:
-                self.upstream.close()
-            self.upstream = None
-        self.done()
 
 
 class RequestForwarder:
@@ -483,7 +440,7 @@ class RequestForwarder:
             first = await self._first_chunk(chunks, state)
             self._on_first_byte(state, request_id)
             response = web.StreamResponse(
-                status=200, headers={**_SSE_HEADERS, "x-kvrouter-worker": str(state.worker_id)}
+                status=200, headers={**SSE_HEADERS, "x-kvrouter-worker": str(state.worker_id)}
             )
             await response.prepare(request)
             await response.write(first)
@@ -557,11 +514,11 @@ class RequestForwarder:
             self._note_short(prompt)
         self._counters.num_batches += 1
         self._counters.num_batch_prompts += len(subs)
-        batch = _Batch(
+        batch = Batch(
             subs,
             list(prepared),
             [f"{base_id}-{i}" for i in range(len(subs))],
-            [_sub_headers(request.headers, i) for i in range(len(subs))],
+            [sub_headers(request.headers, i) for i in range(len(subs))],
             overrides,
             choices_per_prompt(parsed.payload),
         )
@@ -570,13 +527,13 @@ class RequestForwarder:
         answers = await self._each_prompt(batch, self._answer)
         for answer in answers:
             if answer.status != 200:  # a worker refused one prompt: the batch fails so
-                return _json_response(answer.body, answer.status, [answer.worker_id])
+                return json_response(answer.body, answer.status, [answer.worker_id])
         body = merge_completions([a.body for a in answers], batch.n)
-        return _json_response(body, 200, [a.worker_id for a in answers])
+        return json_response(body, 200, [a.worker_id for a in answers])
 
     def _each_prompt(
         self,
-        batch: _Batch,
+        batch: Batch,
         run: Callable[..., Awaitable[_T]],
     ) -> Awaitable[list[_T]]:
         """:meth:`_prompt_with_retries` for every prompt at once
@@ -586,7 +543,7 @@ class RequestForwarder:
         )
 
     def _prompt_with_retries(
-        self, batch: _Batch, index: int, run: Callable[..., Awaitable[_T]], **extra: Any
+        self, batch: Batch, index: int, run: Callable[..., Awaitable[_T]], **extra: Any
     ) -> Awaitable[_T]:
         """``run(attempt, sub=, request_id=, headers=, **extra)`` for prompt ``index``
         of ``batch``, routed and retried as a request of its own."""
@@ -606,14 +563,14 @@ class RequestForwarder:
 
     async def _answer(
         self, attempt: _Attempt, sub: ParsedBody, request_id: str, headers: Mapping[str, str]
-    ) -> _Answer:
+    ) -> PromptAnswer:
         state = attempt.state
         with self._booked(state, request_id):
             upstream = await self._upstream.open(
                 state.url + _PATHS["completion"], sub.forward_body, headers, stream=False
             )
             data = await self._read_whole(upstream, state, request_id)
-            return _Answer(upstream.status, data, state.worker_id)
+            return PromptAnswer(upstream.status, data, state.worker_id)
 
     async def _open_stream(
         self,
@@ -622,7 +579,7 @@ class RequestForwarder:
         request_id: str,
         headers: Mapping[str, str],
         on_accepted: Callable[[int], Awaitable[None]],
-    ) -> _OpenStream:
+    ) -> OpenStream:
         """Open one prompt's stream up to its first chunk; the booking outlives this call.
 
         ``on_accepted(worker_id)`` runs as soon as the worker has answered 200 (before its first
@@ -638,7 +595,7 @@ class RequestForwarder:
             if upstream.status != 200:
                 data = await self._read_whole(upstream, state, request_id)
                 self._end_on(state, request_id)
-                return _OpenStream(state, upstream.status, data, None, None, lambda: None)
+                return OpenStream(state, upstream.status, data, None, None, lambda: None)
             await on_accepted(state.worker_id)
             chunks = aiter(upstream.iter_chunks())
             first = await self._first_chunk(chunks, state)
@@ -648,215 +605,23 @@ class RequestForwarder:
                 upstream.close()
             self._end_on(state, request_id)
             raise
-        return _OpenStream(
+        return OpenStream(
             state, 200, first, chunks, upstream, partial(self._end_on, state, request_id)
         )
 
-    async def _fan_out_stream(self, request: web.Request, batch: _Batch) -> web.StreamResponse:
-        return await _BatchStream(self, request, batch).run()
-
-
-# What a prompt's task of a streamed batch reports to the merging loop.
-_ACCEPTED, _OPENED, _CHUNK, _END, _BROKEN, _FAILED = range(6)
-
-
-class _BatchStream:
-    """A streamed batch completion: one stream per prompt, merged into one.
-
-    Every prompt is routed and opened at once, each with its own retries, by a task that
-    then copies its stream into one queue. The merged stream starts when every worker
-    has accepted its prompt (answered 200) and the first of them has sent its first
-    chunk. So its time to first token is the fastest prompt's, not the slowest's, while
-    a prompt the workers refuse (which they do before any prefill) still fails the whole
-    batch with the worker's answer, as vLLM does for a batch it cannot serve. A prompt
-    that fails after the stream has started ends it with an SSE error event.
-    """
-
-    def __init__(self, forwarder: RequestForwarder, request: web.Request, batch: _Batch) -> None:
-        self._fw = forwarder
-        self._request = request
-        self._batch = batch
-        size = len(batch.subs)
-        self._streams: list[_OpenStream | None] = [None] * size
-        self._clean = [False] * size
-        self._workers = [-1] * size  # the worker that accepted each prompt (-1: none yet)
-        self._queue: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue(maxsize=6 * size)
-        self._response: web.StreamResponse | None = None
-        self._usage = UsageSum()
-        self._rewriters: list[SseRewriter] = []
-        self._batch_id: str | None = None
-
-    async def run(self) -> web.StreamResponse:
-        tasks = [asyncio.create_task(self._follow(i)) for i in range(len(self._streams))]
-        try:
-            return await self._merge()
-        except ConnectionResetError:
-            # The client went away; once the response has started nobody is listening.
-            self._fw._counters.num_disconnects += 1
-            if self._response is None:
-                raise
-            return self._response
-        finally:
-            await cancel_and_wait(*tasks)
-            for stream, clean in zip(self._streams, self._clean, strict=True):
-                if stream is not None:
-                    stream.close(clean)
-
-    async def _follow(self, index: int) -> None:
-        put = self._queue.put
-
-        async def accepted(worker_id: int) -> None:
-            self._workers[index] = worker_id
-            await put((index, _ACCEPTED, None))
-
-        try:
-            stream = await self._fw._prompt_with_retries(
-                self._batch, index, self._fw._open_stream, on_accepted=accepted
+    async def _fan_out_stream(self, request: web.Request, batch: Batch) -> web.StreamResponse:
+        def open_prompt(
+            index: int, on_accepted: Callable[[int], Awaitable[None]]
+        ) -> Awaitable[OpenStream]:
+            return self._prompt_with_retries(
+                batch, index, self._open_stream, on_accepted=on_accepted
             )
-        except Exception as exc:  # a RouterError, mapped to a status like any other
-            await put((index, _FAILED, exc))
-            return
-        self._streams[index] = stream  # closed by run(), whatever happens next
-        await put((index, _OPENED, stream))
-        if stream.chunks is None:
-            return
-        try:
-            async for chunk in stream.chunks:
-                await put((index, _CHUNK, chunk))
-        except UpstreamError as exc:
-            await put((index, _BROKEN, exc))
-            return
-        except Exception as exc:  # never leave the merging loop waiting for this one
-            await put(
-                (index, _BROKEN, UpstreamError(f"worker stream failed: {describe_error(exc)}"))
-            )
-            return
-        await put((index, _END, None))
 
-    async def _merge(self) -> web.StreamResponse:
-        size = len(self._streams)
-        first: list[int] = []  # prompts with a first chunk before the start, in order
-        backlog: list[tuple[int, int, Any]] = []  # their later items, until the start
-        ended = 0
-        while ended < size:
-            index, kind, item = await self._queue.get()
-            if kind == _ACCEPTED:
-                pass  # the task noted the worker in _workers; check the start below
-            elif kind == _FAILED:
-                if self._response is None:
-                    raise item
-                mapping = map_error(item)
-                message = f"prompt {index} failed: {item}"
-                return await self._end(sse_error_event(message, mapping.error_type, mapping.status))
-            elif kind == _OPENED and item.status != 200:
-                if self._response is None:
-                    return _json_response(item.first, item.status, [item.state.worker_id])
-                return await self._end(_refused(index, item))
-            elif self._response is not None:
-                ended += await self._emit(index, kind, item)
-                if kind == _BROKEN:
-                    return self._response
-            elif kind == _OPENED:
-                first.append(index)
-            else:
-                backlog.append((index, kind, item))
-            if self._response is None and first and -1 not in self._workers:
-                response = await self._start(first)
-                for held in backlog:
-                    ended += await self._emit(*held)
-                    if held[1] == _BROKEN:
-                        return response
-                backlog.clear()
-        return await self._finish()
+        def disconnected() -> None:
+            self._counters.num_disconnects += 1
 
-    async def _start(self, first: list[int]) -> web.StreamResponse:
-        """Answer 200 and send the first chunks that are in."""
-        opened = [stream for i in first if (stream := self._streams[i]) is not None]
-        self._batch_id = first_event_id(opened[0].first)
-        n = self._batch.n
-        self._rewriters = [
-            SseRewriter(i * n, self._batch_id, self._usage) for i in range(len(self._streams))
-        ]
-        workers = ",".join(str(w) for w in self._workers)
-        response = web.StreamResponse(
-            status=200, headers={**_SSE_HEADERS, "x-kvrouter-worker": workers}
-        )
-        self._response = response
-        await response.prepare(self._request)
-        feeds = (
-            self._rewriters[i].feed(stream.first) for i, stream in zip(first, opened, strict=True)
-        )
-        await response.write(b"".join(feeds))
-        return response
-
-    async def _emit(self, index: int, kind: int, item: Any) -> int:
-        """Pass one item of a started stream on; 1 when that prompt's stream ended."""
-        response = self._response
-        assert response is not None
-        rewriter = self._rewriters[index]
-        if kind == _OPENED:
-            await response.write(rewriter.feed(item.first))
-        elif kind == _CHUNK:
-            out = rewriter.feed(item)
-            if out:
-                await response.write(out)
-        elif kind == _END:
-            self._clean[index] = True
-            await response.write(rewriter.flush())
-            return 1
-        elif kind == _BROKEN:
-            stream = self._streams[index]
-            assert stream is not None
-            await response.write(self._fw._broken_stream(stream.state, item))
-            await response.write_eof()
-            return 1
-        return 0
-
-    async def _end(self, frames: bytes) -> web.StreamResponse:
-        response = self._response
-        assert response is not None
-        await response.write(frames)
-        await response.write_eof()
-        return response
-
-    async def _finish(self) -> web.StreamResponse:
-        if self._usage.seen:
-            template = next(
-                (r.last_usage_chunk for r in self._rewriters if r.last_usage_chunk), None
-            )
-            usage = usage_chunk(template, self._usage, self._batch_id)
-            return await self._end(usage + b"data: [DONE]\n\n")
-        return await self._end(b"data: [DONE]\n\n")
-
-
-def _refused(index: int, stream: _OpenStream) -> bytes:
-    """The SSE frames that end a started batch stream when a worker refused a prompt."""
-    text = stream.first[:300].decode("utf-8", errors="replace")
-    message = f"prompt {index} refused by worker {stream.state.worker_id}: {text}"
-    error_type = "invalid_request_error" if 400 <= stream.status < 500 else "upstream_error"
-    return sse_error_event(message, error_type, stream.status)
-
-
-def _sub_headers(headers: Mapping[str, str], index: int) -> Mapping[str, str]:
-    """A prompt's request headers: a client's x-request-id gets the prompt's index, so
-    the workers see distinct ids."""
-    request_id = headers.get("x-request-id")
-    if request_id is None:
-        return headers
-    out = CIMultiDict(headers)
-    out["x-request-id"] = f"{request_id}-{index}"
-    return out
-
-
-def _json_response(body: bytes, status: int, workers: Iterable[int]) -> web.Response:
-    return web.Response(
-        body=body,
-        status=status,
-        headers={
-            "Content-Type": "application/json",
-            "x-kvrouter-worker": ",".join(str(w) for w in workers),
-        },
-    )
+        stream = BatchStream(request, batch, open_prompt, self._broken_stream, disconnected)
+        return await stream.run()
 
 
 async def _gather_or_cancel(aws: Iterable[Awaitable[_T]]) -> list[_T]:
