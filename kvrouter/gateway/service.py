@@ -47,7 +47,7 @@ from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import GatewayCounters
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
-from kvrouter.tokenizer import Tokenizer
+from kvrouter.tokenizer import Tokenizer, normalize_messages
 
 __all__ = ["EventFeeds", "Gateway"]
 
@@ -296,7 +296,10 @@ class Gateway(AsyncLifecycle):
         if not workers:
             raise NoWorkerAvailable("no worker is available to tokenize the prompt")
         if kind == "chat":
-            body: dict[str, Any] = {"messages": payload["messages"]}
+            # Images and other media as markers, as with a local tokenizer: the worker's
+            # tokens for them are placeholders that every image shares.
+            messages = normalize_messages(payload["messages"], media="mark")
+            body: dict[str, Any] = {"messages": messages}
             if "add_generation_prompt" in payload:
                 body["add_generation_prompt"] = payload["add_generation_prompt"]
         else:

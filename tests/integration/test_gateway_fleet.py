@@ -28,7 +28,7 @@ from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 from kvrouter.gateway.server import GatewayServer
 from kvrouter.hashing import compute_block_hashes
 from kvrouter.routing import KvScheduler, ScheduleRequest
-from kvrouter.tokenizer import ByteTokenizer
+from kvrouter.tokenizer import ByteTokenizer, media_marker
 
 pytestmark = pytest.mark.integration
 
@@ -450,8 +450,21 @@ async def test_worker_tokenizer_mode_asks_the_worker(
         tok = ByteTokenizer()
         expected = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
         assert usage["prompt_tokens"] == len(expected)
+        (first,) = gw.gateway.counters.recent_decisions(1)
+        assert first.request_blocks == len(expected) // BLOCK
+        # An image goes to the worker's tokenizer as a marker: routed on the text before
+        # it. (This simulated model takes text only: its own 400 reaches the client.)
+        image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+        text = {"type": "text", "text": "What is in this picture? " * 3}
+        body["messages"] = [{"role": "user", "content": [text, image]}]
+        async with client.post(gw.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 400
+            assert "non-text part" in (await resp.json())["error"]["message"]
         (decision,) = gw.gateway.counters.recent_decisions(1)
-        assert decision.request_blocks == len(expected) // BLOCK
+        assert decision.request_id != first.request_id  # routed, then refused
+        marked = [{"role": "user", "content": text["text"] + media_marker(image)}]
+        routed = tok.encode(tok.apply_chat_template(marked), add_special_tokens=False)
+        assert decision.request_blocks == len(routed) // BLOCK
 
 
 async def test_router_queue_holds_requests_until_a_worker_has_room(
