@@ -86,14 +86,26 @@ class PredictedEntries:
         raise NotImplementedError
 
     def add_predicted(
-        self, worker: WorkerKey, local_hashes: Sequence[int], *, ttl_s: float | None = None
-    ) -> None:
+        self,
+        worker: WorkerKey,
+        local_hashes: Sequence[int],
+        *,
+        ttl_s: float | None = None,
+        max_blocks: int | None = None,
+    ) -> Booking | None:
         """:meth:`add_predicted_sequence` for a prompt's local block hashes (chains
         them into sequence hashes first)."""
-        self.add_predicted_sequence(worker, compute_sequence_hashes(local_hashes), ttl_s=ttl_s)
+        return self.add_predicted_sequence(
+            worker, compute_sequence_hashes(local_hashes), ttl_s=ttl_s, max_blocks=max_blocks
+        )
 
     def add_predicted_sequence(
-        self, worker: WorkerKey, sequence_hashes: Sequence[int], *, ttl_s: float | None = None
+        self,
+        worker: WorkerKey,
+        sequence_hashes: Sequence[int],
+        *,
+        ttl_s: float | None = None,
+        max_blocks: int | None = None,
     ) -> Booking | None:
         """Record that ``worker`` will hold the prompt's blocks for ``ttl_s`` seconds.
 
@@ -106,8 +118,10 @@ class PredictedEntries:
         earlier than the new one (a longer-lived prediction is never shortened); a later
         Stored event for it turns it into a real entry.
         Predicted blocks count in :meth:`find_matches` exactly like real device blocks
-        until they expire or are pruned. Returns the booking (``None`` when nothing new
-        was booked), which :meth:`withdraw_prediction` takes back.
+        until they expire or are pruned. ``max_blocks`` (the worker's KV capacity):
+        beyond that many predicted blocks, the worker's oldest predictions go, as its
+        LRU cache would evict them. Returns the booking (``None`` when nothing new was
+        booked), which :meth:`withdraw_prediction` takes back.
 
         >>> from kvrouter.clock import ManualClock
         >>> from kvrouter.index import KvIndexer
@@ -127,6 +141,8 @@ class PredictedEntries:
         if heap and heap[0][0] <= now:
             self._expire_predicted(now)
         booking = self._book(state, sequence_hashes, now + ttl, ttl * REFRESH_FRACTION)
+        if max_blocks is not None and len(state.predicted) > max_blocks:
+            self._prune_worker(state, len(state.predicted) - max(max_blocks, 0))
         if self._num_predicted > self.max_predicted_blocks:
             self._prune_predicted()
         return booking
@@ -187,6 +203,10 @@ class PredictedEntries:
         booking.keys = mine
         booking.live = len(mine)
         self._bookings.append(booking)
+        own_bookings = state.bookings
+        own_bookings.append(booking)
+        while not own_bookings[0].live:
+            own_bookings.popleft()
         heapq.heappush(self._booking_heap, (expiry_s, next(self._booking_ids), booking))
         self._num_predicted += added
         self._counts["predicted_added"] += added
@@ -246,6 +266,20 @@ class PredictedEntries:
                 bookings.popleft()
         self._counts["predicted_pruned"] += pruned
 
+    def _prune_worker(self, state: WorkerState, excess: int) -> None:
+        """Drop ``state``'s ``excess`` oldest predictions."""
+        bookings = state.bookings
+        pruned = 0
+        while excess > 0:
+            booking = bookings[0]  # the worker's live entries belong to its bookings
+            if booking.live:
+                dropped = self._forget(booking, excess)
+                excess -= dropped
+                pruned += dropped
+            if not booking.live:
+                bookings.popleft()
+        self._counts["predicted_pruned"] += pruned
+
     def _forget(self, booking: Booking, limit: int) -> int:
         """Drop up to ``limit`` of ``booking``'s live entries, oldest first."""
         worker = booking.worker
@@ -289,6 +323,7 @@ class PredictedEntries:
             booking.release()
         self._num_predicted -= len(predicted)
         predicted.clear()
+        worker.bookings.clear()
 
     def _predicted_in_order(self) -> list[tuple[WorkerState, int, float]]:
         """Every live entry as (worker, sequence hash, expiry), oldest first."""

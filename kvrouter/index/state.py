@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,17 @@ class WorkerState:
     ``gpu`` is ``blocks["GPU"]``, kept apart for the hot path.
     """
 
-    __slots__ = ("bit", "blocks", "dups", "gpu", "key", "last_event_id", "predicted", "slot")
+    __slots__ = (
+        "bit",
+        "blocks",
+        "bookings",
+        "dups",
+        "gpu",
+        "key",
+        "last_event_id",
+        "predicted",
+        "slot",
+    )
 
     def __init__(self, key: WorkerKey, slot: int) -> None:
         self.key = key
@@ -35,6 +46,8 @@ class WorkerState:
         # sequence hash -> the booking that owns the prediction (device tier); never
         # also in ``gpu``'s values
         self.predicted: dict[int, Booking] = {}
+        # this worker's bookings, oldest first (some may own nothing any more)
+        self.bookings: deque[Booking] = deque()
 
     def blocks_for(self, medium: str) -> dict[int, int]:
         found = self.blocks.get(medium)

@@ -84,7 +84,12 @@ class IndexerLike(Protocol):
     ) -> object: ...
 
     def add_predicted_sequence(
-        self, worker: WorkerKey, sequence_hashes: Sequence[int], *, ttl_s: float | None = None
+        self,
+        worker: WorkerKey,
+        sequence_hashes: Sequence[int],
+        *,
+        ttl_s: float | None = None,
+        max_blocks: int | None = None,
     ) -> Any:  # an opaque booking for withdraw_prediction, or None
         ...
 
@@ -272,8 +277,10 @@ class KvScheduler:
 
         ``publishes_events=False`` marks a worker whose cache is known only from the
         router's own predictions (approximate mode): every routed block is predicted and
-        refreshed. For a worker that publishes KV events, the prefix it already holds is
-        known from its events, so only the request's new blocks are predicted.
+        refreshed, and no more are kept than the worker's KV capacity (``total_blocks``,
+        else the ``kv_total_blocks`` its metrics report), oldest out first. For a worker
+        that publishes KV events, the prefix it already holds is known from its events,
+        so only the request's new blocks are predicted.
         """
         self._workers[_key(worker)] = _Worker(total_blocks, publishes_events)
         self._order = sorted(self._workers.items())
@@ -551,16 +558,30 @@ class KvScheduler:
         )
         if self._predict and local and self.indexer is not None:
             state = self._workers.get(worker)
-            start = view.overlap(worker) if state is not None and state.publishes_events else 0
+            events = state is not None and state.publishes_events
+            start = view.overlap(worker) if events else 0
             if start < len(seq):
                 booking = self.indexer.add_predicted_sequence(
-                    worker, seq[start:], ttl_s=self._predicted_ttl_s
+                    worker,
+                    seq[start:],
+                    ttl_s=self._predicted_ttl_s,
+                    max_blocks=None if events else self._capacity(worker),
                 )
                 if booking is not None:
                     predictions = self._predictions
                     predictions[view.request_id] = booking
                     if len(predictions) > 2 * len(self.active) + 1024:
                         self._forget_lost_predictions()
+
+    def _capacity(self, worker: WorkerKey) -> int | None:
+        """The worker's KV blocks: as configured, else as its metrics report."""
+        state = self._workers.get(worker)
+        if state is not None and state.total_blocks is not None:
+            return state.total_blocks
+        endpoint = self._metrics_by_worker.get(worker)
+        if endpoint is not None and endpoint.kv_total_blocks > 0:
+            return endpoint.kv_total_blocks
+        return None
 
     def _forget_lost_predictions(self) -> None:
         """Let go of the bookings of requests that left without :meth:`on_finish` (the

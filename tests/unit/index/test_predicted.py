@@ -229,3 +229,24 @@ def test_predicted_keys_are_sequence_hashes() -> None:
     indexer = make(clock)
     indexer.add_predicted(W1, [7, 8])
     assert sorted(indexer._gpu_nodes) == sorted(compute_sequence_hashes([7, 8]))
+
+
+def test_a_workers_predictions_are_capped_at_its_capacity_oldest_out_first() -> None:
+    clock = ManualClock()
+    indexer = make(clock)
+    indexer.add_predicted_sequence(W2, [900, 901])  # another worker: untouched
+    for i in range(4):  # four two-block prompts on a worker that holds five blocks
+        indexer.add_predicted_sequence(W1, [100 + 10 * i, 101 + 10 * i], max_blocks=5)
+        clock.advance(2.0)
+    alive = [
+        k
+        for k in (100, 101, 110, 111, 120, 121, 130, 131)
+        if indexer.find_matches_sequence([k]).scores
+    ]
+    assert alive == [111, 120, 121, 130, 131]  # the oldest three went, in prompt order
+    indexer.add_predicted_sequence(W1, [110, 111], max_blocks=5)  # 111 refreshed; 110 new
+    alive = [k for k in (110, 111, 120, 121, 130, 131) if indexer.find_matches_sequence([k]).scores]
+    assert alive == [110, 111, 121, 130, 131]  # 120 was the oldest left
+    assert indexer.find_matches_sequence([900, 901]).scores == {W2: 2}
+    stats = indexer.stats()
+    assert (stats.num_predicted, stats.predicted_pruned) == (7, 4)

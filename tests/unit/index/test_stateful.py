@@ -196,9 +196,14 @@ class IndexerMachine(RuleBasedStateMachine):
     def forget_predictions(self, which: Callable[[WorkerKey], bool]) -> None:
         self.predicted = {p: e for p, e in self.predicted.items() if not which(p[0])}
 
-    @rule(key=workers_st, new=locals_st, ttl=st.sampled_from([None, 3]))
-    def predict(self, key: WorkerKey, new: list[int], ttl: int | None) -> None:
-        self.indexer.add_predicted(key, new, ttl_s=ttl)
+    @rule(
+        key=workers_st,
+        new=locals_st,
+        ttl=st.sampled_from([None, 3]),
+        cap=st.sampled_from([None, None, 1, 3]),
+    )
+    def predict(self, key: WorkerKey, new: list[int], ttl: int | None, cap: int | None) -> None:
+        self.indexer.add_predicted(key, new, ttl_s=ttl, max_blocks=cap)
         model = self.worker(key)
         now = int(self.clock())
         predicted = {p: e for p, e in self.predicted.items() if e > now}
@@ -211,6 +216,10 @@ class IndexerMachine(RuleBasedStateMachine):
                     continue  # fresh enough: not refreshed, and never shortened
                 predicted.pop((key, prefix), None)  # a refresh makes it the youngest
                 predicted[(key, prefix)] = expiry
+        if cap is not None:  # the worker's capacity: its oldest predictions go first
+            mine = [p for p in predicted if p[0] == key]
+            for p in mine[: max(0, len(mine) - cap)]:
+                del predicted[p]
         while len(predicted) > MAX_PREDICTED:
             del predicted[next(iter(predicted))]
         self.predicted = predicted

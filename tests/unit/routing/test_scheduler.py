@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -382,3 +383,20 @@ def test_bookings_of_requests_that_expired_without_finishing_are_let_go() -> Non
         sched.schedule(ScheduleRequest(f"new{i}", token_ids=_prompt(1, 5000 + i)))
         sched.on_finish(f"new{i}")
     assert len(sched._predictions) <= 1024 + 2
+
+
+def test_approximate_mode_keeps_no_more_predictions_than_the_worker_holds() -> None:
+    clock = ManualClock()
+    indexer = KvIndexer(block_size=BS, clock=clock)
+    sched = KvScheduler(indexer, block_size=BS, clock=clock, rng=random.Random(0))
+    sched.add_worker(WORKERS[0], total_blocks=4, publishes_events=False)
+    sched.add_worker(WORKERS[1], total_blocks=4)  # publishes events: no cap on predictions
+    for i in range(3):
+        for worker in WORKERS[:2]:
+            request = ScheduleRequest(f"r{i}-{worker.worker_id}", token_ids=_prompt(2, i))
+            sched.schedule(replace(request, worker=worker))
+        clock.advance(2.0)
+    assert len(indexer._workers[WORKERS[0]].predicted) == 4  # capacity: the newest 4
+    assert len(indexer._workers[WORKERS[1]].predicted) == 5  # 2 shared + 3 suffixes: over 4
+    newest = hash_request(_prompt(2, 2), BS)[0]
+    assert indexer.find_matches(newest).scores[WORKERS[0]] == 3
