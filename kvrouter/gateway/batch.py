@@ -3,9 +3,10 @@
 A batch completion (``prompt`` a list of several prompts) fans out into one request per
 prompt, each routed, retried and booked on its own by
 :class:`~kvrouter.gateway.forward.RequestForwarder`. This module holds what the pieces
-of one batch look like (:class:`Batch`, :class:`PromptAnswer`, :class:`OpenStream`) and
-the I/O of a streamed batch (:class:`BatchStream`); the merging of bytes is pure and
-lives in :mod:`kvrouter.gateway.fanout`.
+of one batch look like (:class:`Batch`, :class:`PromptAnswer`, :class:`OpenStream`),
+the running of its prompts at once (:func:`gather_or_cancel`) and the I/O of a streamed
+batch (:class:`BatchStream`); the merging of bytes is pure and lives in
+:mod:`kvrouter.gateway.fanout`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -34,11 +35,13 @@ __all__ = [
     "OpenPrompt",
     "OpenStream",
     "PromptAnswer",
+    "gather_or_cancel",
     "json_response",
     "sub_headers",
 ]
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,3 +302,14 @@ def json_response(body: bytes, status: int, workers: Iterable[int]) -> web.Respo
             "x-kvrouter-worker": ",".join(str(w) for w in workers),
         },
     )
+
+
+async def gather_or_cancel(aws: Iterable[Awaitable[_T]]) -> list[_T]:
+    """All results, in order; on the first failure (or a cancel) the rest are cancelled,
+    so a batch fails as a whole and leaves no prompt running."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        await cancel_and_wait(*tasks)
+        raise

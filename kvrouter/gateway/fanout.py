@@ -12,7 +12,8 @@ The answers are merged the way vLLM answers a batch:
 - a stream interleaves the prompts' events as they come, sends one usage chunk (when
   the workers sent any) and one ``data: [DONE]`` at the end.
 
-This module is pure (bytes in, bytes out); :mod:`kvrouter.gateway.forward` does the I/O.
+This module is pure (bytes in, bytes out); :mod:`kvrouter.gateway.forward` (the
+requests) and :mod:`kvrouter.gateway.batch` (the merged stream) do the I/O.
 
 >>> import json
 >>> bodies = [b'{"id":"a","choices":[{"index":0,"text":"x"}],"usage":{"prompt_tokens":3,'

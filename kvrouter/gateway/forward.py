@@ -34,7 +34,7 @@ import itertools
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +60,7 @@ from kvrouter.gateway.batch import (
     BatchStream,
     OpenStream,
     PromptAnswer,
+    gather_or_cancel,
     json_response,
     sub_headers,
 )
@@ -76,7 +77,6 @@ from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_pro
 from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import DecisionRecord, GatewayCounters
-from kvrouter.lifecycle import cancel_and_wait
 
 __all__ = ["PromptPreparer", "RequestForwarder", "read_body"]
 
@@ -537,8 +537,8 @@ class RequestForwarder:
         run: Callable[..., Awaitable[_T]],
     ) -> Awaitable[list[_T]]:
         """:meth:`_prompt_with_retries` for every prompt at once
-        (:func:`_gather_or_cancel` for the rest)."""
-        return _gather_or_cancel(
+        (:func:`~kvrouter.gateway.batch.gather_or_cancel`)."""
+        return gather_or_cancel(
             self._prompt_with_retries(batch, i, run) for i in range(len(batch.subs))
         )
 
@@ -622,13 +622,3 @@ class RequestForwarder:
 
         stream = BatchStream(request, batch, open_prompt, self._broken_stream, disconnected)
         return await stream.run()
-
-
-async def _gather_or_cancel(aws: Iterable[Awaitable[_T]]) -> list[_T]:
-    """All results, in order; on the first failure (or a cancel) the rest are cancelled."""
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        await cancel_and_wait(*tasks)
-        raise
