@@ -106,6 +106,9 @@ def serve(
     connect_timeout_s: float | None = typer.Option(
         None, help="Timeout of connecting to a worker [5]."
     ),
+    shutdown_grace_s: float | None = typer.Option(
+        None, help="On SIGTERM, how long requests in flight may take to finish [30]."
+    ),
     max_retries: int | None = typer.Option(None, help="Retries before the first byte [2]."),
     max_connections: int | None = typer.Option(
         None, help="Size of the upstream connection pool [1024]."

@@ -115,6 +115,7 @@ class GatewayConfig:
     health_check_interval_s: float = 2.0
     health_check_timeout_s: float = 2.0
     request_timeout_s: float = 300.0
+    shutdown_grace_s: float = 30.0
     connect_timeout_s: float = 5.0
     max_retries: int = 2
     predicted_ttl_s: float = 120.0
@@ -159,6 +160,8 @@ def _validate(cfg: GatewayConfig) -> None:
     ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.shutdown_grace_s < 0:
+        raise ConfigError(f"shutdown_grace_s must be >= 0, got {cfg.shutdown_grace_s}")
     if cfg.max_retries < 0:
         raise ConfigError(f"max_retries must be >= 0, got {cfg.max_retries}")
     if not 0.0 <= cfg.decision_log_sample_rate <= 1.0:

@@ -30,6 +30,7 @@ has accepted its prompt and the first prompt has its first byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -86,6 +87,7 @@ decision_log = logging.getLogger("kvrouter.decisions")
 _PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 _encoder = msgspec.json.Encoder()
 _T = TypeVar("_T")
+_CUT_SHORT = "kvrouter: shutdown grace over"  # the cancel message of cut_streams()
 
 # (parsed body, kind) -> prepared prompt; tokenizes and hashes off the event loop.
 PromptPreparer = Callable[[ParsedBody, Kind], Awaitable[PreparedPrompt]]
@@ -135,6 +137,10 @@ class RequestForwarder:
         self._rng = rng or random.Random()
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
+        # Set when the gateway shuts down: requests still running at the end of the
+        # grace period are cancelled by the server, not by their clients.
+        self.closing = False
+        self._streaming: set[asyncio.Task[Any]] = set()  # handlers streaming an answer
 
     # -- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -144,7 +150,8 @@ class RequestForwarder:
         except asyncio.CancelledError:
             # The client went away (its handler is cancelled), wherever the request was:
             # tokenizing, queued, waiting for a worker, or streaming.
-            self._counters.num_disconnects += 1
+            if not self.closing:
+                self._counters.num_disconnects += 1
             raise
 
     async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -436,6 +443,9 @@ class RequestForwarder:
         chunks = aiter(upstream.iter_chunks())
         finished = False
         response: web.StreamResponse | None = None
+        task = asyncio.current_task()
+        if task is not None:
+            self._streaming.add(task)
         try:
             first = await self._first_chunk(chunks, state)
             self._on_first_byte(state, request_id)
@@ -454,11 +464,34 @@ class RequestForwarder:
             if response is not None:
                 return response
             raise
+        except asyncio.CancelledError as exc:
+            if response is None or _CUT_SHORT not in exc.args:
+                raise
+            # Still streaming when the shutdown grace ran out: say so, then end cleanly.
+            frames = sse_error_event(
+                "the router is shutting down; the request was cut short", status=503
+            )
+            with contextlib.suppress(Exception):
+                await response.write(frames)
+                await response.write_eof()
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return response
         finally:
+            if task is not None:
+                self._streaming.discard(task)
             if finished:
                 upstream.release()
             else:
                 upstream.close()
+
+    def cut_streams(self) -> int:
+        """End every stream still running with an SSE error event (the shutdown grace
+        is over); returns how many."""
+        for task in self._streaming:
+            task.cancel(_CUT_SHORT)
+        return len(self._streaming)
 
     async def _first_chunk(self, chunks: AsyncIterator[bytes], state: WorkerState) -> bytes:
         try:

@@ -33,6 +33,9 @@ __all__ = ["GatewayServer", "install_uvloop", "load_gateway_tokenizer", "serve_f
 
 log = logging.getLogger(__name__)
 
+# After the shutdown grace, how long cut streams get to send their error event.
+_LAST_WORDS_S = 2.0
+
 
 def load_gateway_tokenizer(cfg: GatewayConfig) -> Tokenizer | None:
     """The local tokenizer the config names (``None`` when the workers tokenize)."""
@@ -105,7 +108,11 @@ class GatewayServer(AsyncLifecycle):
     async def start(self) -> None:
         await self.gateway.start()
         runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            # After the grace, streams get their last words (cut_streams) first.
+            shutdown_timeout=self.cfg.shutdown_grace_s + _LAST_WORDS_S,
         )
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, backlog=1024)
@@ -120,10 +127,24 @@ class GatewayServer(AsyncLifecycle):
         log.info("kvrouter gateway listening on %s", self.url)
 
     async def aclose(self) -> None:
-        """Stop accepting, drain (aiohttp's shutdown timeout), stop the gateway; idempotent."""
+        """Stop accepting, let requests in flight finish for up to ``shutdown_grace_s``
+        (then cancel them: a stream ends with an SSE error event), stop; idempotent."""
         runner, self._runner = self._runner, None
         if runner is not None:
-            await runner.cleanup()
+            self.gateway.forwarder.closing = True
+            in_flight = self.gateway.counters.num_in_flight
+            if in_flight:
+                log.info(
+                    "shutting down: %d request(s) in flight get up to %.0f s to finish",
+                    in_flight,
+                    self.cfg.shutdown_grace_s,
+                )
+            forwarder = self.gateway.forwarder
+            cleanup = asyncio.ensure_future(runner.cleanup())
+            done, _ = await asyncio.wait({cleanup}, timeout=self.cfg.shutdown_grace_s)
+            if not done and (cut := forwarder.cut_streams()):
+                log.warning("shutdown grace over: %d stream(s) ended with an error event", cut)
+            await cleanup
         await self.gateway.aclose()
 
 

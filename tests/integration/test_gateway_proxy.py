@@ -35,7 +35,8 @@ SLOW_START_S = 1.0
 
 @dataclass
 class Backend:
-    """A scripted worker: ``mode`` is ok | drop | status503 | html | break | slow | hang."""
+    """A scripted worker: ``mode`` is ok | drop | status503 | html | break | slow | steady |
+    hang (slow: 200 chunks 20 ms apart; steady: 25)."""
 
     mode: str = "ok"
     kv_usage: float = 0.0
@@ -78,8 +79,9 @@ class Backend:
             request.transport.close()
             return response
         try:
-            for _ in range(200 if self.mode == "slow" else 2):
-                await asyncio.sleep(0.02 if self.mode == "slow" else 0)
+            count = {"slow": 200, "steady": 25}.get(self.mode, 2)
+            for _ in range(count):
+                await asyncio.sleep(0.02 if count > 2 else 0)
                 await response.write(CHUNK)
             await response.write(b"data: [DONE]\n\n")
         except (asyncio.CancelledError, ConnectionResetError):
@@ -481,6 +483,46 @@ async def test_a_request_routed_while_a_worker_is_being_removed_avoids_it(
         gw.core.on_finish(f"r{i}")
     await removing
     assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def _start_stream(
+    client: aiohttp.ClientSession, url: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    resp = await client.post(url + "/v1/completions", json={"prompt": "abcdefgh", "stream": True})
+    assert resp.status == 200
+    return resp, await resp.content.readany()
+
+
+async def test_shutdown_lets_streams_in_flight_finish(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend(mode="steady"))
+    gw = GatewayServer(config([a.url], shutdown_grace_s=10.0))
+    await gw.start()
+    resp, first = await _start_stream(client, gw.url)
+    closing = asyncio.create_task(gw.aclose())
+    rest = await resp.read()
+    await closing
+    text = (first + rest).decode()
+    assert text.endswith("data: [DONE]\n\n") and "error" not in text
+    assert text.count("data: {") == 26  # every chunk of the worker's answer
+
+
+async def test_shutdown_ends_a_stream_that_outlives_the_grace_with_an_error_event(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend(mode="slow"))  # 4 s of chunks
+    gw = GatewayServer(config([a.url], shutdown_grace_s=0.3))
+    await gw.start()
+    resp, first = await _start_stream(client, gw.url)
+    started = asyncio.get_running_loop().time()
+    closing = asyncio.create_task(gw.aclose())
+    rest = await resp.read()
+    await closing
+    assert asyncio.get_running_loop().time() - started < 2.0
+    text = (first + rest).decode()
+    assert "the router is shutting down" in text and '"code": 503' in text.replace('":', '": ')
+    assert gw.gateway.counters.stats().num_disconnects == 0  # not the client's doing
 
 
 async def test_all_workers_busy_is_503_with_retry_after(
