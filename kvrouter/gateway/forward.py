@@ -474,9 +474,8 @@ class RequestForwarder:
             with contextlib.suppress(Exception):
                 await response.write(frames)
                 await response.write_eof()
-            task = asyncio.current_task()
             if task is not None:
-                task.uncancel()
+                task.uncancel()  # the cancel was ours, and it is handled
             return response
         finally:
             if task is not None:
