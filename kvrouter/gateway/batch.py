@@ -12,6 +12,7 @@ batch (:class:`BatchStream`); the merging of bytes is pure and lives in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,18 +30,41 @@ from kvrouter.gateway.registry import WorkerState
 from kvrouter.lifecycle import cancel_and_wait
 
 __all__ = [
+    "SHUTDOWN_CANCEL",
     "SSE_HEADERS",
     "Batch",
     "BatchStream",
     "OpenPrompt",
     "OpenStream",
     "PromptAnswer",
+    "end_cut_stream",
     "gather_or_cancel",
     "json_response",
     "sub_headers",
 ]
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+# The cancel message that ends a stream when the shutdown grace is over.
+SHUTDOWN_CANCEL = "kvrouter: shutdown grace over"
+
+
+def shutdown_frames() -> bytes:
+    """The SSE frames that end a stream the gateway's shutdown cuts short."""
+    return sse_error_event("the router is shutting down; the request was cut short", status=503)
+
+
+async def end_cut_stream(response: web.StreamResponse) -> web.StreamResponse:
+    """Send :func:`shutdown_frames` and end ``response`` (best effort); the cancel
+    that asked for it is handled."""
+    with contextlib.suppress(Exception):
+        await response.write(shutdown_frames())
+        await response.write_eof()
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return response
+
+
 _T = TypeVar("_T")
 
 
@@ -143,6 +167,10 @@ class BatchStream:
             if self._response is None:
                 raise
             return self._response
+        except asyncio.CancelledError as exc:
+            if self._response is None or SHUTDOWN_CANCEL not in exc.args:
+                raise
+            return await end_cut_stream(self._response)
         finally:
             await cancel_and_wait(*tasks)
             for stream, clean in zip(self._streams, self._clean, strict=True):

@@ -30,7 +30,6 @@ has accepted its prompt and the first prompt has its first byte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -56,11 +55,13 @@ from kvrouter.errors import (
 )
 from kvrouter.events.model import WorkerKey
 from kvrouter.gateway.batch import (
+    SHUTDOWN_CANCEL,
     SSE_HEADERS,
     Batch,
     BatchStream,
     OpenStream,
     PromptAnswer,
+    end_cut_stream,
     gather_or_cancel,
     json_response,
     sub_headers,
@@ -87,7 +88,6 @@ decision_log = logging.getLogger("kvrouter.decisions")
 _PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 _encoder = msgspec.json.Encoder()
 _T = TypeVar("_T")
-_CUT_SHORT = "kvrouter: shutdown grace over"  # the cancel message of cut_streams()
 
 # (parsed body, kind) -> prepared prompt; tokenizes and hashes off the event loop.
 PromptPreparer = Callable[[ParsedBody, Kind], Awaitable[PreparedPrompt]]
@@ -465,18 +465,10 @@ class RequestForwarder:
                 return response
             raise
         except asyncio.CancelledError as exc:
-            if response is None or _CUT_SHORT not in exc.args:
+            if response is None or SHUTDOWN_CANCEL not in exc.args:
                 raise
             # Still streaming when the shutdown grace ran out: say so, then end cleanly.
-            frames = sse_error_event(
-                "the router is shutting down; the request was cut short", status=503
-            )
-            with contextlib.suppress(Exception):
-                await response.write(frames)
-                await response.write_eof()
-            if task is not None:
-                task.uncancel()  # the cancel was ours, and it is handled
-            return response
+            return await end_cut_stream(response)
         finally:
             if task is not None:
                 self._streaming.discard(task)
@@ -489,7 +481,7 @@ class RequestForwarder:
         """End every stream still running with an SSE error event (the shutdown grace
         is over); returns how many."""
         for task in self._streaming:
-            task.cancel(_CUT_SHORT)
+            task.cancel(SHUTDOWN_CANCEL)
         return len(self._streaming)
 
     async def _first_chunk(self, chunks: AsyncIterator[bytes], state: WorkerState) -> bytes:
@@ -653,4 +645,11 @@ class RequestForwarder:
             self._counters.num_disconnects += 1
 
         stream = BatchStream(request, batch, open_prompt, self._broken_stream, disconnected)
-        return await stream.run()
+        task = asyncio.current_task()
+        if task is not None:
+            self._streaming.add(task)
+        try:
+            return await stream.run()
+        finally:
+            if task is not None:
+                self._streaming.discard(task)

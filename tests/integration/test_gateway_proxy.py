@@ -525,6 +525,23 @@ async def test_shutdown_ends_a_stream_that_outlives_the_grace_with_an_error_even
     assert gw.gateway.counters.stats().num_disconnects == 0  # not the client's doing
 
 
+async def test_shutdown_ends_a_streamed_batch_with_an_error_event_too(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend(mode="slow"))
+    gw = GatewayServer(config([a.url], shutdown_grace_s=0.3))
+    await gw.start()
+    body = {"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
+    resp = await client.post(gw.url + "/v1/completions", json=body)
+    assert resp.status == 200
+    first = await resp.content.readany()
+    closing = asyncio.create_task(gw.aclose())
+    text = (first + await resp.read()).decode()
+    await closing
+    assert text.count("the router is shutting down") == 1
+    assert gw.core.scheduler.stats().active.num_requests == 0  # both prompts freed
+
+
 async def test_all_workers_busy_is_503_with_retry_after(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:
