@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-# The cancel message that ends a stream when the shutdown grace is over.
+# The cancel message that ends a request when the shutdown grace is over.
 SHUTDOWN_CANCEL = "kvrouter: shutdown grace over"
 
 

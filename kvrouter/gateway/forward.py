@@ -140,19 +140,32 @@ class RequestForwarder:
         # Set when the gateway shuts down: requests still running at the end of the
         # grace period are cancelled by the server, not by their clients.
         self.closing = False
-        self._streaming: set[asyncio.Task[Any]] = set()  # handlers streaming an answer
+        self._handlers: set[asyncio.Task[Any]] = set()  # requests being served
 
     # -- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         """Serve one ``/v1/completions`` or ``/v1/chat/completions`` request."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             return await self._handle(request, kind)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            if task is not None and SHUTDOWN_CANCEL in exc.args:
+                # The shutdown grace is over before any answer started: a 503 the
+                # client can retry (on another gateway), not a dropped connection.
+                task.uncancel()
+                raise NoWorkerAvailable(
+                    "the router is shutting down; send the request again"
+                ) from None
             # The client went away (its handler is cancelled), wherever the request was:
             # tokenizing, queued, waiting for a worker, or streaming.
             if not self.closing:
                 self._counters.num_disconnects += 1
             raise
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
 
     async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         body = await read_body(request, self._cfg.max_body_bytes)
@@ -443,9 +456,6 @@ class RequestForwarder:
         chunks = aiter(upstream.iter_chunks())
         finished = False
         response: web.StreamResponse | None = None
-        task = asyncio.current_task()
-        if task is not None:
-            self._streaming.add(task)
         try:
             first = await self._first_chunk(chunks, state)
             self._on_first_byte(state, request_id)
@@ -470,19 +480,17 @@ class RequestForwarder:
             # Still streaming when the shutdown grace ran out: say so, then end cleanly.
             return await end_cut_stream(response)
         finally:
-            if task is not None:
-                self._streaming.discard(task)
             if finished:
                 upstream.release()
             else:
                 upstream.close()
 
-    def cut_streams(self) -> int:
-        """End every stream still running with an SSE error event (the shutdown grace
-        is over); returns how many."""
-        for task in self._streaming:
+    def cut_short(self) -> int:
+        """The shutdown grace is over: end every request still being served, a stream
+        with an SSE error event, anything else with a 503; returns how many."""
+        for task in self._handlers:
             task.cancel(SHUTDOWN_CANCEL)
-        return len(self._streaming)
+        return len(self._handlers)
 
     async def _first_chunk(self, chunks: AsyncIterator[bytes], state: WorkerState) -> bytes:
         try:
@@ -645,11 +653,4 @@ class RequestForwarder:
             self._counters.num_disconnects += 1
 
         stream = BatchStream(request, batch, open_prompt, self._broken_stream, disconnected)
-        task = asyncio.current_task()
-        if task is not None:
-            self._streaming.add(task)
-        try:
-            return await stream.run()
-        finally:
-            if task is not None:
-                self._streaming.discard(task)
+        return await stream.run()

@@ -111,7 +111,7 @@ class GatewayServer(AsyncLifecycle):
             self.app,
             handler_cancellation=True,
             access_log=None,
-            # After the grace, streams get their last words (cut_streams) first.
+            # After the grace, requests get their last words (cut_short) first.
             shutdown_timeout=self.cfg.shutdown_grace_s + _LAST_WORDS_S,
         )
         await runner.setup()
@@ -142,8 +142,8 @@ class GatewayServer(AsyncLifecycle):
             forwarder = self.gateway.forwarder
             cleanup = asyncio.ensure_future(runner.cleanup())
             done, _ = await asyncio.wait({cleanup}, timeout=self.cfg.shutdown_grace_s)
-            if not done and (cut := forwarder.cut_streams()):
-                log.warning("shutdown grace over: %d stream(s) ended with an error event", cut)
+            if not done and (cut := forwarder.cut_short()):
+                log.warning("shutdown grace over: %d request(s) cut short", cut)
             await cleanup
         await self.gateway.aclose()
 

@@ -542,6 +542,27 @@ async def test_shutdown_ends_a_streamed_batch_with_an_error_event_too(
     assert gw.core.scheduler.stats().active.num_requests == 0  # both prompts freed
 
 
+async def test_shutdown_answers_a_request_still_waiting_with_a_503(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    a = await start_backend(stack, Backend(mode="hang"))  # says nothing for 30 s
+    gw = GatewayServer(config([a.url], shutdown_grace_s=0.3))
+    await gw.start()
+    pending = asyncio.create_task(
+        client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"})
+    )
+    for _ in range(250):  # until the worker has it
+        if a.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert len(a.requests) == 1
+    await gw.aclose()
+    resp = await pending
+    assert resp.status == 503 and "Retry-After" in resp.headers
+    assert "shutting down" in (await resp.json())["error"]["message"]
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
 async def test_all_workers_busy_is_503_with_retry_after(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:
