@@ -177,7 +177,11 @@ def _content_text(content: Any, index: int, media: Literal["reject", "mark"]) ->
             elif media == "mark" and isinstance(part, Mapping):
                 parts.append(media_marker(part))
             else:
-                raise InvalidRequest(f"messages[{index}].content has a non-text part")
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                raise InvalidRequest(
+                    f"messages[{index}].content has a non-text part ({kind!r}); "
+                    "this model takes text only"
+                )
         return "".join(parts)
     raise InvalidRequest(f"messages[{index}].content must be a string or a list of parts")
 
