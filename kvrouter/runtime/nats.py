@@ -51,7 +51,7 @@ from kvrouter.errors import ConfigError, UpstreamError, UpstreamTimeout
 from kvrouter.lifecycle import cancel_and_wait
 from kvrouter.runtime.client import Client, InstanceGone, Selector
 from kvrouter.runtime.component import Handler, endpoints_of, service_spec
-from kvrouter.transport.nats_transport import log_nats_error
+from kvrouter.transport.nats_transport import connect_nats
 
 __all__ = ["NatsRuntime", "NatsServed", "find_nats_server", "start_nats_server"]
 
@@ -295,8 +295,6 @@ class NatsRuntime:
         A lost connection is retried every ``reconnect_wait_s`` for as long as it takes
         (a server restart must not end the runtime); subscriptions come back with it.
         """
-        import nats
-
         runtimes: list[NatsRuntime] = []
 
         async def on_disconnected() -> None:
@@ -306,18 +304,13 @@ class NatsRuntime:
         async def on_reconnected() -> None:
             log.info("reconnected to NATS at %s", url)
 
-        try:
-            nc = await nats.connect(
-                url,
-                connect_timeout=2,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=reconnect_wait_s,
-                error_cb=log_nats_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-            )
-        except Exception as exc:  # nats raises several unrelated types for an unreachable server
-            raise UpstreamError(f"cannot connect to NATS at {url}: {exc}") from exc
+        nc = await connect_nats(
+            url,
+            error=UpstreamError,
+            reconnect_wait_s=reconnect_wait_s,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
         runtimes.append(cls(nc, lease_s=lease_s))
         return runtimes[0]
 

@@ -32,7 +32,7 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-from kvrouter.errors import EventStreamError
+from kvrouter.errors import EventStreamError, RouterError
 from kvrouter.lifecycle import cancel_and_wait
 from kvrouter.transport.base import (
     END_SEQ,
@@ -50,6 +50,7 @@ from kvrouter.transport.base import (
 __all__ = [
     "NatsSubscription",
     "NatsTransport",
+    "connect_nats",
     "is_nats_endpoint",
     "log_nats_error",
     "nats_endpoint",
@@ -127,7 +128,19 @@ async def log_nats_error(exc: Exception) -> None:
     logger.log(level, "NATS: %s: %s", type(exc).__name__, exc)
 
 
-async def _connect(servers: str | list[str]) -> Any:
+async def connect_nats(
+    servers: str | list[str],
+    *,
+    error: type[RouterError] = EventStreamError,
+    reconnect_wait_s: float = 0.5,
+    **callbacks: Any,
+) -> Any:
+    """A ``nats.NATS`` connection that reconnects for as long as it takes (every
+    ``reconnect_wait_s``; a server restart must not end it) and logs nats-py's errors
+    as one line each. ``callbacks``: nats-py's ``disconnected_cb`` and the like.
+
+    Raises ``error`` when the server cannot be reached now.
+    """
     import nats
 
     try:
@@ -135,11 +148,12 @@ async def _connect(servers: str | list[str]) -> Any:
             servers,
             connect_timeout=2,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=reconnect_wait_s,
             error_cb=log_nats_error,
+            **callbacks,
         )
     except Exception as exc:  # nats raises several unrelated types for an unreachable server
-        raise EventStreamError(f"cannot connect to NATS at {servers}: {exc}") from exc
+        raise error(f"cannot connect to NATS at {servers}: {exc}") from exc
 
 
 class NatsSubscription(Subscription):
@@ -267,7 +281,7 @@ class NatsTransport(EventTransport):
 
     async def _connection(self) -> Any:
         if self._nc is None:
-            self._nc = await _connect(self._servers)
+            self._nc = await connect_nats(self._servers)
         return self._nc
 
     async def start(self) -> None:
