@@ -519,7 +519,7 @@ async def test_shutdown_ends_a_stream_that_outlives_the_grace_with_an_error_even
     closing = asyncio.create_task(gw.aclose())
     rest = await resp.read()
     await closing
-    assert asyncio.get_running_loop().time() - started < 2.0
+    assert asyncio.get_running_loop().time() - started < 3.5  # the stream has 4 s left
     text = (first + rest).decode()
     assert "the router is shutting down" in text and '"code": 503' in text.replace('":', '": ')
     assert gw.gateway.counters.stats().num_disconnects == 0  # not the client's doing
