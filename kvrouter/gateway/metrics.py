@@ -165,11 +165,30 @@ class GatewayCollector:
                 family.add_metric(_worker_labels(key), value)
             yield family
         if stats.index is not None:
+            index = stats.index
             yield GaugeMetricFamily(
-                _P + "index_size_blocks",
-                "Distinct blocks in the index",
-                value=stats.index.num_blocks,
+                _P + "index_size_blocks", "Distinct blocks in the index", value=index.num_blocks
             )
+            yield GaugeMetricFamily(
+                _P + "index_predicted_entries",
+                "Predicted (worker, block) cache entries alive now",
+                value=index.num_predicted,
+            )
+            predicted = CounterMetricFamily(
+                _P + "index_predictions",
+                "Predicted cache entries by what became of them: added, superseded by a "
+                "KV event, expired, pruned, withdrawn after a failed request",
+                labels=["outcome"],
+            )
+            for outcome, count in (
+                ("added", index.predicted_added),
+                ("superseded", index.predicted_superseded),
+                ("expired", index.predicted_expired),
+                ("pruned", index.predicted_pruned),
+                ("withdrawn", index.predicted_withdrawn),
+            ):
+                predicted.add_metric([outcome], count)
+            yield predicted
 
     def _worker_health(self, workers: list[WorkerInfo]) -> Iterator[Metric]:
         family = GaugeMetricFamily(

@@ -244,6 +244,11 @@ async def test_a_worker_answering_5xx_is_skipped_for_the_retry_but_stays_in_rota
     assert gw.core.indexer.stats().predicted_withdrawn == 2  # "abcdefgh": 2 blocks of 4
     seq = parse_prompt_hashes(gw, "abcdefgh")
     assert {k.worker_id for k in gw.core.indexer.find_matches_sequence(seq).scores} == {1}
+    async with client.get(gw.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'kvrouter_index_predictions_total{outcome="withdrawn"} 2.0' in text
+    assert 'kvrouter_index_predictions_total{outcome="added"} 4.0' in text
+    assert "kvrouter_index_predicted_entries 2.0" in text
     # Still a candidate for the next request: round robin comes back to it.
     async with client.post(gw.url + "/v1/completions", json={"prompt": "abcdefgh"}) as resp:
         assert resp.status == 200
