@@ -27,13 +27,13 @@ requests) and :mod:`kvrouter.gateway.batch` (the merged stream) do the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
 from kvrouter.errors import UpstreamError
-from kvrouter.gateway.prompts import ParsedBody
+from kvrouter.gateway.prompts import ParsedBody, choices_per_prompt
 
 __all__ = [
     "SseRewriter",
@@ -48,12 +48,6 @@ __all__ = [
 _decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
 _DONE = b"[DONE]"
-
-
-def choices_per_prompt(payload: Mapping[str, Any]) -> int:
-    """``n``: how many choices each prompt gets (1 unless the client set it)."""
-    n = payload.get("n", 1)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def split_batch(parsed: ParsedBody, prompts: Sequence[str | list[int]]) -> list[ParsedBody]:

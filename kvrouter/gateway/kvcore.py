@@ -193,6 +193,7 @@ class KvRoutingCore:
             overrides=PolicyOverrides(**params) if params else None,
             worker=worker,
             exclude=exclude,
+            num_sequences=prompt.num_sequences,
         )
 
     def on_first_token(self, request_id: str) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "batch_prompts",
     "byte_token_ids",
     "can_prepare_inline",
+    "choices_per_prompt",
     "first_prompt",
     "parse_body",
     "prepare_prompt",
@@ -78,10 +79,17 @@ class PreparedPrompt:
     sequence_hashes: list[int]
     salt: bytes | None
     cache_salt: str | None = None
+    num_sequences: int = 1  # the request's ``n``: sequences the engine runs for it
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def choices_per_prompt(payload: Mapping[str, Any]) -> int:
+    """``n``: how many choices each prompt gets (1 unless the client set it)."""
+    n = payload.get("n", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def parse_body(body: bytes, kind: Kind) -> ParsedBody:
@@ -232,7 +240,7 @@ def prepare_prompt(
     salt = request_salt(payload)
     cache_salt = request_cache_salt(payload)
     local, seq = hash_request(tokens, block_size, salt=salt, cache_salt=cache_salt)
-    return PreparedPrompt(tokens, local, seq, salt, cache_salt)
+    return PreparedPrompt(tokens, local, seq, salt, cache_salt, choices_per_prompt(payload))
 
 
 def tokenize_locally(

@@ -118,6 +118,10 @@ class ScheduleRequest:
     # Workers not to use for this request only (e.g. they failed it once); they stay in
     # rotation for every other request. Ignored for direct routing (``worker``).
     exclude: frozenset[WorkerKey] = frozenset()
+    # Sequences the engine runs for it (OpenAI's ``n``): each holds its own tail block,
+    # and each is booked as prefilling the uncached prompt (an upper bound: exact when
+    # they start together, before any of it is cached, as in the simulated engine).
+    num_sequences: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +324,7 @@ class KvScheduler:
         if request.request_id in self.active:
             raise InvalidRequest(f"request {request.request_id!r} is already scheduled")
         view, decision, local, seq = self._decide(request, count=True)
-        self._book(view, decision, local, seq)
+        self._book(view, decision, local, seq, max(1, request.num_sequences))
         self._record(decision, self._timer() - start)
         return decision
 
@@ -545,7 +549,12 @@ class KvScheduler:
         return self.policy
 
     def _book(
-        self, view: RequestView, decision: Decision, local: Sequence[int], seq: Sequence[int]
+        self,
+        view: RequestView,
+        decision: Decision,
+        local: Sequence[int],
+        seq: Sequence[int],
+        num_sequences: int = 1,
     ) -> None:
         worker = decision.worker
         partial_tail = 1 if view.num_tokens % self.block_size else 0
@@ -553,8 +562,8 @@ class KvScheduler:
             view.request_id,
             worker,
             seq,
-            view.uncached_tokens(worker),
-            num_private_blocks=partial_tail,
+            view.uncached_tokens(worker) * num_sequences,
+            num_private_blocks=partial_tail * num_sequences,
         )
         if self._predict and local and self.indexer is not None:
             state = self._workers.get(worker)

@@ -165,3 +165,17 @@ def test_poll_routes_queued_requests_once_a_lost_booking_expires() -> None:
     clock.advance(21.0)  # bookings expire after twice the request timeout
     core.poll()
     assert list(got) == ["lost", "b"] and isinstance(got["b"], RouteResult)
+
+
+def test_a_request_for_n_choices_is_booked_as_n_sequences() -> None:
+    core = _core((W0,))
+    prompt = prepare_prompt(
+        ByteTokenizer(),
+        {"prompt": "abcdefghij", "n": 3},
+        "completion",
+        block_size=4,
+        max_prompt_tokens=100,
+    )
+    core.route("a", prompt, NONE)
+    load = core.scheduler.active.load(W0)
+    assert (load.prefill_tokens, load.active_blocks) == (3 * 10, 2 + 3)

@@ -206,3 +206,14 @@ def test_inline_preparation_only_for_small_cheap_prompts() -> None:
     assert can_prepare_inline(None, ids, "completion")
     assert not can_prepare_inline(None, small, "completion")
     assert not can_prepare_inline(None, chat, "chat")
+
+
+def test_n_is_carried_to_the_routing_request() -> None:
+    tok = ByteTokenizer()
+    for payload, n in (
+        ({"prompt": "hi", "n": 3}, 3),
+        ({"prompt": "hi"}, 1),
+        ({"prompt": "hi", "n": "3"}, 1),
+    ):
+        prepared = prepare_prompt(tok, payload, "completion", block_size=4, max_prompt_tokens=99)
+        assert prepared.num_sequences == n

@@ -400,3 +400,17 @@ def test_approximate_mode_keeps_no_more_predictions_than_the_worker_holds() -> N
     assert len(indexer._workers[WORKERS[1]].predicted) == 5  # 2 shared + 3 suffixes: over 4
     newest = hash_request(_prompt(2, 2), BS)[0]
     assert indexer.find_matches(newest).scores[WORKERS[0]] == 3
+
+
+def test_n_sequences_book_n_prefills_and_n_tails() -> None:
+    # The engine starts the n sequences together: each prefills the uncached prompt
+    # (none of it is cached yet) and holds its own partial tail block.
+    sched, _, _ = _scheduler()
+    tokens = _prompt(2, 1)[:-5]  # 2 full blocks and a partial third
+    sched.schedule(ScheduleRequest("one", token_ids=tokens, worker=WORKERS[0]))
+    sched.schedule(ScheduleRequest("four", token_ids=tokens, worker=WORKERS[1], num_sequences=4))
+    one, four = sched.active.load(WORKERS[0]), sched.active.load(WORKERS[1])
+    assert (one.prefill_tokens, one.active_blocks) == (len(tokens), 3)
+    assert (four.prefill_tokens, four.active_blocks) == (4 * len(tokens), 2 + 4)
+    assert sched.on_finish("four")
+    assert sched.active.load(WORKERS[1]).active_blocks == 0
