@@ -77,7 +77,11 @@ class Batch:
     ids: list[str]
     headers: list[Mapping[str, str]]
     overrides: RoutingOverrides
-    n: int  # choices per prompt
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt (the body's ``n``, the same for every prompt)."""
+        return self.prompts[0].num_sequences
 
 
 @dataclass(slots=True)

@@ -33,12 +33,11 @@ from typing import Any
 import msgspec
 
 from kvrouter.errors import UpstreamError
-from kvrouter.gateway.prompts import ParsedBody, choices_per_prompt
+from kvrouter.gateway.prompts import ParsedBody
 
 __all__ = [
     "SseRewriter",
     "UsageSum",
-    "choices_per_prompt",
     "first_event_id",
     "merge_completions",
     "split_batch",

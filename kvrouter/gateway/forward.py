@@ -68,11 +68,7 @@ from kvrouter.gateway.batch import (
 )
 from kvrouter.gateway.config import GatewayConfig
 from kvrouter.gateway.core import RouteResult, RoutingCore
-from kvrouter.gateway.fanout import (
-    choices_per_prompt,
-    merge_completions,
-    split_batch,
-)
+from kvrouter.gateway.fanout import merge_completions, split_batch
 from kvrouter.gateway.http_errors import sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
@@ -552,7 +548,6 @@ class RequestForwarder:
             [f"{base_id}-{i}" for i in range(len(subs))],
             [sub_headers(request.headers, i) for i in range(len(subs))],
             overrides,
-            choices_per_prompt(parsed.payload),
         )
         if parsed.stream:
             return await self._fan_out_stream(request, batch)

@@ -142,7 +142,7 @@ class PredictedEntries:
             self._expire_predicted(now)
         booking = self._book(state, sequence_hashes, now + ttl, ttl * REFRESH_FRACTION)
         if max_blocks is not None and len(state.predicted) > max_blocks:
-            self._prune_worker(state, len(state.predicted) - max(max_blocks, 0))
+            self._prune(state.bookings, len(state.predicted) - max(max_blocks, 0))
         if self._num_predicted > self.max_predicted_blocks:
             self._prune_predicted()
         return booking
@@ -253,25 +253,14 @@ class PredictedEntries:
 
     def _prune_predicted(self) -> None:
         """Drop the oldest entries until no more than the bound are left."""
-        excess = self._num_predicted - self.max_predicted_blocks
-        bookings = self._bookings
-        pruned = 0
-        while excess > 0:
-            booking = bookings[0]  # live entries exist, so some booking owns them
-            if booking.live:
-                dropped = self._forget(booking, excess)
-                excess -= dropped
-                pruned += dropped
-            if not booking.live:
-                bookings.popleft()
-        self._counts["predicted_pruned"] += pruned
+        self._prune(self._bookings, self._num_predicted - self.max_predicted_blocks)
 
-    def _prune_worker(self, state: WorkerState, excess: int) -> None:
-        """Drop ``state``'s ``excess`` oldest predictions."""
-        bookings = state.bookings
+    def _prune(self, bookings: deque[Booking], excess: int) -> None:
+        """Drop the ``excess`` oldest live entries of ``bookings`` (all bookings, or one
+        worker's), which own at least that many."""
         pruned = 0
         while excess > 0:
-            booking = bookings[0]  # the worker's live entries belong to its bookings
+            booking = bookings[0]
             if booking.live:
                 dropped = self._forget(booking, excess)
                 excess -= dropped

@@ -504,9 +504,7 @@ class KvScheduler:
         endpoint = self._metrics_by_worker.get(key)
         metrics = self._metrics
         reported = metrics.endpoint_load(endpoint) if metrics and endpoint else None
-        total = state.total_blocks
-        if total is None and endpoint is not None and endpoint.kv_total_blocks > 0:
-            total = endpoint.kv_total_blocks
+        total = _total_blocks(state, endpoint)
         view = WorkerView(
             worker=key,
             metrics=endpoint,
@@ -567,30 +565,20 @@ class KvScheduler:
         )
         if self._predict and local and self.indexer is not None:
             state = self._workers.get(worker)
-            events = state is not None and state.publishes_events
-            start = view.overlap(worker) if events else 0
+            start, capacity = 0, None
+            if state is not None and state.publishes_events:
+                start = view.overlap(worker)  # its events tell what it holds
+            elif state is not None:  # approximate mode: no more than fits
+                capacity = _total_blocks(state, self._metrics_by_worker.get(worker))
             if start < len(seq):
                 booking = self.indexer.add_predicted_sequence(
-                    worker,
-                    seq[start:],
-                    ttl_s=self._predicted_ttl_s,
-                    max_blocks=None if events else self._capacity(worker),
+                    worker, seq[start:], ttl_s=self._predicted_ttl_s, max_blocks=capacity
                 )
                 if booking is not None:
                     predictions = self._predictions
                     predictions[view.request_id] = booking
                     if len(predictions) > 2 * len(self.active) + 1024:
                         self._forget_lost_predictions()
-
-    def _capacity(self, worker: WorkerKey) -> int | None:
-        """The worker's KV blocks: as configured, else as its metrics report."""
-        state = self._workers.get(worker)
-        if state is not None and state.total_blocks is not None:
-            return state.total_blocks
-        endpoint = self._metrics_by_worker.get(worker)
-        if endpoint is not None and endpoint.kv_total_blocks > 0:
-            return endpoint.kv_total_blocks
-        return None
 
     def _forget_lost_predictions(self) -> None:
         """Let go of the bookings of requests that left without :meth:`on_finish` (the
@@ -657,3 +645,12 @@ def _without(
 def _busy_message(views: Sequence[WorkerView]) -> str:
     parts = [f"{v.worker.worker_id}.{v.worker.dp_rank}: {', '.join(v.busy_reasons)}" for v in views]
     return "all workers are busy (" + "; ".join(parts) + ")"
+
+
+def _total_blocks(state: _Worker, endpoint: EndpointMetrics | None) -> int | None:
+    """A worker's KV capacity in blocks: as configured, else as its metrics report."""
+    if state.total_blocks is not None:
+        return state.total_blocks
+    if endpoint is not None and endpoint.kv_total_blocks > 0:
+        return endpoint.kv_total_blocks
+    return None

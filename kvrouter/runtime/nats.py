@@ -401,7 +401,7 @@ class _NatsTransport:
         while True:
             await asyncio.sleep(self._lease_s / BEATS_PER_LEASE)
             for instance_id, inboxes in list(self._calls_on.items()):
-                frame = _encode(_CallFrame(alive=sorted(inboxes), ttl=self._lease_s))
+                frame = _encode(_CallFrame(alive=list(inboxes), ttl=self._lease_s))
                 try:
                     await self._nc.publish(_call_subject(self._key, instance_id), frame)
                 except Exception as exc:  # nats raises several types; the next beat tries

@@ -11,13 +11,12 @@ from kvrouter.errors import InvalidRequest, UpstreamError
 from kvrouter.gateway.fanout import (
     SseRewriter,
     UsageSum,
-    choices_per_prompt,
     first_event_id,
     merge_completions,
     split_batch,
     usage_chunk,
 )
-from kvrouter.gateway.prompts import batch_prompts, parse_body
+from kvrouter.gateway.prompts import batch_prompts, choices_per_prompt, parse_body
 
 
 @pytest.mark.parametrize(
