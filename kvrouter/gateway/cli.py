@@ -102,7 +102,12 @@ def serve(
     health_check_timeout_s: float | None = typer.Option(
         None, help="Timeout of one worker /health check [2]."
     ),
-    request_timeout_s: float | None = typer.Option(None, help="Whole-request timeout [300]."),
+    request_timeout_s: float | None = typer.Option(
+        None, help="Until a worker's answer starts (a whole answer, unstreamed) [300]."
+    ),
+    stream_idle_timeout_s: float | None = typer.Option(
+        None, help="Longest silence inside a streamed answer [300]."
+    ),
     connect_timeout_s: float | None = typer.Option(
         None, help="Timeout of connecting to a worker [5]."
     ),

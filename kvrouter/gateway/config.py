@@ -115,6 +115,7 @@ class GatewayConfig:
     health_check_interval_s: float = 2.0
     health_check_timeout_s: float = 2.0
     request_timeout_s: float = 300.0
+    stream_idle_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
     connect_timeout_s: float = 5.0
     max_retries: int = 2
@@ -154,6 +155,7 @@ def _validate(cfg: GatewayConfig) -> None:
         "health_check_interval_s",
         "health_check_timeout_s",
         "request_timeout_s",
+        "stream_idle_timeout_s",
         "connect_timeout_s",
         "predicted_ttl_s",
         "retry_after_s",

@@ -40,17 +40,96 @@ class UpstreamFailure(UpstreamError):
         self.worker_down = worker_down
 
 
+class _StreamTimeout(Exception):
+    """Set on a stalled stream's reader by its :class:`_StreamWatch`."""
+
+
+class _StreamWatch:
+    """The time limits of one streamed answer, on one timer per stream.
+
+    The first chunk must come before ``deadline`` (loop time); after it, the wait for
+    each next chunk may last ``idle_s``. A wait that runs out ends the read with
+    :class:`_StreamTimeout`. The stream's reader notes when each wait starts (two
+    attribute writes a chunk); the timer only fires once per limit and re-arms itself,
+    so a long stream costs no timer work per chunk. While the reader is not waiting
+    (its client is slow to take what came) the worker is not idle and nothing expires.
+    """
+
+    __slots__ = ("_content", "_handle", "_loop", "deadline", "first", "idle_s", "since", "waiting")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        content: aiohttp.StreamReader,
+        deadline: float,
+        idle_s: float | None,
+    ) -> None:
+        self._loop = loop
+        self._content = content
+        self.deadline = deadline
+        self.idle_s = idle_s
+        self.first = True  # no chunk yet: the deadline applies
+        self.since = loop.time()  # when the current wait began
+        self.waiting = False
+        self._handle: asyncio.TimerHandle | None = loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.first:
+            due = self.deadline
+        elif self.idle_s is None:
+            self._handle = None  # past the first chunk, no limit
+            return
+        elif self.waiting:
+            due = self.since + self.idle_s
+        else:
+            due = now + self.idle_s  # busy with its client: the worker is not idle
+        if now >= due:
+            self._handle = None
+            if self.first:
+                why = "worker sent no data before the request timeout"
+            else:
+                why = f"worker sent nothing for {self.idle_s:g} s"
+            self._content.set_exception(_StreamTimeout(why))
+            return
+        self._handle = self._loop.call_at(due, self._check)
+
+    def started(self) -> None:
+        """The first chunk came: from now on the idle limit applies."""
+        self.first = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.idle_s is not None:
+            self._handle = self._loop.call_at(self._loop.time() + self.idle_s, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
-    """An open response from a worker; close or release it exactly once."""
+    """An open response from a worker; close or release it exactly once.
+
+    ``deadline`` (loop time) and ``idle_s`` limit a streamed answer (see
+    :meth:`iter_chunks`); ``None`` leaves the session's timeout in charge.
+    """
 
     status: int
     headers: Mapping[str, str]
     raw: aiohttp.ClientResponse
+    deadline: float | None = None
+    idle_s: float | None = None
+    _watch: _StreamWatch | None = None
 
     async def read(self) -> bytes:
         try:
-            return await self.raw.read()
+            if self.deadline is None:
+                return await self.raw.read()
+            async with asyncio.timeout_at(self.deadline):
+                return await self.raw.read()
         except TimeoutError as exc:
             raise UpstreamTimeout("worker did not finish its answer in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
@@ -61,22 +140,56 @@ class UpstreamResponse:
             ) from exc
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Chunks as they arrive (no re-framing: SSE events pass through untouched)."""
+        """Chunks as they arrive (no re-framing: SSE events pass through untouched).
+
+        With a ``deadline``, the first chunk must come before it and each next one
+        within ``idle_s`` of the wait for it starting: a stream may run as long as its
+        worker keeps sending. A limit that runs out raises
+        :class:`~kvrouter.errors.UpstreamTimeout`.
+        """
+        content = self.raw.content
+        watch = None
+        if self.deadline is not None:
+            loop = asyncio.get_running_loop()
+            watch = self._watch = _StreamWatch(loop, content, self.deadline, self.idle_s)
         try:
-            async for chunk in self.raw.content.iter_any():
+            while True:
+                if watch is None:
+                    chunk = await content.readany()
+                else:
+                    watch.since = loop.time()
+                    watch.waiting = True
+                    chunk = await content.readany()
+                    watch.waiting = False
+                    if watch.first and chunk:
+                        watch.started()
+                if not chunk:
+                    return
                 yield chunk
+        except _StreamTimeout as exc:
+            raise UpstreamTimeout(str(exc)) from None
         except TimeoutError as exc:
             raise UpstreamTimeout("worker did not finish its stream in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamError(f"worker broke off the stream: {describe_error(exc)}") from exc
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     def release(self) -> None:
         """Return the connection to the pool (the body was read to the end)."""
+        self._stop_watch()
         self.raw.release()
 
     def close(self) -> None:
         """Drop the connection: the worker sees a disconnect and aborts the request."""
+        self._stop_watch()
         self.raw.close()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def passthrough_headers(self) -> dict[str, str]:
         return {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -94,11 +207,17 @@ class UpstreamClient(AsyncLifecycle):
         max_connections: int = 1024,
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 300.0,
+        stream_idle_timeout_s: float | None = 300.0,
     ) -> None:
         self._max_connections = max_connections
         self._timeout = aiohttp.ClientTimeout(
             total=request_timeout_s, sock_connect=connect_timeout_s
         )
+        # A stream's limits are its own (UpstreamResponse.iter_chunks): it may last as
+        # long as the worker keeps sending.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+        self._request_timeout_s = request_timeout_s
+        self._stream_idle_timeout_s = stream_idle_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -155,11 +274,24 @@ class UpstreamClient(AsyncLifecycle):
                 value = headers.get(name)
                 if value is not None:
                     send_headers[name] = value
-        # No ``timeout`` argument at all means the session's; aiohttp reads an explicit
-        # None as "no timeout".
-        timeout = self._timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
+        deadline: float | None = None
+        if stream and timeout_s is None:
+            # The answer must start within the request timeout; what follows is limited
+            # by the idle timeout alone (iter_chunks).
+            deadline = asyncio.get_running_loop().time() + self._request_timeout_s
+            timeout = self._stream_timeout
+        else:
+            # No ``timeout`` argument at all means the session's; aiohttp reads an
+            # explicit None as "no timeout".
+            timeout = self._timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
         try:
-            raw = await self.session.post(url, data=body, headers=send_headers, timeout=timeout)
+            if deadline is None:
+                raw = await self.session.post(url, data=body, headers=send_headers, timeout=timeout)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    raw = await self.session.post(
+                        url, data=body, headers=send_headers, timeout=timeout
+                    )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"worker {url} did not answer in time") from exc
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
@@ -182,7 +314,7 @@ class UpstreamClient(AsyncLifecycle):
             )
         if stream is not None and raw.status == 200 and "Content-Type" in raw.headers:
             _check_media_type(raw, url, stream)
-        return UpstreamResponse(raw.status, raw.headers, raw)
+        return UpstreamResponse(raw.status, raw.headers, raw, deadline, self._stream_idle_timeout_s)
 
     async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
         """A short GET (health, models, metrics); raises UpstreamError on failure."""

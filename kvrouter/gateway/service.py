@@ -91,6 +91,7 @@ class Gateway(AsyncLifecycle):
             max_connections=cfg.max_connections,
             connect_timeout_s=cfg.connect_timeout_s,
             request_timeout_s=cfg.request_timeout_s,
+            stream_idle_timeout_s=cfg.stream_idle_timeout_s,
         )
         self.forwarder = RequestForwarder(
             cfg,

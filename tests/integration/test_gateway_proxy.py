@@ -36,7 +36,8 @@ SLOW_START_S = 1.0
 @dataclass
 class Backend:
     """A scripted worker: ``mode`` is ok | drop | status503 | html | break | slow | steady |
-    hang (slow: 200 chunks 20 ms apart; steady: 25)."""
+    hang | stall (slow: 200 chunks 20 ms apart; steady: 25; stall: one chunk, then
+    nothing)."""
 
     mode: str = "ok"
     kv_usage: float = 0.0
@@ -74,6 +75,12 @@ class Backend:
             request.transport.close()
             return response
         await response.write(CHUNK)
+        if self.mode == "stall":  # a stuck engine: the connection stays open, silent
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.disconnects += 1
+                raise
         if self.mode == "break":
             assert request.transport is not None
             request.transport.close()
@@ -369,6 +376,94 @@ async def test_failure_after_first_byte_ends_the_stream_with_an_error_event(
     assert error["error"]["type"] == "upstream_error"
     assert events[-1] == "data: [DONE]"
     assert gw.gateway.counters.stats().num_upstream_errors == {"stream": 1}
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_a_stream_may_outlast_the_request_timeout_while_chunks_keep_coming(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    # 26 chunks 20 ms apart: about 0.5 s, past a 0.2 s request timeout. Only the wait
+    # for the first chunk and the silences between chunks are limited.
+    steady = await start_backend(stack, Backend(mode="steady"))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([steady.url], request_timeout_s=0.2, stream_idle_timeout_s=0.2))
+    )
+    body = {"prompt": "abcdefgh", "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        data = await resp.read()
+    assert data == CHUNK * 26 + b"data: [DONE]\n\n"
+    assert gw.gateway.counters.stats().num_upstream_errors == {}
+    assert gw.core.scheduler.stats().num_finished == 1
+
+
+async def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    stalling = await start_backend(stack, Backend(mode="stall"))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([stalling.url], stream_idle_timeout_s=0.3))
+    )
+    body = {"prompt": "abcdefgh", "stream": True}
+    started = asyncio.get_running_loop().time()
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    elapsed = asyncio.get_running_loop().time() - started
+    assert 0.3 <= elapsed < 5.0  # the 30 s stall was cut at the idle timeout
+    events = [e for e in text.split("\n\n") if e]
+    assert events[0] == CHUNK.decode().strip()
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == 504
+    assert "sent nothing for 0.3 s" in error["message"]
+    assert events[-1] == "data: [DONE]"
+    assert gw.gateway.counters.stats().num_upstream_errors == {"timeout": 1}
+    # The upstream connection is closed: the worker sees the request abandoned.
+    for _ in range(100):
+        if stalling.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert stalling.disconnects == 1
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0
+    # In a batch, the stalled prompt's stream ends the merged answer the same way.
+    batch = {"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=batch) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    error = json.loads([e for e in text.split("\n\n") if e][-2].removeprefix("data: "))
+    assert "sent nothing for 0.3 s" in error["error"]["message"]
+    for _ in range(100):
+        if gw.gateway.counters.num_in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.core.scheduler.stats().active.num_requests == 0
+    assert gw.gateway.counters.num_in_flight == 0
+
+
+async def test_a_stream_whose_first_chunk_is_late_is_retried_once_then_a_504(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    # Both answer 200 at once, then take SLOW_START_S (1 s) to the first chunk.
+    slow = [await start_backend(stack, Backend()) for _ in range(2)]
+    gw = await stack.enter_async_context(
+        GatewayServer(
+            config(
+                [b.url for b in slow],
+                router_mode="round_robin",
+                request_timeout_s=0.3,
+                stream_idle_timeout_s=30.0,
+            )
+        )
+    )
+    body = {"prompt": "slow start", "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 504
+        message = (await resp.json())["error"]["message"]
+    assert message == "worker sent no data before the request timeout"
+    assert [len(b.requests) for b in slow] == [1, 1]
+    stats = gw.gateway.counters.stats()
+    assert (stats.num_retries, stats.num_upstream_errors) == (1, {"timeout": 2})
     assert gw.core.scheduler.stats().active.num_requests == 0
 
 
