@@ -128,6 +128,17 @@ def serve(
     decision_history: int | None = typer.Option(
         None, help="Decisions kept for /debug/decisions [256]."
     ),
+    api_key: str | None = typer.Option(
+        None,
+        help="Key clients must send as 'Authorization: Bearer' for /v1/* (prefer "
+        "KVROUTER_API_KEY: a flag shows in the process list).",
+    ),
+    admin_api_key: str | None = typer.Option(
+        None, help="Key for /admin, /debug and the dashboard's data [api_key]."
+    ),
+    worker_api_key: str | None = typer.Option(
+        None, help="Key sent to the workers (vLLM --api-key) as 'Authorization: Bearer'."
+    ),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
     """Run the KV-aware router in front of existing workers (vLLM, SGLang, mocker)."""
@@ -194,14 +205,21 @@ def top(
     url: str = typer.Option("http://127.0.0.1:8000", help="The gateway's base URL."),
     interval: float = typer.Option(1.0, help="Seconds between polls."),
 ) -> None:
-    """A live terminal view of a gateway: workers, load, cache, decisions/s (Ctrl-C exits)."""
-    from kvrouter.gateway.top import run_top
+    """A live terminal view of a gateway: workers, load, cache, decisions/s (Ctrl-C exits).
+
+    A gateway with keys wants its admin key: KVROUTER_ADMIN_API_KEY, else KVROUTER_API_KEY.
+    """
+    import functools
+    import os
+
+    from kvrouter.gateway.top import fetch_dashboard_data, run_top
 
     if interval <= 0:
         _fail(f"--interval must be positive, got {interval}")
     if not url.startswith(("http://", "https://")):
         _fail(f"--url must be an http:// or https:// URL, got {url!r}")
-    run_top(url, interval)
+    key = os.environ.get("KVROUTER_ADMIN_API_KEY") or os.environ.get("KVROUTER_API_KEY")
+    run_top(url, interval, fetch=functools.partial(fetch_dashboard_data, api_key=key))
 
 
 def bench_gateway(

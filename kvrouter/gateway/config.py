@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,6 +124,10 @@ class GatewayConfig:
     max_connections: int = 1024
     retry_after_s: float = 1.0
     decision_history: int = 256
+    # Secrets: kept out of repr() so that a logged config shows no key.
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    worker_api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -186,6 +190,12 @@ def _validate(cfg: GatewayConfig) -> None:
         raise ConfigError(
             f"router_queue_max_pending must be >= 0, got {cfg.router_queue_max_pending}"
         )
+    for name in ("api_key", "admin_api_key", "worker_api_key"):
+        key = getattr(cfg, name)
+        if key is not None and (not key or key != key.strip() or any(c < " " for c in key)):
+            raise ConfigError(
+                f"{name} must be a non-empty string without spaces around it or control characters"
+            )
     _validate_workers(cfg.workers)
 
 

@@ -208,8 +208,22 @@ class UpstreamClient(AsyncLifecycle):
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 300.0,
         stream_idle_timeout_s: float | None = 300.0,
+        worker_api_key: str | None = None,
+        forward_authorization: bool = True,
     ) -> None:
+        """``worker_api_key``: sent as ``Authorization: Bearer`` on every request to a
+        worker. ``forward_authorization``: pass the client's ``Authorization`` header on
+        (when the workers check the clients' keys themselves); never done with a
+        ``worker_api_key``."""
         self._max_connections = max_connections
+        self._default_headers = (
+            {"Authorization": f"Bearer {worker_api_key}"} if worker_api_key else None
+        )
+        self._forwarded = tuple(
+            name
+            for name in _FORWARDED_REQUEST_HEADERS
+            if name != "authorization" or (forward_authorization and not worker_api_key)
+        )
         self._timeout = aiohttp.ClientTimeout(
             total=request_timeout_s, sock_connect=connect_timeout_s
         )
@@ -235,6 +249,7 @@ class UpstreamClient(AsyncLifecycle):
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
+                headers=self._default_headers,
             )
 
     async def aclose(self) -> None:
@@ -270,7 +285,7 @@ class UpstreamClient(AsyncLifecycle):
         """
         send_headers = {"Content-Type": "application/json"}
         if headers:
-            for name in _FORWARDED_REQUEST_HEADERS:
+            for name in self._forwarded:
                 value = headers.get(name)
                 if value is not None:
                     send_headers[name] = value

@@ -19,6 +19,7 @@ Every error is OpenAI's error JSON, mapped in :mod:`kvrouter.gateway.http_errors
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -79,14 +80,65 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return response
 
 
+_ADMIN_PREFIXES = ("/admin/", "/debug/", "/dashboard/")
+
+
+def required_key(path: str, api_key: str | None, admin_api_key: str | None) -> str | None:
+    """The API key a request for ``path`` must bear, if any.
+
+    The OpenAI API (``/v1/...``) takes ``api_key``; the admin API, the debug routes and
+    the dashboard's data take ``admin_api_key``, or ``api_key`` when that is the only
+    one set. ``/health``, ``/metrics`` and the dashboard page itself stay open, for
+    probes and Prometheus (as vLLM leaves them).
+
+    >>> required_key("/v1/completions", "k", None)
+    'k'
+    >>> required_key("/admin/workers", "k", "admin")
+    'admin'
+    >>> required_key("/metrics", "k", "admin") is None
+    True
+    """
+    if path.startswith("/v1/"):
+        return api_key
+    if path.startswith(_ADMIN_PREFIXES):
+        return admin_api_key or api_key
+    return None
+
+
+def _bearer_matches(request: web.Request, key: str) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest: the time taken says nothing about how much of the key matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _unauthorized() -> web.Response:
+    return web.Response(
+        body=error_body(
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            401,
+        ),
+        status=401,
+        content_type="application/json",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def _make_middleware(gateway: Gateway) -> Any:
     counters = gateway.counters
     retry_after_s = gateway.cfg.retry_after_s
+    api_key = gateway.cfg.api_key
+    admin_api_key = gateway.cfg.admin_api_key
+    keyed = api_key is not None or admin_api_key is not None
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
+        key = required_key(request.path, api_key, admin_api_key) if keyed else None
+        if key is not None and not _bearer_matches(request, key):
+            counters.requests[(name, 401)] += 1
+            return _unauthorized()
         try:
             response = await handler(request)
         except RouterError as exc:

@@ -92,6 +92,9 @@ class Gateway(AsyncLifecycle):
             connect_timeout_s=cfg.connect_timeout_s,
             request_timeout_s=cfg.request_timeout_s,
             stream_idle_timeout_s=cfg.stream_idle_timeout_s,
+            worker_api_key=cfg.worker_api_key,
+            # A client's key for the gateway is not one for the workers.
+            forward_authorization=cfg.api_key is None,
         )
         self.forwarder = RequestForwarder(
             cfg,

@@ -44,9 +44,15 @@ class Poll:
     data: Mapping[str, Any]
 
 
-def fetch_dashboard_data(url: str, timeout_s: float = 2.0) -> dict[str, Any]:
-    """``GET {url}/dashboard/data`` as a dict; raises ``OSError`` when unreachable."""
-    with urllib.request.urlopen(url.rstrip("/") + DATA_PATH, timeout=timeout_s) as resp:
+def fetch_dashboard_data(
+    url: str, timeout_s: float = 2.0, api_key: str | None = None
+) -> dict[str, Any]:
+    """``GET {url}/dashboard/data`` as a dict; raises ``OSError`` when unreachable (or
+    refused: a gateway with an admin key wants ``api_key``)."""
+    request = urllib.request.Request(url.rstrip("/") + DATA_PATH)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
         data = json.loads(resp.read())
     if not isinstance(data, dict):
         raise ValueError(f"{url}{DATA_PATH} did not answer a JSON object")

@@ -24,6 +24,7 @@ from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 from kvrouter.gateway.overrides import RoutingOverrides
 from kvrouter.gateway.prompts import parse_body, prepare_prompt
 from kvrouter.gateway.server import GatewayServer
+from kvrouter.gateway.top import fetch_dashboard_data
 from kvrouter.routing import ScheduleRequest
 from kvrouter.tokenizer import ByteTokenizer
 
@@ -44,6 +45,7 @@ class Backend:
     healthy: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_ids: list[str | None] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)  # on every route
     disconnects: int = 0
     url: str = ""
 
@@ -51,6 +53,7 @@ class Backend:
         body = await request.json()
         self.requests.append(body)
         self.request_ids.append(request.headers.get("x-request-id"))
+        self.authorizations.append(request.headers.get("Authorization"))
         if self.mode == "drop":  # healthy, but drops every request before answering
             assert request.transport is not None
             request.transport.close()
@@ -106,6 +109,7 @@ class Backend:
         )
 
     async def models(self, request: web.Request) -> web.Response:
+        self.authorizations.append(request.headers.get("Authorization"))
         return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
 
 
@@ -465,6 +469,99 @@ async def test_a_stream_whose_first_chunk_is_late_is_retried_once_then_a_504(
     stats = gw.gateway.counters.stats()
     assert (stats.num_retries, stats.num_upstream_errors) == (1, {"timeout": 2})
     assert gw.core.scheduler.stats().active.num_requests == 0
+
+
+async def test_an_api_key_guards_the_openai_api_and_is_not_passed_on(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url], api_key="client-key")))
+    url = gw.url + "/v1/completions"
+    body = {"prompt": "abcdefgh"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "client-key"}):
+        async with client.post(url, json=body, headers=headers) as resp:
+            assert resp.status == 401
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            error = (await resp.json())["error"]
+        assert error["type"] == "authentication_error"
+        assert "Authorization: Bearer" in error["message"]
+    assert backend.requests == []  # refused before anything was routed
+    async with client.post(url, json=body, headers={"Authorization": "Bearer client-key"}) as r:
+        assert r.status == 200
+    # The client's key is the gateway's, not the worker's: it is not passed on.
+    assert backend.authorizations == [None]
+    # The admin API takes the same key when no admin key is set; probes stay open.
+    async with client.get(gw.url + "/admin/workers") as resp:
+        assert resp.status == 401
+    auth = {"Authorization": "Bearer client-key"}
+    async with client.get(gw.url + "/admin/workers", headers=auth) as resp:
+        assert resp.status == 200
+    async with client.get(gw.url + "/health") as resp:
+        assert resp.status == 200
+    async with client.get(gw.url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    assert 'kvrouter_requests_total{route="/v1/completions",status="401"} 3.0' in text
+    assert 'kvrouter_requests_total{route="/admin/workers",status="401"} 1.0' in text
+
+
+async def test_an_admin_key_guards_admin_debug_and_dashboard_data(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([backend.url], admin_api_key="admin-key"))
+    )
+    admin = {"Authorization": "Bearer admin-key"}
+    # No api_key: the OpenAI API is open, and a client's header goes on to the worker.
+    client_auth = {"Authorization": "Bearer for-the-worker"}
+    async with client.post(
+        gw.url + "/v1/completions", json={"prompt": "abcdefgh"}, headers=client_auth
+    ) as resp:
+        assert resp.status == 200
+    assert backend.authorizations == ["Bearer for-the-worker"]
+    for method, path in (
+        ("GET", "/admin/workers"),
+        ("POST", "/admin/workers"),
+        ("DELETE", "/admin/workers/0"),
+        ("GET", "/debug/decisions"),
+        ("POST", "/debug/explain"),
+        ("GET", "/dashboard/data"),
+    ):
+        async with client.request(method, gw.url + path, json={}) as resp:
+            assert resp.status == 401, path
+        async with client.request(method, gw.url + path, json={}, headers=client_auth) as resp:
+            assert resp.status == 401, path
+    assert len(gw.gateway.registry.infos()) == 1  # the DELETE did not go through
+    for path in ("/admin/workers", "/debug/decisions", "/dashboard/data"):
+        async with client.get(gw.url + path, headers=admin) as resp:
+            assert resp.status == 200, path
+    async with client.get(gw.url + "/dashboard") as resp:  # the page; it sends #key=
+        assert resp.status == 200
+        assert "#key=" in await resp.text()
+    # kvrouter top reads the same document with the key.
+    data = await asyncio.to_thread(fetch_dashboard_data, gw.url, 2.0, "admin-key")
+    assert data["workers"][0]["url"] == backend.url
+    with pytest.raises(OSError, match="401"):
+        await asyncio.to_thread(fetch_dashboard_data, gw.url, 2.0, None)
+
+
+async def test_a_worker_key_is_sent_to_the_workers(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(config([backend.url], worker_api_key="worker-key"))
+    )
+    # The client's own header does not replace the gateway's key for the workers.
+    headers = {"Authorization": "Bearer something-else"}
+    for body in ({"prompt": "abcdefgh"}, {"prompt": "abcdefgh", "stream": True}):
+        async with client.post(gw.url + "/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200
+            await resp.read()
+    async with client.get(gw.url + "/v1/models") as resp:
+        assert resp.status == 200
+    assert backend.authorizations == ["Bearer worker-key"] * 3
 
 
 async def test_streaming_passes_chunks_through(

@@ -123,11 +123,29 @@ def test_bad_worker_specs(value: str, message: str) -> None:
         ({"KVROUTER_DECISION_LOG_SAMPLE_RATE": "2"}, "decision_log_sample_rate"),
         ({"KVROUTER_BUSY_KV_USAGE": "1.5"}, "busy_kv_usage"),
         ({"KVROUTER_MAX_RETRIES": "1.5"}, "max_retries must be an integer"),
+        ({"KVROUTER_STREAM_IDLE_TIMEOUT_S": "0"}, "stream_idle_timeout_s must be positive"),
+        ({"KVROUTER_API_KEY": " padded"}, "api_key must be a non-empty string"),
+        ({"KVROUTER_WORKER_API_KEY": "two\nlines"}, "worker_api_key must be"),
     ],
 )
 def test_bad_values_raise_config_error(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config(flags={}, env=env)
+
+
+def test_keys_come_from_the_environment_and_stay_out_of_repr() -> None:
+    env = {"KVROUTER_API_KEY": "client-secret", "KVROUTER_WORKER_API_KEY": "worker-secret"}
+    cfg = build_config(flags={}, env=env)
+    assert (cfg.api_key, cfg.admin_api_key, cfg.worker_api_key) == (
+        "client-secret",
+        None,
+        "worker-secret",
+    )
+    assert "secret" not in repr(cfg)
+    # A bad key is refused without echoing it.
+    with pytest.raises(ConfigError) as info:
+        build_config(flags={}, env={"KVROUTER_ADMIN_API_KEY": "bad\tsecret"})
+    assert "secret" not in str(info.value)
 
 
 def test_unknown_keys_in_file_are_named(tmp_path: Path) -> None:
