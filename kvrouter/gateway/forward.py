@@ -81,7 +81,11 @@ __all__ = ["PromptPreparer", "RequestForwarder", "read_body"]
 log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvrouter.decisions")
 
-_PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+_PATHS: dict[Kind, str] = {
+    "completion": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "embedding": "/v1/embeddings",
+}
 _encoder = msgspec.json.Encoder()
 _T = TypeVar("_T")
 
@@ -140,7 +144,8 @@ class RequestForwarder:
 
     # -- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        """Serve one ``/v1/completions`` or ``/v1/chat/completions`` request."""
+        """Serve one ``/v1/completions``, ``/v1/chat/completions`` or ``/v1/embeddings``
+        request."""
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -171,7 +176,8 @@ class RequestForwarder:
             prompts = batch_prompts(parsed.payload)
             if prompts is not None:
                 return await self._fan_out(request, parsed, prompts, overrides)
-        prompt = await self._prepare(parsed, kind)
+        # An embedding request is prepared as a completion of its (first) input.
+        prompt = await self._prepare(parsed, "chat" if kind == "chat" else "completion")
         request_id = self._new_id()
         self._note_short(prompt)
         return await self._forward(

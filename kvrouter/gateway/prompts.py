@@ -44,7 +44,7 @@ __all__ = [
     "tokenize_locally",
 ]
 
-Kind = Literal["completion", "chat"]
+Kind = Literal["completion", "chat", "embedding"]
 _BODY_FIELD_MARKER = b'"kvrouter"'
 _decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
@@ -118,6 +118,14 @@ def parse_body(body: bytes, kind: Kind) -> ParsedBody:
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object")
     _check_prompt_field(payload, kind)
+    if kind == "embedding":
+        # Routed by its (first) input, as a completion prompt; forwarded as it came.
+        first = _first_of(
+            payload["input"],
+            "'input' must be a string, a list of token ids, or a list of either (a batch)",
+        )
+        routed = {**payload, "prompt": first}
+        return ParsedBody(routed, forward, field, stream=False)
     return ParsedBody(payload, forward, field, stream)
 
 
@@ -129,6 +137,13 @@ def _check_prompt_field(payload: Mapping[str, Any], kind: Kind) -> None:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'")
+        return
+    if kind == "embedding":
+        value = payload.get("input")
+        if not isinstance(value, str | list) or not value:
+            raise InvalidRequest(
+                "'input' is required: a string, a list of token ids, or a list of either"
+            )
         return
     prompt = payload.get("prompt")
     if prompt is None:
@@ -142,17 +157,24 @@ def _check_prompt_field(payload: Mapping[str, Any], kind: Kind) -> None:
 def first_prompt(payload: Mapping[str, Any]) -> str | list[int]:
     """The completion prompt a request is routed by (of a batch, the first: what
     ``/explain`` and a worker-side tokenizer see; the forwarder splits batches)."""
-    prompt = payload["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    if all(_is_token_id(t) for t in prompt):
-        return list(prompt)
-    head = prompt[0]
+    return _first_of(
+        payload["prompt"], "'prompt' must be a string, a list of token ids or a list of prompts"
+    )
+
+
+def _first_of(value: Any, message: str) -> str | list[int]:
+    """A prompt or embedding input, or of a batch of them the first; ``message`` when
+    ``value`` (a non-empty string or list) is neither."""
+    if isinstance(value, str):
+        return value
+    if all(_is_token_id(t) for t in value):
+        return list(value)
+    head = value[0]
     if isinstance(head, str):
         return head
     if isinstance(head, list) and head and all(_is_token_id(t) for t in head):
         return list(head)
-    raise InvalidRequest("'prompt' must be a string, a list of token ids or a list of prompts")
+    raise InvalidRequest(message)
 
 
 def batch_prompts(payload: Mapping[str, Any]) -> list[str | list[int]] | None:

@@ -3,6 +3,9 @@
 =========================  ==================================================
 ``POST /v1/completions``   route and proxy (stream or not)
 ``POST /v1/chat/completions``
+``POST /v1/embeddings``    routed by its (first) input, as a completion prompt
+``POST /tokenize``         passed to a worker in rotation (vLLM's), unrouted
+``POST /detokenize``
 ``GET /v1/models``         the union of the workers' models
 ``GET /health``            200 when at least one worker is in rotation, else 503
 ``GET /metrics``           Prometheus text, built from ``stats()`` at scrape time
@@ -81,6 +84,7 @@ def _http_error(exc: web.HTTPException) -> web.Response:
 
 
 _ADMIN_PREFIXES = ("/admin/", "/debug/", "/dashboard/")
+_KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 def required_key(path: str, api_key: str | None, admin_api_key: str | None) -> str | None:
@@ -98,7 +102,7 @@ def required_key(path: str, api_key: str | None, admin_api_key: str | None) -> s
     >>> required_key("/metrics", "k", "admin") is None
     True
     """
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/") or path in _KEYED_PATHS:
         return api_key
     if path.startswith(_ADMIN_PREFIXES):
         return admin_api_key or api_key
@@ -170,6 +174,25 @@ class _Handlers:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self.gw.forwarder.handle(request, "chat")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self.gw.forwarder.handle(request, "embedding")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return await self._pass(request, "/tokenize")
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return await self._pass(request, "/detokenize")
+
+    async def _pass(self, request: web.Request, path: str) -> web.Response:
+        body = await read_body(request, self.gw.cfg.max_body_bytes)
+        status, data, worker_id = await self.gw.passthrough(path, body, request.headers)
+        return web.Response(
+            body=data,
+            status=status,
+            content_type="application/json",
+            headers={"x-kvrouter-worker": str(worker_id)},
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         return _json(await self.gw.list_models())
@@ -333,6 +356,9 @@ def build_app(gateway: Gateway, collector: GatewayCollector | None = None) -> we
     add = app.router
     add.add_post("/v1/completions", h.completions)
     add.add_post("/v1/chat/completions", h.chat)
+    add.add_post("/v1/embeddings", h.embeddings)
+    add.add_post("/tokenize", h.tokenize)
+    add.add_post("/detokenize", h.detokenize)
     add.add_get("/v1/models", h.models)
     add.add_get("/health", h.health)
     add.add_get("/metrics", h.metrics)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from kvrouter.gateway.prompts import (
     first_prompt,
     prepare_prompt,
 )
-from kvrouter.gateway.proxy import UpstreamClient
+from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
 from kvrouter.gateway.stats import GatewayCounters
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
@@ -115,6 +116,7 @@ class Gateway(AsyncLifecycle):
         self._started = False
         self._closed = False
         self._resubscribing: set[int] = set()
+        self._passthrough_turn = itertools.count()
         self.registry.add_listeners(on_down=self._on_down, on_up=self._on_up)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -322,6 +324,35 @@ class Gateway(AsyncLifecycle):
         if not isinstance(tokens, list):
             raise UpstreamError("the worker's /tokenize answer has no 'tokens' list")
         return [int(t) for t in tokens]
+
+    # -- pass-through ----------------------------------------------------------------------
+    async def passthrough(
+        self, path: str, body: bytes, headers: Any = None
+    ) -> tuple[int, bytes, int]:
+        """POST ``body`` to ``path`` on a worker in rotation and return ``(status, body,
+        worker_id)``: for vLLM's ``/tokenize`` and ``/detokenize``, which any worker
+        answers alike. Workers take turns; one that cannot be reached or answers 5xx
+        passes the request to the next. Nothing is routed or booked."""
+        workers = self.registry.in_rotation()
+        if not workers:
+            raise NoWorkerAvailable("no worker is available")
+        first = next(self._passthrough_turn) % len(workers)
+        last: UpstreamError | None = None
+        for state in workers[first:] + workers[:first]:
+            try:
+                response = await self.upstream.open(state.url + path, body, headers)
+            except UpstreamFailure as exc:
+                last = exc
+                continue
+            try:
+                data = await response.read()
+            except BaseException:
+                response.close()
+                raise
+            response.release()
+            return response.status, data, state.worker_id
+        assert last is not None
+        raise last
 
     # -- models --------------------------------------------------------------------------
     async def list_models(self) -> dict[str, Any]:

@@ -46,12 +46,14 @@ class Backend:
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_ids: list[str | None] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)  # on every route
+    paths: list[str] = field(default_factory=list)
     disconnects: int = 0
     url: str = ""
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.paths.append(request.path)
         self.request_ids.append(request.headers.get("x-request-id"))
         self.authorizations.append(request.headers.get("Authorization"))
         if self.mode == "drop":  # healthy, but drops every request before answering
@@ -99,6 +101,13 @@ class Backend:
             raise
         return response
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.paths.append(request.path)
+        if self.mode == "status503":
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        return web.json_response({"tokens": [1, 2, 3], "echo": body, "worker": self.url})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok", status=200 if self.healthy else 500)
 
@@ -117,6 +126,9 @@ async def start_backend(stack: AsyncExitStack, backend: Backend) -> Backend:
     app = web.Application()
     app.router.add_post("/v1/completions", backend.generate)
     app.router.add_post("/v1/chat/completions", backend.generate)
+    app.router.add_post("/v1/embeddings", backend.generate)
+    app.router.add_post("/tokenize", backend.tokenize)
+    app.router.add_post("/detokenize", backend.tokenize)
     app.router.add_get("/health", backend.health)
     app.router.add_get("/metrics", backend.metrics)
     app.router.add_get("/v1/models", backend.models)
@@ -493,6 +505,9 @@ async def test_an_api_key_guards_the_openai_api_and_is_not_passed_on(
     # The admin API takes the same key when no admin key is set; probes stay open.
     async with client.get(gw.url + "/admin/workers") as resp:
         assert resp.status == 401
+    for path in ("/v1/embeddings", "/tokenize", "/detokenize"):
+        async with client.post(gw.url + path, json={"input": "x", "prompt": "x"}) as resp:
+            assert resp.status == 401, path
     auth = {"Authorization": "Bearer client-key"}
     async with client.get(gw.url + "/admin/workers", headers=auth) as resp:
         assert resp.status == 200
@@ -562,6 +577,58 @@ async def test_a_worker_key_is_sent_to_the_workers(
     async with client.get(gw.url + "/v1/models") as resp:
         assert resp.status == 200
     assert backend.authorizations == ["Bearer worker-key"] * 3
+
+
+async def test_embeddings_are_routed_by_their_input_and_forwarded_whole(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backends = [await start_backend(stack, Backend()) for _ in range(2)]
+    gw = await stack.enter_async_context(GatewayServer(config([b.url for b in backends])))
+    url = gw.url + "/v1/embeddings"
+    first = {"model": "m", "input": "abcdefghijklmnop"}
+    async with client.post(url, json=first) as resp:
+        assert resp.status == 200
+        worker = resp.headers["x-kvrouter-worker"]
+        assert (await resp.json())["worker"] == backends[int(worker)].url
+    # A batch is routed by its first input, which the chosen worker now caches, and
+    # sent whole, as it came.
+    batch = {"model": "m", "input": ["abcdefghijklmnop", "something else"]}
+    async with client.post(url, json=batch) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kvrouter-worker"] == worker
+    chosen = backends[int(worker)]
+    assert chosen.requests == [first, batch]
+    assert chosen.paths == ["/v1/embeddings"] * 2
+    decisions = gw.gateway.counters.recent_decisions(2)
+    assert [d.overlap_blocks for d in decisions] == [4, 0]  # newest first; 4 blocks of 4
+    sched = gw.core.scheduler.stats()
+    assert (sched.num_finished, sched.active.num_requests) == (2, 0)
+    for bad, message in (
+        ({"model": "m"}, "'input' is required"),
+        ({"input": []}, "'input' is required"),
+        ({"input": [{"text": "x"}]}, "'input' must be a string"),
+    ):
+        async with client.post(url, json=bad) as resp:
+            assert resp.status == 400
+            assert message in (await resp.json())["error"]["message"]
+
+
+async def test_tokenize_and_detokenize_pass_through_to_a_worker(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    busy = await start_backend(stack, Backend(mode="status503"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([busy.url, good.url])))
+    for path in ("/tokenize", "/detokenize", "/tokenize"):
+        async with client.post(gw.url + path, json={"prompt": "hello"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-kvrouter-worker"] == "1"
+            answer = await resp.json()
+        # The one that said 503 passed it on; the body went through as it came.
+        assert answer == {"tokens": [1, 2, 3], "echo": {"prompt": "hello"}, "worker": good.url}
+    assert good.paths == ["/tokenize", "/detokenize", "/tokenize"]
+    assert 1 <= len(busy.paths) <= 3  # workers take turns: it was asked first at times
+    assert gw.core.scheduler.stats().num_decisions == 0  # nothing was routed or booked
 
 
 async def test_streaming_passes_chunks_through(
