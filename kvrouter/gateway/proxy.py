@@ -49,9 +49,9 @@ class _StreamWatch:
 
     The first chunk must come before ``deadline`` (loop time); after it, the wait for
     each next chunk may last ``idle_s``. A wait that runs out ends the read with
-    :class:`_StreamTimeout`. The stream's reader notes when each wait starts (two
-    attribute writes a chunk); the timer only fires once per limit and re-arms itself,
-    so a long stream costs no timer work per chunk. While the reader is not waiting
+    :class:`_StreamTimeout`. The stream's reader notes when each wait starts (a clock
+    read and three attribute writes a chunk); the timer fires at most once per idle
+    period and re-arms itself, so a long stream costs no timer work per chunk. While the reader is not waiting
     (its client is slow to take what came) the worker is not idle and nothing expires.
     """
 
