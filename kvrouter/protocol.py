@@ -506,16 +506,21 @@ class CompletionFormat:
         usage: Usage | None = None,
     ) -> bytes:
         choice = CompletionChoice(index=index, text=text, finish_reason=_reason(finish_reason))
-        return encode(
-            CompletionChunk(
-                id=request_id, created=created, model=self.model, choices=[choice], usage=usage
-            )
-        )
+        return self._chunk(request_id, created, [choice], usage)
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
+        return self._chunk(request_id, created, [], usage)
+
+    def _chunk(
+        self,
+        request_id: str,
+        created: int,
+        choices: list[CompletionChoice],
+        usage: Usage | None,
+    ) -> bytes:
         return encode(
             CompletionChunk(
-                id=request_id, created=created, model=self.model, choices=[], usage=usage
+                id=request_id, created=created, model=self.model, choices=choices, usage=usage
             )
         )
 

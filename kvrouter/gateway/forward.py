@@ -435,12 +435,7 @@ class RequestForwarder:
     async def _read_whole(
         self, upstream: UpstreamResponse, state: WorkerState, request_id: str
     ) -> bytes:
-        try:
-            data = await upstream.read()
-        except BaseException:
-            upstream.close()
-            raise
-        upstream.release()
+        data = await upstream.read()
         self._on_first_byte(state, request_id)
         return data
 

@@ -51,8 +51,9 @@ class _StreamWatch:
     each next chunk may last ``idle_s``. A wait that runs out ends the read with
     :class:`_StreamTimeout`. The stream's reader notes when each wait starts (a clock
     read and three attribute writes a chunk); the timer fires at most once per idle
-    period and re-arms itself, so a long stream costs no timer work per chunk. While the reader is not waiting
-    (its client is slow to take what came) the worker is not idle and nothing expires.
+    period and re-arms itself, so a long stream costs no timer work per chunk. While
+    the reader is not waiting (its client is slow to take what came) the worker is not
+    idle and nothing expires.
     """
 
     __slots__ = ("_content", "_handle", "_loop", "deadline", "first", "idle_s", "since", "waiting")
@@ -125,19 +126,25 @@ class UpstreamResponse:
     _watch: _StreamWatch | None = None
 
     async def read(self) -> bytes:
+        """The whole body; the connection then goes back to the pool, or is dropped
+        when the read fails (or is cancelled)."""
         try:
-            if self.deadline is None:
-                return await self.raw.read()
-            async with asyncio.timeout_at(self.deadline):
-                return await self.raw.read()
-        except TimeoutError as exc:
-            raise UpstreamTimeout("worker did not finish its answer in time") from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamFailure(
-                f"worker broke off its answer: {describe_error(exc)}",
-                retryable=True,
-                worker_down=True,
-            ) from exc
+            try:
+                async with asyncio.timeout_at(self.deadline):  # None: the session's limit
+                    data = await self.raw.read()
+            except TimeoutError as exc:
+                raise UpstreamTimeout("worker did not finish its answer in time") from exc
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise UpstreamFailure(
+                    f"worker broke off its answer: {describe_error(exc)}",
+                    retryable=True,
+                    worker_down=True,
+                ) from exc
+        except BaseException:
+            self.close()
+            raise
+        self.release()
+        return data
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Chunks as they arrive (no re-framing: SSE events pass through untouched).
@@ -300,13 +307,8 @@ class UpstreamClient(AsyncLifecycle):
             # explicit None as "no timeout".
             timeout = self._timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
         try:
-            if deadline is None:
+            async with asyncio.timeout_at(deadline):  # None: the session's limit alone
                 raw = await self.session.post(url, data=body, headers=send_headers, timeout=timeout)
-            else:
-                async with asyncio.timeout_at(deadline):
-                    raw = await self.session.post(
-                        url, data=body, headers=send_headers, timeout=timeout
-                    )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"worker {url} did not answer in time") from exc
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:

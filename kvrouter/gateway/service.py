@@ -23,7 +23,7 @@ import asyncio
 import functools
 import itertools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -314,10 +314,7 @@ class Gateway(AsyncLifecycle):
             body["model"] = payload["model"]
         url = workers[0].url + "/tokenize"
         response = await self.upstream.open(url, _encode(body))
-        try:
-            data = await response.read()
-        finally:
-            response.release()
+        data = await response.read()
         if response.status != 200:
             raise InvalidRequest(f"the worker could not tokenize the prompt: {data[:300]!r}")
         tokens = _json.decode(data).get("tokens")
@@ -327,7 +324,7 @@ class Gateway(AsyncLifecycle):
 
     # -- pass-through ----------------------------------------------------------------------
     async def passthrough(
-        self, path: str, body: bytes, headers: Any = None
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
     ) -> tuple[int, bytes, int]:
         """POST ``body`` to ``path`` on a worker in rotation and return ``(status, body,
         worker_id)``: for vLLM's ``/tokenize`` and ``/detokenize``, which any worker
@@ -344,13 +341,7 @@ class Gateway(AsyncLifecycle):
             except UpstreamFailure as exc:
                 last = exc
                 continue
-            try:
-                data = await response.read()
-            except BaseException:
-                response.close()
-                raise
-            response.release()
-            return response.status, data, state.worker_id
+            return response.status, await response.read(), state.worker_id
         assert last is not None
         raise last
 
