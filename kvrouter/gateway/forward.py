@@ -356,9 +356,11 @@ class RequestForwarder:
             try:
                 return await run(attempt)
             except UpstreamTimeout as exc:
-                # Nothing reached the client yet. A slow worker is not a dead one: it
-                # stays in rotation, and only one retry is spent on timeouts.
+                # Nothing reached the client yet. A slow worker is not a dead one: only
+                # one retry is spent on timeouts, and the worker stays in rotation unless
+                # its answers keep timing out (a stalled engine).
                 self._counters.upstream_errors["timeout"] += 1
+                self._blame(attempt.state, exc)
                 if pinned or timeout_retried:
                     raise
                 timeout_retried = True
@@ -380,12 +382,21 @@ class RequestForwarder:
 
     def _note_failure(self, state: WorkerState, exc: UpstreamFailure) -> None:
         self._counters.upstream_errors["connect" if exc.worker_down else "status"] += 1
-        if exc.worker_down:
-            # Unreachable: out of rotation until a health check passes, and its cache
-            # can no longer be trusted. A worker that merely said no (a 5xx answer) is
-            # only skipped by this request's retries, unless it says no to every one.
+        self._blame(state, exc)
+
+    def _blame(self, state: WorkerState, exc: UpstreamError) -> None:
+        """What a failed request says about its worker.
+
+        Unreachable (refused, reset, a connection dropped mid-stream): out of rotation
+        until a health check passes, and its cache can no longer be trusted. A worker
+        that merely said no (a 5xx answer) or did not answer in time (no first byte, a
+        stream gone silent) is a failed answer: only this request's retries skip it,
+        unless ``error_threshold`` answers in a row fail (a stalled engine whose health
+        check still passes).
+        """
+        if isinstance(exc, UpstreamFailure) and exc.worker_down:
             self._registry.mark_failed(state.worker_id, str(exc))
-        else:
+        elif isinstance(exc, UpstreamFailure | UpstreamTimeout):
             self._registry.mark_error(state.worker_id, str(exc))
 
     async def _try_worker(
@@ -523,6 +534,7 @@ class RequestForwarder:
         """Count a stream that broke after its first byte; the SSE frames that end it."""
         kind = "timeout" if isinstance(exc, UpstreamTimeout) else "stream"
         self._counters.upstream_errors[kind] += 1
+        self._blame(state, exc)
         log.warning("worker %d broke a stream: %r", state.worker_id, exc)
         status = 504 if kind == "timeout" else 502
         return sse_error_event(f"worker failed mid-stream: {exc}", status=status)

@@ -178,7 +178,11 @@ class UpstreamResponse:
         except TimeoutError as exc:
             raise UpstreamTimeout("worker did not finish its stream in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError(f"worker broke off the stream: {describe_error(exc)}") from exc
+            raise UpstreamFailure(
+                f"worker broke off the stream: {describe_error(exc)}",
+                retryable=False,
+                worker_down=True,
+            ) from exc
         finally:
             if watch is not None:
                 watch.cancel()

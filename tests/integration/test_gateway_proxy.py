@@ -377,6 +377,37 @@ async def test_a_timeout_is_retried_on_a_worker_that_answers(
     assert gw.gateway.counters.stats().num_retries == 1
 
 
+async def test_a_worker_whose_answers_keep_timing_out_leaves_the_rotation(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    # A stalled engine: its health check passes, it accepts every request, answers none.
+    stalled = await start_backend(stack, Backend(mode="hang"))
+    good = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(
+        GatewayServer(
+            config([stalled.url, good.url], router_mode="round_robin", request_timeout_s=0.2)
+        )
+    )
+    state = gw.gateway.registry.get(0)
+    assert state is not None
+    for i in range(30):
+        async with client.post(gw.url + "/v1/completions", json={"prompt": f"p {i}"}) as r:
+            assert r.status == 200  # each timeout was retried on the good worker
+            assert r.headers["x-kvrouter-worker"] == "1"
+        if not state.healthy:
+            break
+    assert not state.healthy
+    assert len(stalled.requests) == state.consecutive_errors == 5  # five in a row
+    assert "did not answer in time" in (state.last_error or "")
+    # Out of rotation: the next requests go straight to the good worker.
+    for i in range(4):
+        async with client.post(gw.url + "/v1/completions", json={"prompt": f"q {i}"}) as r:
+            assert r.status == 200
+    assert len(stalled.requests) == 5
+    assert gw.gateway.counters.stats().num_upstream_errors == {"timeout": 5}
+    assert gw.core.scheduler.stats().active.num_requests == 0
+
+
 async def test_failure_after_first_byte_ends_the_stream_with_an_error_event(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:
@@ -393,6 +424,10 @@ async def test_failure_after_first_byte_ends_the_stream_with_an_error_event(
     assert events[-1] == "data: [DONE]"
     assert gw.gateway.counters.stats().num_upstream_errors == {"stream": 1}
     assert gw.core.scheduler.stats().active.num_requests == 0
+    # The connection dropped mid-stream: the worker looks down, as when it refuses one.
+    state = gw.gateway.registry.get(0)
+    assert state is not None and not state.healthy
+    assert "broke off the stream" in (state.last_error or "")
 
 
 async def test_a_stream_may_outlast_the_request_timeout_while_chunks_keep_coming(
@@ -442,6 +477,11 @@ async def test_a_stream_silent_past_the_idle_timeout_ends_with_an_error_event(
     assert stalling.disconnects == 1
     assert gw.core.scheduler.stats().active.num_requests == 0
     assert gw.gateway.counters.num_in_flight == 0
+    # A silent stream is a failed answer: one in a row, not yet enough to leave.
+    state = gw.gateway.registry.get(0)
+    assert state is not None and state.healthy
+    assert state.consecutive_errors == 1
+    assert "sent nothing for 0.3 s" in (state.last_error or "")
     # In a batch, the stalled prompt's stream ends the merged answer the same way.
     batch = {"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
     async with client.post(gw.url + "/v1/completions", json=batch) as resp:
