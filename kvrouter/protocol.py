@@ -15,6 +15,7 @@ b'{"error":{"message":"bad","type":"BadRequestError","param":null,"code":400}}'
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -51,6 +52,7 @@ __all__ = [
     "TokenizeRequest",
     "TokenizeResponse",
     "Usage",
+    "check_response_fields",
     "decode_chat_request",
     "decode_completion_request",
     "decode_detokenize_request",
@@ -58,6 +60,7 @@ __all__ = [
     "decode_tokenize_request",
     "encode",
     "error_body",
+    "response_messages",
 ]
 
 DEFAULT_MAX_TOKENS = 16
@@ -227,6 +230,85 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     def validate(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequest("give exactly one of 'prompt' and 'messages'")
+
+
+# --- the Responses API (requests) -------------------------------------------------
+
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+_TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
+
+
+def check_response_fields(payload: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidRequest` unless ``input`` and the optional fields are usable."""
+    value = payload.get("input")
+    if not isinstance(value, str | list) or not value:
+        raise InvalidRequest("'input' is required: a string or a non-empty list of input items")
+    for name in ("instructions", "previous_response_id"):
+        field = payload.get(name)
+        if field is not None and not isinstance(field, str):
+            raise InvalidRequest(f"'{name}' must be a string")
+
+
+def response_messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages a Responses request stands for (``instructions`` as the
+    system message, then its input items; see :mod:`kvrouter.gateway.responses`).
+
+    >>> response_messages({"instructions": "Be brief.", "input": "Hi"})
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+    """
+    messages: list[dict[str, Any]] = []
+    instructions = payload.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    value = payload.get("input")
+    if isinstance(value, str):
+        messages.append({"role": "user", "content": value})
+        return messages
+    for i, item in enumerate(value or ()):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"input[{i}] must be an object")
+        message = _item_message(item, i)
+        if message is not None:
+            messages.append(message)
+    if not messages:
+        raise InvalidRequest("'input' holds no message, function call or function output")
+    return messages
+
+
+def _item_message(item: Mapping[str, Any], i: int) -> dict[str, Any] | None:
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise InvalidRequest(
+                f"input[{i}].role must be one of user, assistant, system, developer"
+            )
+        return {"role": role, "content": _content(item.get("content"), i)}
+    if kind == "function_call":
+        call = f"{item.get('name', '')}({item.get('arguments', '')})"
+        return {"role": "assistant", "content": call}
+    if kind == "function_call_output":
+        output = item.get("output", "")
+        return {"role": "tool", "content": output if isinstance(output, str) else str(output)}
+    return None
+
+
+def _content(content: Any, i: int) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"input[{i}].content must be a string or a list of parts")
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"input[{i}].content holds a part that is not an object")
+        kind = part.get("type")
+        if kind in _TEXT_PARTS:
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind == "input_image":
+            url = part.get("image_url") or part.get("file_id") or ""
+            parts.append({"type": "image_url", "image_url": {"url": str(url)}})
+    return parts
 
 
 # --- responses --------------------------------------------------------------------

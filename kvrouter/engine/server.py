@@ -11,7 +11,8 @@
 Endpoints (vLLM's): ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when
 ``stream`` is true), ``GET /v1/models``, ``GET /health``, ``GET|POST /ping``,
 ``GET /version``, ``GET /metrics``, ``POST /tokenize``, ``POST /detokenize``,
-``POST /v1/completions/render``, ``POST /v1/chat/completions/render``.
+``POST /v1/completions/render``, ``POST /v1/chat/completions/render``,
+``POST /v1/responses`` and ``GET /v1/responses/{id}`` (:mod:`kvrouter.engine.responses`).
 
 The output text is synthetic but deterministic: the tokenizer's decoding of the token
 ids the core generates. Each of a request's ``n`` choices per prompt is its own engine
@@ -29,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from kvrouter import __version__
@@ -52,11 +55,13 @@ from kvrouter.engine.http import (
     request_id_of,
     sse,
 )
+from kvrouter.engine.responses import ResponseBuilder, ResponseStore, StoredResponse
 from kvrouter.errors import InvalidRequest, RequestError
 from kvrouter.events.vllm import KVCacheEvent
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.protocol import (
+    OUTPUT_TOKENS_FIELD,
     ChatCompletionRequest,
     ChatFormat,
     CompletionFormat,
@@ -67,11 +72,14 @@ from kvrouter.protocol import (
     RenderedRequest,
     ResponseFormat,
     TokenizeResponse,
+    check_response_fields,
     decode_chat_request,
     decode_completion_request,
     decode_detokenize_request,
+    decode_json,
     decode_tokenize_request,
     encode,
+    response_messages,
 )
 from kvrouter.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -88,6 +96,11 @@ _IDLE_STEP_PAUSE_S = 0.001
 # Sleeps shorter than this only yield to the loop; the timer wheel is coarser.
 _MIN_SLEEP_S = 50e-6
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class ResponseNotFound(RequestError):
+    status = 404
 
 
 class _EventSink(Protocol):
@@ -164,6 +177,7 @@ class EngineServer(AsyncLifecycle):
         self._failed = False
         self._completion_format = CompletionFormat(self.config.model_name)
         self._chat_format = ChatFormat(self.config.model_name)
+        self._stored = ResponseStore()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -241,6 +255,8 @@ class EngineServer(AsyncLifecycle):
         )
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_get("/v1/responses/{id}", self._stored_response)
         app.router.add_post("/v1/completions/render", self._render_completions)
         app.router.add_post("/v1/chat/completions/render", self._render_chat)
         app.router.add_post("/tokenize", self._tokenize)
@@ -346,6 +362,108 @@ class EngineServer(AsyncLifecycle):
         self._check_model(req.model)
         prompt = await self._encode_chat(req)
         return await self._generate(request, req, [prompt], self._chat_format)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        payload = decode_json(_object_decoder, await read_body(request))
+        check_response_fields(payload)
+        self._check_model(payload.get("model"))
+        history: list[dict[str, Any]] = []
+        previous = payload.get("previous_response_id")
+        if previous:
+            stored = self._stored.get(previous)
+            if stored is None:
+                raise ResponseNotFound(f"Response with id '{previous}' not found.")
+            history = stored.conversation
+        # The instructions are this request's alone; the conversation carries on.
+        conversation = history + response_messages({"input": payload["input"]})
+        instructions = payload.get("instructions")
+        messages = [{"role": "system", "content": instructions}] if instructions else []
+        try:
+            chat = msgspec.convert(
+                {
+                    "messages": messages + conversation,
+                    "max_tokens": payload.get("max_output_tokens"),
+                    "temperature": payload.get("temperature"),
+                    "cache_salt": payload.get("cache_salt"),
+                    OUTPUT_TOKENS_FIELD: payload.get(OUTPUT_TOKENS_FIELD),
+                },
+                ChatCompletionRequest,
+            )
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        prompt = await self._encode_chat(chat)
+        self._check_length(len(prompt), chat.output_tokens())
+        response_id = f"resp_{uuid.uuid4().hex}"
+        gen = self._submit(response_id, [prompt], chat, None)
+        build = ResponseBuilder(response_id, self.config.model_name, gen.created, payload)
+        try:
+            if payload.get("stream") is not True:
+                text, reason = await self._collect_text(gen, None)
+                body = self._finish_response(build, gen, text, reason, conversation)
+                return json_response(encode(body))
+            stream = web.StreamResponse(headers=_SSE_HEADERS)
+            await stream.prepare(request)
+            await stream.write(build.opening())
+            text, reason = await self._collect_text(
+                gen, lambda piece: stream.write(build.delta(piece))
+            )
+            body = self._finish_response(build, gen, text, reason, conversation)
+            await stream.write(build.closing(body, text))
+            await stream.write_eof()
+            return stream
+        except ConnectionResetError:
+            logger.debug("client disconnected from response %s", response_id)
+            return web.Response()
+        finally:
+            for sub_id in gen.sub_ids:
+                self._abort(sub_id)
+
+    def _finish_response(
+        self,
+        build: ResponseBuilder,
+        gen: Generation,
+        text: str,
+        reason: str | None,
+        conversation: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The finished response's JSON; stored with its conversation (unless the
+        request said ``store: false``)."""
+        request = build.request
+        # Cut short by the client's own max_output_tokens: incomplete, as vLLM says.
+        cut = reason == "length" and request.get("max_output_tokens") is not None
+        cut = cut and request.get(OUTPUT_TOKENS_FIELD) is None
+        body = build.body(text, "incomplete" if cut else "completed", gen.usage())
+        if request.get("store", True) is not False:
+            answer = {"role": "assistant", "content": text}
+            self._stored.put(build.response_id, StoredResponse(body, [*conversation, answer]))
+        return body
+
+    async def _collect_text(
+        self, gen: Generation, on_text: Callable[[str], Awaitable[None]] | None
+    ) -> tuple[str, str | None]:
+        """Wait for a one-choice generation's text (``on_text`` gets each piece)."""
+        decoder = IncrementalDecoder(self._tokenizer)
+        pieces: list[str] = []
+        reason = None
+        while gen.num_open > 0:
+            _index, output = await gen.queue.get()
+            gen.account(0, output)
+            if output.finished:
+                reason = finish_reason(output)
+            if output.new_token_ids or output.finished:
+                piece = decoder.feed(output.new_token_ids, final=output.finished)
+                if piece:
+                    pieces.append(piece)
+                    if on_text is not None:
+                        await on_text(piece)
+        return "".join(pieces), reason
+
+    async def _stored_response(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["id"]
+        stored = self._stored.get(response_id)
+        if stored is None:
+            raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+        return json_response(encode(stored.body))
 
     async def _generate(
         self,

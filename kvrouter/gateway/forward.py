@@ -36,9 +36,10 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import msgspec
 from aiohttp import web
@@ -69,11 +70,12 @@ from kvrouter.gateway.batch import (
 from kvrouter.gateway.config import GatewayConfig
 from kvrouter.gateway.core import RouteResult, RoutingCore
 from kvrouter.gateway.fanout import merge_completions, split_batch
-from kvrouter.gateway.http_errors import sse_error_event
+from kvrouter.gateway.http_errors import NotFound, responses_error_event, sse_error_event
 from kvrouter.gateway.overrides import RoutingOverrides, parse_overrides
 from kvrouter.gateway.prompts import Kind, ParsedBody, PreparedPrompt, batch_prompts, parse_body
 from kvrouter.gateway.proxy import UpstreamClient, UpstreamFailure, UpstreamResponse
 from kvrouter.gateway.registry import WorkerRegistry, WorkerState
+from kvrouter.gateway.responses import ResponseHomes, ResponseIdSniffer
 from kvrouter.gateway.stats import DecisionRecord, GatewayCounters
 
 __all__ = ["PromptPreparer", "RequestForwarder", "read_body"]
@@ -85,6 +87,7 @@ _PATHS: dict[Kind, str] = {
     "completion": "/v1/completions",
     "chat": "/v1/chat/completions",
     "embedding": "/v1/embeddings",
+    "response": "/v1/responses",
 }
 _encoder = msgspec.json.Encoder()
 _T = TypeVar("_T")
@@ -141,11 +144,13 @@ class RequestForwarder:
         # grace period are cancelled by the server, not by their clients.
         self.closing = False
         self._handlers: set[asyncio.Task[Any]] = set()  # requests being served
+        # Which worker stored each recent /v1/responses answer (follow-ups go there).
+        self.responses = ResponseHomes()
 
     # -- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        """Serve one ``/v1/completions``, ``/v1/chat/completions`` or ``/v1/embeddings``
-        request."""
+        """Serve one ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``
+        or ``/v1/responses`` request."""
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -176,12 +181,65 @@ class RequestForwarder:
             prompts = batch_prompts(parsed.payload)
             if prompts is not None:
                 return await self._fan_out(request, parsed, prompts, overrides)
-        # An embedding request is prepared as a completion of its (first) input.
-        prompt = await self._prepare(parsed, "chat" if kind == "chat" else "completion")
+        if kind == "response":
+            overrides = self._to_home(parsed.payload, overrides)
+        # An embedding request is prepared as a completion of its (first) input, a
+        # Responses request as the chat it stands for.
+        prompt = await self._prepare(
+            parsed, "chat" if kind in {"chat", "response"} else "completion"
+        )
         request_id = self._new_id()
         self._note_short(prompt)
         return await self._forward(
             request, kind, parsed, prompt=prompt, overrides=overrides, request_id=request_id
+        )
+
+    def _to_home(self, payload: Mapping[str, Any], overrides: RoutingOverrides) -> RoutingOverrides:
+        """Pin a follow-up (``previous_response_id``) to the worker that stored the
+        response it continues: no other worker has it. A pin the client chose wins; an
+        unknown id (too old, or from before a restart) is routed as usual, and the
+        worker says whether it knows it."""
+        previous = payload.get("previous_response_id")
+        if not previous or overrides.worker_id is not None:
+            return overrides
+        home = self.responses.home(previous)
+        state = None if home is None else self._registry.get(home)
+        if state is None:
+            return overrides
+        if not state.healthy:
+            raise NoWorkerAvailable(
+                f"worker {state.worker_id}, which holds response {previous!r}, is out of rotation"
+            )
+        return replace(overrides, worker_id=state.worker_id, dp_rank=state.spec.dp_rank)
+
+    async def stored_response(
+        self, request: web.Request, response_id: str, action: str = ""
+    ) -> web.Response:
+        """``GET /v1/responses/{id}`` (``action`` ``""``) or ``POST .../cancel``, passed
+        to the worker that stored the response; 404 when no worker is known to."""
+        home = self.responses.home(response_id)
+        state = None if home is None else self._registry.get(home)
+        if state is None:
+            raise NotFound(f"response {response_id!r} is not known to this router")
+        if not state.healthy:
+            raise NoWorkerAvailable(
+                f"worker {state.worker_id}, which holds response {response_id!r}, "
+                "is out of rotation"
+            )
+        url = f"{state.url}/v1/responses/{quote(response_id, safe='')}{action}"
+        if request.method == "GET":
+            status, data = await self._upstream.get(
+                url, self._cfg.request_timeout_s, request.headers
+            )
+        else:
+            body = await read_body(request, self._cfg.max_body_bytes)
+            upstream = await self._upstream.open(url, body or b"{}", request.headers)
+            status, data = upstream.status, await upstream.read()
+        return web.Response(
+            body=data,
+            status=status,
+            content_type="application/json",
+            headers={"x-kvrouter-worker": str(state.worker_id)},
         )
 
     def _new_id(self) -> str:
@@ -413,8 +471,10 @@ class RequestForwarder:
                 state.url + _PATHS[kind], parsed.forward_body, request.headers, stream=parsed.stream
             )
             if parsed.stream and upstream.status == 200:
-                return await self._stream(request, upstream, state, request_id)
+                return await self._stream(request, upstream, state, request_id, kind)
             data = await self._read_whole(upstream, state, request_id)
+            if kind == "response" and upstream.status == 200:
+                self.responses.note_body(data, state.worker_id)
             headers = upstream.passthrough_headers()
             headers["x-kvrouter-worker"] = str(state.worker_id)
             return web.Response(body=data, status=upstream.status, headers=headers)
@@ -460,8 +520,11 @@ class RequestForwarder:
         upstream: UpstreamResponse,
         state: WorkerState,
         request_id: str,
+        kind: Kind = "completion",
     ) -> web.StreamResponse:
+        """Pass a stream on (of a Responses stream, learn its id from its start)."""
         chunks = aiter(upstream.iter_chunks())
+        sniffer = self.responses.sniffer(state.worker_id) if kind == "response" else None
         finished = False
         response: web.StreamResponse | None = None
         try:
@@ -472,7 +535,11 @@ class RequestForwarder:
             )
             await response.prepare(request)
             await response.write(first)
-            finished = await self._pump(chunks, response, state)
+            if sniffer is not None:
+                sniffer.feed(first)
+                if sniffer.done:
+                    sniffer = None
+            finished = await self._pump(chunks, response, state, kind, sniffer)
             await response.write_eof()
             return response
         except ConnectionResetError:
@@ -516,7 +583,12 @@ class RequestForwarder:
         return first
 
     async def _pump(
-        self, chunks: AsyncIterator[bytes], response: web.StreamResponse, state: WorkerState
+        self,
+        chunks: AsyncIterator[bytes],
+        response: web.StreamResponse,
+        state: WorkerState,
+        kind: Kind,
+        sniffer: ResponseIdSniffer | None,
     ) -> bool:
         """Copy the rest of the stream; ``True`` when the worker ended it cleanly."""
         while True:
@@ -525,19 +597,29 @@ class RequestForwarder:
             except StopAsyncIteration:
                 return True
             except UpstreamError as exc:
-                await response.write(self._broken_stream(state, exc))
+                await response.write(self._broken_stream(state, exc, kind))
                 return False
+            if sniffer is not None:
+                sniffer.feed(chunk)
+                if sniffer.done:
+                    sniffer = None
             # write() waits for the client to drain: back-pressure reaches the worker.
             await response.write(chunk)
 
-    def _broken_stream(self, state: WorkerState, exc: UpstreamError) -> bytes:
-        """Count a stream that broke after its first byte; the SSE frames that end it."""
-        kind = "timeout" if isinstance(exc, UpstreamTimeout) else "stream"
-        self._counters.upstream_errors[kind] += 1
+    def _broken_stream(
+        self, state: WorkerState, exc: UpstreamError, kind: Kind = "completion"
+    ) -> bytes:
+        """Count a stream that broke after its first byte; the SSE frames that end it
+        (``kind``: the API's, a Responses stream's own error event)."""
+        timed_out = isinstance(exc, UpstreamTimeout)
+        self._counters.upstream_errors["timeout" if timed_out else "stream"] += 1
         self._blame(state, exc)
         log.warning("worker %d broke a stream: %r", state.worker_id, exc)
-        status = 504 if kind == "timeout" else 502
-        return sse_error_event(f"worker failed mid-stream: {exc}", status=status)
+        status = 504 if timed_out else 502
+        message = f"worker failed mid-stream: {exc}"
+        if kind == "response":
+            return responses_error_event(message, status)
+        return sse_error_event(message, status=status)
 
     # -- batch completions ------------------------------------------------------------
     async def _fan_out(

@@ -31,6 +31,7 @@ __all__ = [
     "NotFound",
     "error_body",
     "map_error",
+    "responses_error_event",
     "sse_error_event",
 ]
 
@@ -89,3 +90,11 @@ def retry_after_header(exc: BaseException, default_s: float) -> str:
 def sse_error_event(message: str, error_type: str = "upstream_error", status: int = 502) -> bytes:
     """The SSE frames that end a stream broken after its first byte: an error, then DONE."""
     return b"data: " + error_body(message, error_type, status) + b"\n\ndata: [DONE]\n\n"
+
+
+def responses_error_event(message: str, status: int = 502) -> bytes:
+    """The same for a Responses API stream: its ``error`` event (that API has no DONE)."""
+    data = protocol.encode(
+        {"type": "error", "code": str(status), "message": message, "param": None}
+    )
+    return b"event: error\ndata: " + data + b"\n\n"

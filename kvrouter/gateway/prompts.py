@@ -24,7 +24,7 @@ import numpy as np
 
 from kvrouter.errors import InvalidRequest, RequestTooLarge
 from kvrouter.hashing import Tokens, hash_request, make_salt
-from kvrouter.protocol import decode_json
+from kvrouter.protocol import check_response_fields, decode_json, response_messages
 from kvrouter.tokenizer import ByteTokenizer, Tokenizer, normalize_messages
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
     "tokenize_locally",
 ]
 
-Kind = Literal["completion", "chat", "embedding"]
+Kind = Literal["completion", "chat", "embedding", "response"]
 _BODY_FIELD_MARKER = b'"kvrouter"'
 _decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
@@ -126,6 +126,10 @@ def parse_body(body: bytes, kind: Kind) -> ParsedBody:
         )
         routed = {**payload, "prompt": first}
         return ParsedBody(routed, forward, field, stream=False)
+    if kind == "response":
+        # Routed as the chat conversation it stands for; forwarded as it came.
+        routed = {**payload, "messages": response_messages(payload)}
+        return ParsedBody(routed, forward, field, stream)
     return ParsedBody(payload, forward, field, stream)
 
 
@@ -137,6 +141,9 @@ def _check_prompt_field(payload: Mapping[str, Any], kind: Kind) -> None:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'")
+        return
+    if kind == "response":
+        check_response_fields(payload)
         return
     if kind == "embedding":
         value = payload.get("input")

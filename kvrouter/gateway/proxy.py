@@ -294,12 +294,7 @@ class UpstreamClient(AsyncLifecycle):
         answers, :class:`~kvrouter.errors.UpstreamTimeout` when the worker does not
         answer in time. Other statuses (a worker's 4xx) come back to be passed on.
         """
-        send_headers = {"Content-Type": "application/json"}
-        if headers:
-            for name in self._forwarded:
-                value = headers.get(name)
-                if value is not None:
-                    send_headers[name] = value
+        send_headers = self._send_headers(headers)
         deadline: float | None = None
         if stream and timeout_s is None:
             # The answer must start within the request timeout; what follows is limited
@@ -337,11 +332,28 @@ class UpstreamClient(AsyncLifecycle):
             _check_media_type(raw, url, stream)
         return UpstreamResponse(raw.status, raw.headers, raw, deadline, self._stream_idle_timeout_s)
 
-    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
-        """A short GET (health, models, metrics); raises UpstreamError on failure."""
+    def _send_headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """The headers of a request to a worker: JSON, and what is passed on of the
+        client's (``headers``)."""
+        send_headers = {"Content-Type": "application/json"}
+        if headers:
+            for name in self._forwarded:
+                value = headers.get(name)
+                if value is not None:
+                    send_headers[name] = value
+        return send_headers
+
+    async def get(
+        self, url: str, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """A short GET (health, models, metrics, a stored response); raises
+        UpstreamError on failure. ``headers``: the client's, to pass on as ``open``
+        does."""
         try:
             async with self.session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                url,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                headers=self._send_headers(headers) if headers is not None else None,
             ) as resp:
                 return resp.status, await resp.read()
         except TimeoutError as exc:

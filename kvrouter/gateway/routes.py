@@ -4,6 +4,9 @@
 ``POST /v1/completions``   route and proxy (stream or not)
 ``POST /v1/chat/completions``
 ``POST /v1/embeddings``    routed by its (first) input, as a completion prompt
+``POST /v1/responses``     routed as the chat it stands for; a follow-up
+                           (``previous_response_id``) to the worker that stored it
+``GET /v1/responses/{id}`` passed to the worker that stored it (and ``POST .../cancel``)
 ``POST /tokenize``         passed to a worker in rotation (vLLM's), unrouted
 ``POST /detokenize``
 ``GET /v1/models``         the union of the workers' models
@@ -177,6 +180,16 @@ class _Handlers:
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self.gw.forwarder.handle(request, "embedding")
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self.gw.forwarder.handle(request, "response")
+
+    async def stored_response(self, request: web.Request) -> web.Response:
+        return await self.gw.forwarder.stored_response(request, request.match_info["id"])
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["id"]
+        return await self.gw.forwarder.stored_response(request, response_id, "/cancel")
 
     async def tokenize(self, request: web.Request) -> web.Response:
         return await self._pass(request, "/tokenize")
@@ -357,6 +370,9 @@ def build_app(gateway: Gateway, collector: GatewayCollector | None = None) -> we
     add.add_post("/v1/completions", h.completions)
     add.add_post("/v1/chat/completions", h.chat)
     add.add_post("/v1/embeddings", h.embeddings)
+    add.add_post("/v1/responses", h.responses)
+    add.add_get("/v1/responses/{id}", h.stored_response)
+    add.add_post("/v1/responses/{id}/cancel", h.cancel_response)
     add.add_post("/tokenize", h.tokenize)
     add.add_post("/detokenize", h.detokenize)
     add.add_get("/v1/models", h.models)

@@ -1,12 +1,15 @@
-"""Shared fixtures of the integration tests: a real nats-server on a loopback port."""
+"""Shared fixtures of the integration tests: a real nats-server on a loopback port, an
+exit stack for servers a test starts, and an HTTP client session."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 
+import aiohttp
 import pytest
 
 from kvrouter.runtime import start_nats_server
@@ -38,3 +41,15 @@ def nats_url() -> Iterator[str]:
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    async with AsyncExitStack() as s:
+        yield s
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

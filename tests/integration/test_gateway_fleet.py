@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -125,12 +125,6 @@ def gateway_config(workers: list[Worker], **overrides: Any) -> GatewayConfig:
     }
     settings.update(overrides)
     return GatewayConfig(**settings)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def eventually(check: Any, timeout_s: float = 5.0) -> None:
@@ -272,6 +266,49 @@ async def test_streaming_through_the_openai_client(fleet: list[Worker]) -> None:
             await api.close()
         sched = gw.core.scheduler.stats()
         assert (sched.num_decisions, sched.active.num_requests) == (2, 0)
+
+
+async def test_a_responses_conversation_stays_on_the_worker_that_stores_it(
+    fleet: list[Worker],
+) -> None:
+    # Round robin would send every turn elsewhere, where the stored response is unknown.
+    async with GatewayServer(gateway_config(fleet, router_mode="round_robin")) as gw:
+        api = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        try:
+            instructions = "You are a patient assistant. " * 4
+            turn = await api.responses.create(
+                model="kvrouter-mock", instructions=instructions, input="Hello, who are you?"
+            )
+            first_tokens = turn.usage.input_tokens if turn.usage else 0
+            for i in range(3):
+                if i == 1:  # one turn streamed: the id comes from its first event
+                    stream = await api.responses.create(
+                        model="kvrouter-mock",
+                        instructions=instructions,
+                        input=f"Tell me more ({i}).",
+                        previous_response_id=turn.id,
+                        stream=True,
+                    )
+                    events = [e async for e in stream]
+                    assert events[-1].type == "response.completed"
+                    turn = events[-1].response  # type: ignore[union-attr]
+                else:
+                    turn = await api.responses.create(
+                        model="kvrouter-mock",
+                        instructions=instructions,
+                        input=f"Tell me more ({i}).",
+                        previous_response_id=turn.id,
+                    )
+                assert turn.usage is not None
+                # The conversation so far is cached where it was stored.
+                assert turn.usage.input_tokens_details.cached_tokens >= first_tokens - BLOCK
+            assert (await api.responses.retrieve(turn.id)).id == turn.id
+        finally:
+            await api.close()
+        sched = gw.core.scheduler.stats()
+        assert sched.num_decisions == 4
+        assert sorted(sched.decisions_by_worker.values()) == [4]  # one worker, every turn
+        assert sched.active.num_requests == 0
 
 
 async def test_a_batch_prompt_sends_each_prompt_to_the_worker_that_caches_it(

@@ -11,7 +11,6 @@ import asyncio
 import json
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,18 +186,6 @@ def config(urls: list[str], **overrides: Any) -> GatewayConfig:
     }
     settings.update(overrides)
     return GatewayConfig(**settings)
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[AsyncExitStack]:
-    async with AsyncExitStack() as s:
-        yield s
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_failure_before_first_byte_is_retried_on_another_worker(

@@ -595,3 +595,70 @@ async def test_engine_failure_ends_open_requests_and_refuses_new_ones(
         await h.http.close()
         await h.client.close()
         await h.server.aclose()
+
+
+# --- responses ---------------------------------------------------------------------
+
+
+async def test_responses_through_the_openai_client(harness: Harness) -> None:
+    first = await harness.client.responses.create(
+        model=MODEL, instructions="Be brief.", input=PROMPT, max_output_tokens=6
+    )
+    assert first.id.startswith("resp_")
+    assert first.status == "incomplete"  # cut at the client's max_output_tokens
+    assert first.output_text and first.usage is not None
+    assert (first.usage.output_tokens, first.usage.input_tokens_details.cached_tokens) == (6, 0)
+    # A follow-up carries the stored conversation: its prompt starts with all of the
+    # first one (the same instructions, the question), so the prefix cache serves that.
+    follow = await harness.client.responses.create(
+        model=MODEL, instructions="Be brief.", input="And then?", previous_response_id=first.id
+    )
+    assert follow.usage is not None
+    assert follow.usage.input_tokens > first.usage.input_tokens + 6
+    full_blocks = first.usage.input_tokens // BLOCK_SIZE * BLOCK_SIZE
+    assert follow.usage.input_tokens_details.cached_tokens >= full_blocks
+    assert follow.status == "completed" and follow.previous_response_id == first.id
+    fetched = await harness.client.responses.retrieve(follow.id)
+    assert fetched.output_text == follow.output_text
+
+
+async def test_responses_stream_the_api_events(harness: Harness) -> None:
+    stream = await harness.client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": PROMPT}], stream=True
+    )
+    kinds = []
+    deltas = []
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        if event.type == "response.completed":
+            final = event.response
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert "".join(deltas) == final.output_text and deltas
+    assert (await harness.client.responses.retrieve(final.id)).id == final.id
+
+
+async def test_unknown_and_unstored_responses_are_404(harness: Harness) -> None:
+    status, body = await harness.post(
+        "/v1/responses", {"input": "hi", "previous_response_id": "resp_nope"}
+    )
+    assert status == 404
+    assert "resp_nope" in body["error"]["message"]  # type: ignore[index]
+    status, body = await harness.post("/v1/responses", {"input": "hi", "store": False})
+    assert status == 200
+    async with harness.http.get(f"{harness.url}/v1/responses/{body['id']}") as resp:  # type: ignore[index]
+        assert resp.status == 404
+    status, body = await harness.post("/v1/responses", {"input": [{"role": "bot"}]})
+    assert status == 400
