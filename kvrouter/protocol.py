@@ -60,6 +60,8 @@ __all__ = [
     "decode_tokenize_request",
     "encode",
     "error_body",
+    "input_messages",
+    "require_messages",
     "response_messages",
 ]
 
@@ -256,20 +258,31 @@ def response_messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     >>> response_messages({"instructions": "Be brief.", "input": "Hi"})
     [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
     """
-    messages: list[dict[str, Any]] = []
     instructions = payload.get("instructions")
-    if isinstance(instructions, str) and instructions:
-        messages.append({"role": "system", "content": instructions})
-    value = payload.get("input")
+    head = (
+        [{"role": "system", "content": instructions}]
+        if isinstance(instructions, str) and instructions
+        else []
+    )
+    return require_messages(head + input_messages(payload.get("input")))
+
+
+def input_messages(value: Any) -> list[dict[str, Any]]:
+    """The chat messages of a Responses request's ``input`` alone (text, or items)."""
     if isinstance(value, str):
-        messages.append({"role": "user", "content": value})
-        return messages
+        return [{"role": "user", "content": value}]
+    messages: list[dict[str, Any]] = []
     for i, item in enumerate(value or ()):
         if not isinstance(item, dict):
             raise InvalidRequest(f"input[{i}] must be an object")
         message = _item_message(item, i)
         if message is not None:
             messages.append(message)
+    return messages
+
+
+def require_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages``, unless there are none to run (only reasoning items, say)."""
     if not messages:
         raise InvalidRequest("'input' holds no message, function call or function output")
     return messages

@@ -12,6 +12,7 @@ from kvrouter.protocol import error_body
 
 __all__ = [
     "ModelNotFound",
+    "NotFound",
     "ShuttingDown",
     "aborted_output",
     "bound_port",
@@ -26,8 +27,12 @@ __all__ = [
 ]
 
 
-class ModelNotFound(RequestError):
+class NotFound(RequestError):
     status = 404
+
+
+class ModelNotFound(NotFound):
+    pass
 
 
 class ShuttingDown(RequestError):

@@ -43,6 +43,7 @@ from kvrouter.engine import EngineCore, EngineRequest, RequestOutput
 from kvrouter.engine.generation import Generation, Waiter, engine_request_ids
 from kvrouter.engine.http import (
     ModelNotFound,
+    NotFound,
     ShuttingDown,
     aborted_output,
     bound_port,
@@ -79,7 +80,8 @@ from kvrouter.protocol import (
     decode_json,
     decode_tokenize_request,
     encode,
-    response_messages,
+    input_messages,
+    require_messages,
 )
 from kvrouter.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -97,10 +99,6 @@ _IDLE_STEP_PAUSE_S = 0.001
 _MIN_SLEEP_S = 50e-6
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
-
-
-class ResponseNotFound(RequestError):
-    status = 404
 
 
 class _EventSink(Protocol):
@@ -370,12 +368,9 @@ class EngineServer(AsyncLifecycle):
         history: list[dict[str, Any]] = []
         previous = payload.get("previous_response_id")
         if previous:
-            stored = self._stored.get(previous)
-            if stored is None:
-                raise ResponseNotFound(f"Response with id '{previous}' not found.")
-            history = stored.conversation
+            history = self._stored_or_404(previous).conversation
         # The instructions are this request's alone; the conversation carries on.
-        conversation = history + response_messages({"input": payload["input"]})
+        conversation = history + require_messages(input_messages(payload["input"]))
         instructions = payload.get("instructions")
         messages = [{"role": "system", "content": instructions}] if instructions else []
         try:
@@ -459,11 +454,13 @@ class EngineServer(AsyncLifecycle):
         return "".join(pieces), reason
 
     async def _stored_response(self, request: web.Request) -> web.Response:
-        response_id = request.match_info["id"]
+        return json_response(encode(self._stored_or_404(request.match_info["id"]).body))
+
+    def _stored_or_404(self, response_id: str) -> StoredResponse:
         stored = self._stored.get(response_id)
         if stored is None:
-            raise ResponseNotFound(f"Response with id '{response_id}' not found.")
-        return json_response(encode(stored.body))
+            raise NotFound(f"Response with id '{response_id}' not found.")
+        return stored
 
     async def _generate(
         self,

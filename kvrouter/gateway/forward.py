@@ -202,30 +202,31 @@ class RequestForwarder:
         previous = payload.get("previous_response_id")
         if not previous or overrides.worker_id is not None:
             return overrides
-        home = self.responses.home(previous)
-        state = None if home is None else self._registry.get(home)
+        state = self._home_of(previous)
         if state is None:
             return overrides
-        if not state.healthy:
-            raise NoWorkerAvailable(
-                f"worker {state.worker_id}, which holds response {previous!r}, is out of rotation"
-            )
         return replace(overrides, worker_id=state.worker_id, dp_rank=state.spec.dp_rank)
+
+    def _home_of(self, response_id: str) -> WorkerState | None:
+        """The worker that stored ``response_id`` (``None``: none known). Raises
+        :class:`NoWorkerAvailable` when it is out of rotation: no other has it."""
+        home = self.responses.home(response_id)
+        state = None if home is None else self._registry.get(home)
+        if state is not None and not state.healthy:
+            raise NoWorkerAvailable(
+                f"worker {state.worker_id}, which holds response {response_id!r}, "
+                "is out of rotation"
+            )
+        return state
 
     async def stored_response(
         self, request: web.Request, response_id: str, action: str = ""
     ) -> web.Response:
         """``GET /v1/responses/{id}`` (``action`` ``""``) or ``POST .../cancel``, passed
         to the worker that stored the response; 404 when no worker is known to."""
-        home = self.responses.home(response_id)
-        state = None if home is None else self._registry.get(home)
+        state = self._home_of(response_id)
         if state is None:
             raise NotFound(f"response {response_id!r} is not known to this router")
-        if not state.healthy:
-            raise NoWorkerAvailable(
-                f"worker {state.worker_id}, which holds response {response_id!r}, "
-                "is out of rotation"
-            )
         url = f"{state.url}/v1/responses/{quote(response_id, safe='')}{action}"
         if request.method == "GET":
             status, data = await self._upstream.get(
@@ -537,8 +538,6 @@ class RequestForwarder:
             await response.write(first)
             if sniffer is not None:
                 sniffer.feed(first)
-                if sniffer.done:
-                    sniffer = None
             finished = await self._pump(chunks, response, state, kind, sniffer)
             await response.write_eof()
             return response
@@ -600,9 +599,7 @@ class RequestForwarder:
                 await response.write(self._broken_stream(state, exc, kind))
                 return False
             if sniffer is not None:
-                sniffer.feed(chunk)
-                if sniffer.done:
-                    sniffer = None
+                sniffer.feed(chunk)  # returns at once after the id is found
             # write() waits for the client to drain: back-pressure reaches the worker.
             await response.write(chunk)
 

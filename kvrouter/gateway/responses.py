@@ -36,7 +36,15 @@ __all__ = ["ResponseHomes", "ResponseIdSniffer", "response_messages"]
 # with response.created, whose "response" object starts with it.
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _SNIFF_LIMIT = 64 * 1024
-_decoder = msgspec.json.Decoder()
+
+
+class _Identified(msgspec.Struct):
+    """The one field of an answer the gateway reads; the rest is skipped unbuilt."""
+
+    id: str | None = None
+
+
+_decoder = msgspec.json.Decoder(_Identified)
 
 
 class ResponseHomes:
@@ -75,11 +83,10 @@ class ResponseHomes:
     def note_body(self, body: bytes, worker_id: int) -> bool:
         """Learn the id of an unstreamed answer; ``False`` if it names none."""
         try:
-            data = _decoder.decode(body)
-        except msgspec.DecodeError:
+            response_id = _decoder.decode(body).id
+        except msgspec.DecodeError:  # not JSON, not an object, or an id that is no string
             return False
-        response_id = data.get("id") if isinstance(data, dict) else None
-        if not isinstance(response_id, str) or not response_id:
+        if not response_id:
             return False
         self.note(response_id, worker_id)
         return True
