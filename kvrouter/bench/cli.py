@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -30,7 +31,7 @@ WorkloadOpt = Annotated[
     typer.Option(help="Built-in workload without --trace: multi-turn, shared-prefix, no-reuse."),
 ]
 EventForm = Literal["direct", "array", "map", "map-batch"]
-LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N requests.")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="Use only the first N requests.")]
 SpeedupOpt = Annotated[
     float, typer.Option(help="Divide trace timestamps by this (open loop, trace arrivals).")
 ]
@@ -112,6 +113,7 @@ def _sim_config(
     block_size: int,
     num_gpu_blocks: int,
     seed: int,
+    metrics_delay_ms: float | None = None,
     max_decode_steps: int = 256,
     event_form: EventForm = "direct",
     queue_threshold: float | None = None,
@@ -130,6 +132,7 @@ def _sim_config(
         num_workers=workers,
         engine=engine,
         event_delay_s=event_delay_ms / 1e3,
+        metrics_delay_s=None if metrics_delay_ms is None else metrics_delay_ms / 1e3,
         seed=seed,
         max_decode_steps=max_decode_steps,
         event_form=event_form,
@@ -160,6 +163,11 @@ def _policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     if not names:
         raise typer.BadParameter("no policy named", param_hint="--policies")
+    if "direct" in names:
+        raise typer.BadParameter(
+            "direct sends each request to the worker its client names; a workload names none",
+            param_hint="--policies",
+        )
     return names
 
 
@@ -184,6 +192,10 @@ def simulate_command(
     event_delay_ms: Annotated[
         float, typer.Option(help="Transport lag of KV events and metrics (virtual ms).")
     ] = 5.0,
+    metrics_delay_ms: Annotated[
+        float | None,
+        typer.Option(help="Transport lag of load metrics, if not the events' (virtual ms)."),
+    ] = None,
     engine_speedup: Annotated[
         float, typer.Option(help="The engines' speedup ratio (divides every step time).")
     ] = 1.0,
@@ -211,7 +223,10 @@ def simulate_command(
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     out: Annotated[
-        Path | None, typer.Option(help="Write results.json (with plot data) and a report here.")
+        Path | None,
+        typer.Option(
+            help="Write results.json (sweep.json with --sweep, with plot data) and a report here."
+        ),
     ] = None,
 ) -> None:
     """Simulate engines and the real router in virtual time; compare policies."""
@@ -222,6 +237,7 @@ def simulate_command(
     config = _sim_config(
         workers=workers,
         event_delay_ms=event_delay_ms,
+        metrics_delay_ms=metrics_delay_ms,
         engine_speedup=engine_speedup,
         block_size=block_size,
         num_gpu_blocks=num_gpu_blocks,
@@ -240,6 +256,7 @@ def simulate_command(
         "requests": len(requests),
         "workers": workers,
         "event_delay_ms": event_delay_ms,
+        "metrics_delay_ms": event_delay_ms if metrics_delay_ms is None else metrics_delay_ms,
         "engine_speedup": engine_speedup,
         "block_size": block_size,
         "num_gpu_blocks": num_gpu_blocks,
@@ -359,15 +376,22 @@ def _run_sweep(
     return {"sweep": points, "reuse_limit": limit_value, "meta": meta}
 
 
-def _print_table(runs: dict[str, RunResult], limit_value: float | None) -> None:
+def _print_table(
+    runs: dict[str, RunResult], limit_value: float | Mapping[str, float | None] | None
+) -> None:
+    """``limit_value``: the workload's reuse limit, or each run's (runs of several files)."""
     from rich.console import Console
 
     from kvrouter.bench.report import rich_table
 
+    limits = limit_value if isinstance(limit_value, Mapping) else dict.fromkeys(runs, limit_value)
     # Wide enough for every column; a narrower terminal wraps rather than truncates.
     console = Console()
     console.width = max(console.width, 150)
-    console.print(rich_table(runs, limit_value))
+    console.print(rich_table(runs, limits))
+    for name, run in runs.items():
+        for message, count in run.extra.get("error_messages", {}).items():
+            print(f"{name}: {count} failed: {message}", file=sys.stderr)
 
 
 def _write_report(paths: list[Path], out: Path, *, quiet: bool) -> None:
@@ -383,7 +407,10 @@ def _write_report(paths: list[Path], out: Path, *, quiet: bool) -> None:
 
 def replay_command(
     *,
-    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server.")],
+    url: Annotated[
+        str,
+        typer.Option(help="Base URL of an OpenAI-compatible server (with or without /v1)."),
+    ],
     trace: TraceOpt = None,
     workload: WorkloadOpt = "multi-turn",
     speedup: SpeedupOpt = 1.0,
@@ -414,7 +441,7 @@ def replay_command(
     requests = _load_requests(trace, workload, limit, seed)
     arrivals = _arrivals(trace, speedup, rate, concurrency, seed)
     config = ReplayConfig(
-        url=url.rstrip("/"),
+        url=_base_url(url),
         model=model,
         prompt_mode="text" if prompt_mode == "text" else "tokens",
         request_timeout_s=timeout_s,
@@ -426,6 +453,12 @@ def replay_command(
     save_results(out, doc)
     _print_table({label: result}, limit_value)
     print(f"results: {out}", file=sys.stderr)
+
+
+def _base_url(url: str) -> str:
+    """The server's root: OpenAI clients take a base URL ending in ``/v1``; we add it."""
+    url = url.rstrip("/")
+    return url.removesuffix("/v1")
 
 
 # ---------------------------------------------------------------------------- report

@@ -20,6 +20,7 @@ import base64
 import html
 import io
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from kvrouter.errors import ConfigError
 __all__ = [
     "ReportFiles",
     "collect_runs",
+    "common_limit",
     "load_imbalance",
     "markdown_table",
     "read_sweep",
@@ -67,21 +69,42 @@ class ReportFiles:
     images: tuple[Path, ...]
 
 
-def collect_runs(paths: Sequence[str | Path]) -> tuple[dict[str, RunResult], float | None]:
-    """Every run of every (non-sweep) results file, and the first reuse limit found.
+def collect_runs(
+    paths: Sequence[str | Path],
+) -> tuple[dict[str, RunResult], dict[str, float | None]]:
+    """Every run of every (non-sweep) results file, and each run's reuse limit.
 
-    Names are the policy names; a name seen twice gets its file's stem as a prefix.
+    A run is compared with the limit of the workload it ran, so each keeps its own
+    file's ``reuse_limit``. Runs are named by policy; a policy found in several files is
+    named ``SOURCE:policy`` in each, SOURCE being the file's stem, or its folder's name
+    for the ``results.json`` that ``--out`` writes.
     """
+    docs = [(Path(path), load_results(path)) for path in paths]
+    seen = Counter(name for _, doc in docs for name in doc["policies"])
     runs: dict[str, RunResult] = {}
-    limit: float | None = None
-    for path in paths:
-        doc = load_results(path)
-        if limit is None and doc.get("reuse_limit") is not None:
-            limit = float(doc["reuse_limit"])
+    limits: dict[str, float | None] = {}
+    for path, doc in docs:
+        limit = doc.get("reuse_limit")
         for name, data in doc["policies"].items():
-            key = name if name not in runs else f"{Path(path).stem}:{name}"
+            key = name if seen[name] == 1 else f"{_source_name(path)}:{name}"
+            base, n = key, 2
+            while key in runs:
+                key, n = f"{base}#{n}", n + 1
             runs[key] = RunResult.from_json(data)
-    return runs, limit
+            limits[key] = None if limit is None else float(limit)
+    return runs, limits
+
+
+def _source_name(path: Path) -> str:
+    if path.stem == "results" and path.parent.name:
+        return path.parent.name
+    return path.stem
+
+
+def common_limit(limits: Mapping[str, float | None]) -> float | None:
+    """The reuse limit every run shares (``None`` when they differ or none is known)."""
+    values = set(limits.values())
+    return values.pop() if len(values) == 1 else None
 
 
 def load_imbalance(run: RunResult) -> float | None:
@@ -92,12 +115,15 @@ def load_imbalance(run: RunResult) -> float | None:
     return max(tokens) / (sum(tokens) / len(tokens))
 
 
-def table_rows(runs: Mapping[str, RunResult], reuse_limit: float | None) -> list[dict[str, Any]]:
+def table_rows(
+    runs: Mapping[str, RunResult], limits: Mapping[str, float | None]
+) -> list[dict[str, Any]]:
     """One dict per run with every column of the table (values, not strings)."""
     rows = []
     for name, run in runs.items():
         row: dict[str, Any] = {"run": name, **run.figures}
         reuse = run.figures.get("prefix_reuse")
+        reuse_limit = limits.get(name)
         row["reuse_of_limit"] = reuse / reuse_limit if reuse is not None and reuse_limit else None
         row["imbalance"] = load_imbalance(run)
         row["errors"] = run.extra.get("errors")
@@ -119,29 +145,38 @@ def _fmt(key: str, value: Any) -> str:
     return f"{value:,.1f}"
 
 
-def markdown_table(runs: Mapping[str, RunResult], reuse_limit: float | None) -> str:
+def markdown_table(runs: Mapping[str, RunResult], limits: Mapping[str, float | None]) -> str:
     """The table as GitHub markdown, with the reuse limit under it."""
     lines = [
         "| " + " | ".join(title for title, _ in _COLUMNS) + " |",
         "|" + "|".join("---" if key == "run" else "---:" for _, key in _COLUMNS) + "|",
     ]
-    for row in table_rows(runs, reuse_limit):
+    for row in table_rows(runs, limits):
         lines.append("| " + " | ".join(_fmt(key, row.get(key)) for _, key in _COLUMNS) + " |")
-    if reuse_limit is not None:
+    caption = _limit_caption(limits)
+    if caption:
         lines.append("")
-        lines.append(f"Prefix-reuse limit (one infinite cache): {reuse_limit:.1%}.")
+        lines.append(caption + ".")
     return "\n".join(lines) + "\n"
 
 
-def rich_table(runs: Mapping[str, RunResult], reuse_limit: float | None) -> Any:
+def _limit_caption(limits: Mapping[str, float | None]) -> str | None:
+    shared = common_limit(limits)
+    if shared is not None:
+        return f"Prefix-reuse limit (one infinite cache): {shared:.1%}"
+    if any(v is not None for v in limits.values()):
+        return "Of limit: each run's reuse over the limit of its own workload"
+    return None
+
+
+def rich_table(runs: Mapping[str, RunResult], limits: Mapping[str, float | None]) -> Any:
     """The table for the terminal (a ``rich.table.Table``)."""
     from rich.table import Table
 
-    caption = None if reuse_limit is None else f"prefix-reuse limit {reuse_limit:.1%}"
-    table = Table(caption=caption)
+    table = Table(caption=_limit_caption(limits))
     for title, key in _COLUMNS:
         table.add_column(title, justify="left" if key == "run" else "right")
-    for row in table_rows(runs, reuse_limit):
+    for row in table_rows(runs, limits):
         table.add_row(*(_fmt(key, row.get(key)) for _, key in _COLUMNS))
     return table
 
@@ -282,14 +317,14 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path) -> ReportFile
             run_paths.append(path)
         else:
             sweeps.append(sweep)
-    runs, limit = collect_runs(run_paths)
+    runs, limits = collect_runs(run_paths)
     images: dict[str, bytes] = {}
     parts: list[str] = []
     if runs:
-        parts.append(markdown_table(runs, limit))
+        parts.append(markdown_table(runs, limits))
         images["ttft_cdf.png"] = plot_ttft_cdf(runs)
         images["load.png"] = plot_load(runs)
-        images["hit_rate.png"] = plot_hit_rate(runs, limit)
+        images["hit_rate.png"] = plot_hit_rate(runs, common_limit(limits))
     for i, sweep in enumerate(sweeps):
         suffix = str(i or "")
         for title, key in _SWEEP_TABLES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ __all__ = [
     "save_results",
     "summarize",
 ]
+
+_ERROR_MESSAGES = 5  # distinct error messages kept per run
 
 FIGURE_KEYS = (
     "ttft_mean_ms",
@@ -184,6 +187,10 @@ def summarize(
         "wall_s": wall_s,
     }
     more: dict[str, Any] = {"requests": len(items), "errors": len(items) - len(done)}
+    if more["errors"]:
+        # Why they failed: the commonest messages, so a failed run explains itself.
+        failed = Counter(r.error or "no tokens" for r in items if not r.ok)
+        more["error_messages"] = dict(failed.most_common(_ERROR_MESSAGES))
     more.update(extra or {})
     return RunResult(figures, _per_worker(done), ttft, series or Series(), more)
 

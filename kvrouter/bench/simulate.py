@@ -36,7 +36,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kvrouter.bench.results import RequestRecord, RunResult, Series, summarize
@@ -239,9 +239,13 @@ class Simulation:
         index = self._next_arrival
         if index < len(self._pending):
             self._next_arrival = index + 1
-            self._push(at_s, _ARRIVAL, 0, self._pending[index])
-            if not self._closed_loop:
+            request = self._pending[index]
+            if self._closed_loop:
+                # Sent when a slot frees: its latencies count from then, as replay's do.
+                request = replace(request, arrival_s=at_s)
+            else:
                 self._next_arrival_s = at_s
+            self._push(at_s, _ARRIVAL, 0, request)
         elif not self._closed_loop:
             self._next_arrival_s = math.inf
 

@@ -50,83 +50,110 @@ def serve(
     ctx: typer.Context,
     *,
     config: Path | None = typer.Option(None, help="YAML file of settings (also KVROUTER_CONFIG)."),
-    host: str | None = typer.Option(None, help="Address to listen on [127.0.0.1]."),
-    port: int | None = typer.Option(None, help="Port to listen on [8000]; 0: any free port."),
+    host: str | None = typer.Option(None, help="Address to listen on (default: 127.0.0.1)."),
+    port: int | None = typer.Option(
+        None, help="Port to listen on; 0: any free port (default: 8000)."
+    ),
     workers: list[str] | None = typer.Option(
         None,
-        help="Worker URLs, space separated, each optionally "
-        "'URL,kv_events=tcp://h:5557,replay=tcp://h:5558,dp_rank=0,worker_id=3'.",
+        help="Worker URLs, space separated. Each may add its KV event and replay "
+        "sockets and ids after commas: URL,kv_events=tcp://h:5557,replay=tcp://h:5558 "
+        "(also ,dp_rank=0 ,worker_id=3).",
     ),
     router_mode: str | None = typer.Option(
         None,
         help="kv | prefix_affinity | score | random | round_robin | power_of_two"
-        " | least_loaded | direct [kv].",
+        " | least_loaded | direct (default: kv).",
     ),
     router_policy: str | None = typer.Option(
         None, help="A policy name or a user policy 'pkg.mod:func' (overrides --router-mode)."
     ),
-    overlap_weight: float | None = typer.Option(None, help="kv policy: weight of prefill [1.0]."),
-    temperature: float | None = typer.Option(None, help="kv policy: softmax temperature [0]."),
-    weight_cache: float | None = typer.Option(None, help="score policy: cache weight [1.0]."),
-    weight_load: float | None = typer.Option(None, help="score policy: load weight [1.0]."),
+    overlap_weight: float | None = typer.Option(
+        None, help="kv policy: weight of prefill (default: 1.0)."
+    ),
+    temperature: float | None = typer.Option(
+        None, help="kv policy: softmax temperature (default: 0)."
+    ),
+    weight_cache: float | None = typer.Option(
+        None, help="score policy: cache weight (default: 1.0)."
+    ),
+    weight_load: float | None = typer.Option(
+        None, help="score policy: load weight (default: 1.0)."
+    ),
     cache_weight: float | None = typer.Option(
-        None, help="prefix_affinity policy: weight of uncached tokens [16]."
+        None, help="prefix_affinity policy: weight of uncached tokens (default: 16)."
     ),
     block_size: int | None = typer.Option(
-        None, help="Tokens per KV block; must match workers [16]."
+        None, help="Tokens per KV block; must match workers (default: 16)."
     ),
     tokenizer: str | None = typer.Option(
-        None, help="'builtin' (byte level), a tokenizer.json path, or 'worker' [builtin]."
+        None, help="'builtin' (byte level), a tokenizer.json path, or 'worker' (default: builtin)."
     ),
     chat_template: str | None = typer.Option(None, help="Chat template file or text."),
-    busy_kv_usage: float | None = typer.Option(None, help="A worker over this KV usage is busy."),
-    busy_queue_depth: int | None = typer.Option(None, help="A worker with more waiting is busy."),
+    busy_kv_usage: float | None = typer.Option(
+        None, help="A worker over this KV usage (0-1) is busy (default: off)."
+    ),
+    busy_queue_depth: int | None = typer.Option(
+        None, help="A worker with more requests waiting is busy (default: off)."
+    ),
     router_queue_threshold: float | None = typer.Option(
         None,
         help="Hold requests at the router while every worker has this many times "
-        "max_num_batched_tokens of prompt tokens waiting for prefill [off].",
+        "max_num_batched_tokens of prompt tokens waiting for prefill (default: off).",
     ),
     router_queue_policy: str | None = typer.Option(
-        None, help="Router queue order: fcfs, or wspt (fewest uncached tokens first) [fcfs]."
+        None,
+        help="Router queue order: fcfs, or wspt (fewest uncached tokens first) (default: fcfs).",
     ),
     router_queue_max_pending: int | None = typer.Option(
-        None, help="Most requests waiting in the router queue; beyond: 503 [unbounded]."
+        None, help="Most requests waiting in the router queue; beyond: 503 (default: unbounded)."
     ),
     max_num_batched_tokens: int | None = typer.Option(
-        None, help="The workers' max_num_batched_tokens (scales the queue threshold) [8192]."
+        None,
+        help="The workers' max_num_batched_tokens (scales the queue threshold) (default: 8192).",
     ),
-    max_body_bytes: int | None = typer.Option(None, help="Largest request body [16 MiB]."),
-    max_prompt_tokens: int | None = typer.Option(None, help="Longest prompt in tokens [131072]."),
-    metrics_scrape_interval_s: float | None = typer.Option(None, help="Worker /metrics period."),
-    health_check_interval_s: float | None = typer.Option(None, help="Worker /health period."),
+    max_body_bytes: int | None = typer.Option(None, help="Largest request body (default: 16 MiB)."),
+    max_prompt_tokens: int | None = typer.Option(
+        None, help="Longest prompt in tokens (default: 131072)."
+    ),
+    metrics_scrape_interval_s: float | None = typer.Option(
+        None, help="Seconds between scrapes of worker /metrics (default: 1)."
+    ),
+    health_check_interval_s: float | None = typer.Option(
+        None, help="Seconds between worker /health checks (default: 2)."
+    ),
     health_check_timeout_s: float | None = typer.Option(
-        None, help="Timeout of one worker /health check [2]."
+        None, help="Timeout of one worker /health check (default: 2)."
     ),
     request_timeout_s: float | None = typer.Option(
-        None, help="Until a worker's answer starts (a whole answer, unstreamed) [300]."
+        None, help="Until a worker's answer starts (a whole answer, unstreamed) (default: 300)."
     ),
     stream_idle_timeout_s: float | None = typer.Option(
-        None, help="Longest silence inside a streamed answer [300]."
+        None, help="Longest silence inside a streamed answer (default: 300)."
     ),
     connect_timeout_s: float | None = typer.Option(
-        None, help="Timeout of connecting to a worker [5]."
+        None, help="Timeout of connecting to a worker (default: 5)."
     ),
     shutdown_grace_s: float | None = typer.Option(
-        None, help="On SIGTERM, how long requests in flight may take to finish [30]."
+        None, help="On SIGTERM, how long requests in flight may take to finish (default: 30)."
     ),
-    max_retries: int | None = typer.Option(None, help="Retries before the first byte [2]."),
+    max_retries: int | None = typer.Option(
+        None, help="Retries before the first byte (default: 2)."
+    ),
     max_connections: int | None = typer.Option(
-        None, help="Size of the upstream connection pool [1024]."
+        None, help="Size of the upstream connection pool (default: 1024)."
     ),
     retry_after_s: float | None = typer.Option(
-        None, help="Retry-After seconds when no worker is available [1]."
+        None, help="Retry-After seconds when no worker is available (default: 1)."
     ),
-    predicted_ttl_s: float | None = typer.Option(None, help="Life of predicted entries [120]."),
+    predicted_ttl_s: float | None = typer.Option(
+        None, help="Life of predicted entries (default: 120)."
+    ),
     decision_log_sample_rate: float | None = typer.Option(
-        None, help="Fraction of decisions logged as one JSON line [0]."
+        None, help="Fraction of decisions logged as one JSON line (default: 0)."
     ),
     decision_history: int | None = typer.Option(
-        None, help="Decisions kept for /debug/decisions [256]."
+        None, help="Decisions kept for /debug/decisions (default: 256)."
     ),
     api_key: str | None = typer.Option(
         None,
@@ -134,12 +161,14 @@ def serve(
         "KVROUTER_API_KEY: a flag shows in the process list).",
     ),
     admin_api_key: str | None = typer.Option(
-        None, help="Key for /admin, /debug and the dashboard's data [api_key]."
+        None, help="Key for /admin, /debug and the dashboard's data (default: the --api-key)."
     ),
     worker_api_key: str | None = typer.Option(
         None, help="Key sent to the workers (vLLM --api-key) as 'Authorization: Bearer'."
     ),
-    log_level: str = typer.Option("INFO", help="Logging level."),
+    log_level: str = typer.Option(
+        "INFO", help="Logging level (default: INFO).", show_default=False
+    ),
 ) -> None:
     """Run the KV-aware router in front of existing workers (vLLM, SGLang, mocker)."""
     # Every parameter but these three is a setting of the same name (None: not given).

@@ -10,7 +10,7 @@ workers in rotation, and gets back a :class:`RouteResult`. The real implementati
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvrouter.errors import RouterError
@@ -61,6 +61,8 @@ class CoreStats:
     events_applied: int
     event_errors: dict[str, int]
     queue: QueueStats | None = None
+    # per worker: its events the index refused, and why the latest one was
+    event_rejections: dict[WorkerKey, tuple[int, str | None]] = field(default_factory=dict)
 
 
 class RoutingCore(Protocol):

@@ -238,6 +238,7 @@ class KvRoutingCore:
             events_applied=index.events_applied,
             event_errors={**dict(index.rejected), **self.event_feed_stats},
             queue=self.queue_stats(),
+            event_rejections={w: self.indexer.rejections(w) for w in workers},
         )
 
     def debug_state(self) -> dict[str, Any]:

@@ -223,10 +223,13 @@ class _Handlers:
     # -- admin -------------------------------------------------------------------------
     async def list_workers(self, request: web.Request) -> web.Response:
         stats = self.gw.core.stats()
+        unreadable = self.gw.event_stream_errors()
         out = []
         for info in self.gw.registry.infos():
             state = self.gw.registry.get(info.worker_id)
             key = state.key if state is not None else None
+            rejected, why = stats.event_rejections.get(key, (0, None)) if key else (0, None)
+            malformed, unread_why = unreadable.get(info.worker_id, (0, None))
             out.append(
                 {
                     "worker_id": info.worker_id,
@@ -238,6 +241,10 @@ class _Handlers:
                     "healthy": info.healthy,
                     "consecutive_failures": info.consecutive_failures,
                     "last_error": info.last_error,
+                    # Its events the router could not use: unreadable, or refused by
+                    # the index (e.g. another block size); the first kind first.
+                    "event_errors": malformed + rejected,
+                    "last_event_error": unread_why or why,
                     "metrics_age_s": info.metrics_age_s,
                     "index_size": stats.index_size.get(key, 0) if key else 0,
                     "active_blocks": stats.predicted_active_blocks.get(key, 0) if key else 0,
@@ -334,7 +341,10 @@ class _Handlers:
                 "in_flight": gw_stats.num_in_flight,
                 "retries": gw_stats.num_retries,
                 "upstream_errors": gw_stats.num_upstream_errors,
-                "requests": sum(gw_stats.num_requests.values()),
+                # The API's requests: not this page's own polls, scrapes or checks.
+                "requests": sum(
+                    n for (route, _), n in gw_stats.num_requests.items() if route.startswith("/v1/")
+                ),
                 "workers": [
                     {
                         "worker_id": i.worker_id,

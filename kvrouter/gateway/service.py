@@ -49,6 +49,7 @@ from kvrouter.gateway.stats import GatewayCounters
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.tokenizer import Tokenizer, normalize_messages
+from kvrouter.transport.subscriber import SubscriberStats
 
 __all__ = ["EventFeeds", "Gateway"]
 
@@ -70,6 +71,12 @@ class EventFeeds(Protocol):
     async def aclose(self) -> None: ...
 
 
+class KvEventFeeds(EventFeeds, Protocol):
+    """Event feeds that count, per stream, what they could not read."""
+
+    def stats(self) -> SubscriberStats: ...
+
+
 class Gateway(AsyncLifecycle):
     """Everything behind the HTTP routes; see the module docstring."""
 
@@ -79,7 +86,7 @@ class Gateway(AsyncLifecycle):
         core: RoutingCore,
         *,
         tokenizer: Tokenizer | None = None,
-        feeds: EventFeeds | None = None,
+        feeds: KvEventFeeds | None = None,
         metrics_feeds: EventFeeds | None = None,
         clock: Clock = monotonic,
     ) -> None:
@@ -118,6 +125,16 @@ class Gateway(AsyncLifecycle):
         self._resubscribing: set[int] = set()
         self._passthrough_turn = itertools.count()
         self.registry.add_listeners(on_down=self._on_down, on_up=self._on_up)
+
+    def event_stream_errors(self) -> dict[int, tuple[int, str | None]]:
+        """Per worker id: KV event messages it sent that could not be read, and why the
+        latest one could not."""
+        out: dict[int, tuple[int, str | None]] = {}
+        for stream in self._feeds.stats().streams if self._feeds is not None else ():
+            count, last = out.get(stream.worker_id, (0, None))
+            count += sum(stream.decode_errors.values())
+            out[stream.worker_id] = (count, stream.last_decode_error or last)
+        return out
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:

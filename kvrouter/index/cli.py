@@ -45,6 +45,9 @@ def bench_indexer(  # noqa: PLR0917 (typer maps each parameter to an option)
 
     from kvrouter.index import bench as index_bench
 
+    if trace is not None and (scale or predicted):
+        flag = "--scale" if scale else "--predicted"
+        raise typer.BadParameter(f"a trace is not used with {flag}", param_hint="--trace")
     result: Any
     if predicted:
         from kvrouter.index.predicted_bench import SMALL_ENTRIES, run_predicted

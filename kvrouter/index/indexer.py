@@ -161,6 +161,8 @@ class KvIndexer(PredictedEntries):
 
     def _reject(self, kind: str, worker: WorkerState, event_id: int, why: str, *args: Any) -> bool:
         self._rejected[kind] += 1
+        worker.rejected += 1
+        worker.last_rejection = f"{kind}: {why % args}"
         logger.warning(
             "worker %d rank %d event %d rejected (%s): " + why,
             worker.key.worker_id,
@@ -177,7 +179,7 @@ class KvIndexer(PredictedEntries):
                 "block_size_mismatch",
                 worker,
                 event_id,
-                "block size %d, the index uses %d",
+                "block size %d, the index uses %d (the router's block size must be the workers')",
                 data.block_size,
                 self.block_size,
             )
@@ -363,6 +365,11 @@ class KvIndexer(PredictedEntries):
     def tree_size(self, worker: WorkerKey) -> int:
         """Device blocks ``worker`` holds: entries from events plus predicted ones."""
         return self._tree_sizes.get(WorkerKey(*worker), 0)
+
+    def rejections(self, worker: WorkerKey) -> tuple[int, str | None]:
+        """How many of ``worker``'s events were refused, and why the last one was."""
+        state = self._workers.get(WorkerKey(*worker))
+        return (0, None) if state is None else (state.rejected, state.last_rejection)
 
     # ------------------------------------------------------------------ lookup
 

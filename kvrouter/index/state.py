@@ -28,7 +28,9 @@ class WorkerState:
         "gpu",
         "key",
         "last_event_id",
+        "last_rejection",
         "predicted",
+        "rejected",
         "slot",
     )
 
@@ -37,6 +39,9 @@ class WorkerState:
         self.slot = slot
         self.bit = 1 << slot
         self.last_event_id: int | None = None
+        # events of this worker the index refused, and why the last one was
+        self.rejected = 0
+        self.last_rejection: str | None = None
         self.gpu: dict[int, int] = {}
         # medium -> {engine hash: sequence hash}
         self.blocks: dict[str, dict[int, int]] = {DEFAULT_MEDIUM: self.gpu}

@@ -118,6 +118,7 @@ class StreamStats:
     decode_errors: Mapping[str, int]  # kind -> count
     num_skipped_events: int = 0  # events of KV cache groups not indexed (hybrid models)
     kv_group: int | None = None  # the KV cache group indexed, once the worker named one
+    last_decode_error: str | None = None  # "kind: reason" of the latest malformed message
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,7 @@ class _Stream:
     num_late_joins: int = 0
     num_reconnects: int = 0
     decode_errors: Counter[str] = field(default_factory=Counter)
+    last_decode_error: str | None = None
 
     def snapshot(self) -> StreamStats:
         ep = self.endpoint
@@ -183,6 +185,7 @@ class _Stream:
             decode_errors=MappingProxyType(dict(self.decode_errors)),
             num_skipped_events=decoded.num_skipped_events,
             kv_group=decoded.group,
+            last_decode_error=self.last_decode_error,
         )
 
 
@@ -458,6 +461,7 @@ class KvEventSubscriber(AsyncLifecycle):
 
     def _count_malformed(self, stream: _Stream, kind: str, seq: int | None, reason: str) -> None:
         stream.decode_errors[kind] += 1
+        stream.last_decode_error = f"{kind}: {reason}"
         logger.warning(
             "worker %d: malformed message (%s) at seq %s: %s",
             stream.endpoint.worker_id,

@@ -169,6 +169,22 @@ async def test_same_prefix_goes_where_the_prefix_is_cached(
         assert all(d.overlap_blocks >= 36 for d in decisions)
 
 
+async def test_a_block_size_mismatch_is_shown_per_worker(
+    fleet: list[Worker], client: aiohttp.ClientSession
+) -> None:
+    # A router configured with another block size than its workers can use none of
+    # their events: the worker list says so, not only a log line and a counter.
+    async with GatewayServer(gateway_config(fleet, block_size=2 * BLOCK)) as gw:
+        worker, _ = await complete(client, gw.url, "A prompt of several blocks. " * 8)
+        await eventually(lambda: gw.feeds.stats().num_decode_errors > 0)
+        async with client.get(gw.url + "/admin/workers") as resp:
+            listed = {w["worker_id"]: w for w in (await resp.json())["workers"]}
+    entry = listed[worker]
+    assert entry["event_errors"] >= 1
+    assert f"block_size {BLOCK}" in entry["last_event_error"]
+    assert f"block_size {2 * BLOCK}" in entry["last_event_error"]
+
+
 @pytest.mark.parametrize("event_form", ["map", "map-batch"])
 async def test_every_vllm_event_form_feeds_the_index(
     event_form: str, client: aiohttp.ClientSession

@@ -73,3 +73,7 @@ async def test_replay_text_prompts_and_a_bad_url() -> None:
     assert ok.figures["completed"] == 3
     assert bad.extra["errors"] == 2
     assert bad.figures["completed"] == 0
+    # The results say why: one message, counted twice.
+    [(message, count)] = bad.extra["error_messages"].items()
+    assert message.startswith("HTTP 404") and count == 2
+    assert "error_messages" not in ok.extra

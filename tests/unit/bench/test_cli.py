@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from kvrouter.bench import cli as bench_cli
 from kvrouter.bench.results import FIGURE_KEYS
 from kvrouter.cli import app
 
@@ -66,11 +67,19 @@ def test_sweep_in_worker_processes_matches_one_process() -> None:
     assert docs[0] == docs[1]
 
 
-def test_unknown_policy_is_a_usage_error() -> None:
-    result = runner.invoke(
-        app, ["bench", "simulate", "--workload", "no-reuse", "--limit", "2", "--policies", "nope"]
-    )
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "nope"], "nope"),
+        (["--policies", "kv,direct"], "a workload names none"),
+        (["--limit", "0"], "greater than or equal to 1"),
+    ],
+)
+def test_bad_simulate_options_are_usage_errors(args: list[str], message: str) -> None:
+    base = ["bench", "simulate", "--workload", "no-reuse", "--limit", "2"]
+    result = runner.invoke(app, base + args)
     assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
 
 
 def test_report_command(tmp_path: Path) -> None:
@@ -107,6 +116,23 @@ def test_simulate_step_by_step_and_a_bad_window() -> None:
     bad = runner.invoke(app, [*args, "--max-decode-steps", "0"])
     assert bad.exit_code == 2
     assert "max-decode-steps" in bad.output
+
+
+def test_simulate_metrics_delay_option(tmp_path: Path) -> None:
+    args = [
+        "bench", "simulate", "--workload", "shared-prefix", "--limit", "20", "--workers", "2",
+        "--rate", "40", "--policies", "kv", "--metrics-delay-ms", "400", "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert (doc["meta"]["event_delay_ms"], doc["meta"]["metrics_delay_ms"]) == (5.0, 400.0)
+    assert doc["policies"]["kv"]["completed"] == 20
+    common = {"workers": 2, "engine_speedup": 1.0, "block_size": 16, "num_gpu_blocks": 64}
+    config = bench_cli._sim_config(event_delay_ms=5.0, metrics_delay_ms=400.0, seed=0, **common)
+    assert (config.event_delay_s, config.metrics_delay_s) == (0.005, 0.4)
+    same = bench_cli._sim_config(event_delay_ms=5.0, seed=0, **common)
+    assert same.metrics_delay_s is None  # the events' delay
 
 
 def _trace(path: Path, *records: object) -> Path:

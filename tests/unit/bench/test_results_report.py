@@ -39,7 +39,7 @@ def test_summarize_exact_figures() -> None:
     result = summarize(_records(), wall_s=2.0)
     f = result.figures
     assert f["completed"] == 2
-    assert result.extra == {"requests": 3, "errors": 1}
+    assert result.extra == {"requests": 3, "errors": 1, "error_messages": {"HTTP 500": 1}}
     assert f["ttft_mean_ms"] == pytest.approx(200.0)
     assert f["ttft_p50_ms"] == pytest.approx(200.0)
     assert f["e2e_mean_ms"] == pytest.approx((1100.0 + 1300.0) / 2)
@@ -89,7 +89,9 @@ def test_results_round_trip(tmp_path: Path) -> None:
         load_results(tmp_path / "binary.json")
 
 
-def _results_file(tmp_path: Path, name: str, ttft_scale: float) -> Path:
+def _results_file(
+    tmp_path: Path, name: str, ttft_scale: float, limit: float = 0.5, file: str | None = None
+) -> Path:
     series = Series(
         t_s=[1.0, 2.0, 3.0], active={"0": [1, 2, 0], "1": [0, 1, 1]}, hit_rate=[0.1, None, 0.3]
     )
@@ -98,7 +100,8 @@ def _results_file(tmp_path: Path, name: str, ttft_scale: float) -> Path:
         for i in range(6)
     ]
     run = summarize(records, wall_s=0.5, series=series)
-    return save_results(tmp_path / f"{name}.json", results_document({name: run}, reuse_limit=0.5))
+    doc = results_document({name: run}, reuse_limit=limit)
+    return save_results(tmp_path / f"{file or name}.json", doc)
 
 
 def test_report_renders_every_file(tmp_path: Path) -> None:
@@ -150,10 +153,27 @@ def test_report_renders_every_file(tmp_path: Path) -> None:
 
 
 def test_markdown_table_columns(tmp_path: Path) -> None:
-    runs, limit = collect_runs([_results_file(tmp_path, "kv", 1.0)])
-    assert limit == 0.5
-    table = markdown_table(runs, limit)
+    runs, limits = collect_runs([_results_file(tmp_path, "kv", 1.0)])
+    assert limits == {"kv": 0.5}
+    table = markdown_table(runs, limits)
     header, rule, row = table.splitlines()[:3]
     assert header.startswith("| run | TTFT mean ms |")
     assert rule.count("|") == header.count("|")
     assert "80.0%" in row  # 40% reuse of a 50% limit
+
+
+def test_runs_of_several_files_keep_their_own_limit(tmp_path: Path) -> None:
+    (tmp_path / "live").mkdir()
+    files = [
+        _results_file(tmp_path, "kv", 1.0, limit=0.5, file="sim"),
+        _results_file(tmp_path, "kv", 1.0, limit=0.8, file="live/results"),
+        _results_file(tmp_path, "round_robin", 4.0, limit=0.8, file="rr"),
+    ]
+    runs, limits = collect_runs(files)
+    assert limits == {"sim:kv": 0.5, "live:kv": 0.8, "round_robin": 0.8}
+    table = markdown_table(runs, limits)
+    rows = {line.split(" | ")[0]: line for line in table.splitlines()}
+    assert "| 80.0% |" in rows["| sim:kv"]  # 40% reuse of a 50% limit
+    assert "| 50.0% |" in rows["| live:kv"]  # of an 80% limit
+    assert "its own workload" in table
+    assert "Prefix-reuse limit" not in table  # no one limit to name

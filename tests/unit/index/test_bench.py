@@ -91,6 +91,9 @@ def test_cli_prints_json(trace_path: Path) -> None:
         assert name in figures
     missing = CliRunner().invoke(app, ["bench", "indexer"])
     assert missing.exit_code != 0
+    both = CliRunner().invoke(app, ["bench", "indexer", "--trace", str(trace_path), "--scale"])
+    assert both.exit_code == 2
+    assert "not used with --scale" in " ".join(both.output.split())
 
 
 def test_predicted_run_exercises_pruning_and_expiry() -> None:

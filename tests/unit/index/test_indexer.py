@@ -207,6 +207,10 @@ def test_block_size_mismatch_is_rejected(caplog: pytest.LogCaptureFixture) -> No
     assert indexer.find_matches([1]).scores == {}
     assert "worker 1 rank 0 event 0" in caplog.records[0].getMessage()
     assert "block size 32, the index uses 16" in caplog.records[0].getMessage()
+    count, why = indexer.rejections(W1)
+    assert count == 1 and why is not None
+    assert why.startswith("block_size_mismatch: block size 32, the index uses 16")
+    assert indexer.rejections(WorkerKey(9, 0)) == (0, None)
 
 
 def test_unknown_parent_is_rejected_and_the_batch_goes_on() -> None:
