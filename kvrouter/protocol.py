@@ -249,6 +249,13 @@ def check_response_fields(payload: Mapping[str, Any]) -> None:
         field = payload.get(name)
         if field is not None and not isinstance(field, str):
             raise InvalidRequest(f"'{name}' must be a string")
+    for name in ("stream", "store", "background"):
+        field = payload.get(name)
+        if field is not None and not isinstance(field, bool):
+            raise InvalidRequest(f"'{name}' must be a boolean")
+    limit = payload.get("max_output_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise InvalidRequest(f"'max_output_tokens' must be a positive integer, got {limit!r}")
 
 
 def response_messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ import uuid
 from aiohttp import web
 
 from kvrouter.engine import EngineCore, RequestOutput
-from kvrouter.errors import RequestError, RequestTooLarge
+from kvrouter.errors import InvalidRequest, RequestError, RequestTooLarge
 from kvrouter.protocol import error_body
 
 __all__ = [
@@ -59,6 +59,8 @@ async def read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestTooLarge(f"request body too large: {exc.text}") from exc
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not match
+        raise InvalidRequest(f"the request body could not be read: {exc}") from exc
 
 
 def sse(data: bytes) -> bytes:

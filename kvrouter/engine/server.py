@@ -365,6 +365,8 @@ class EngineServer(AsyncLifecycle):
         payload = decode_json(_object_decoder, await read_body(request))
         check_response_fields(payload)
         self._check_model(payload.get("model"))
+        if payload.get("background"):
+            raise InvalidRequest("background responses are not supported by the simulated engine")
         history: list[dict[str, Any]] = []
         previous = payload.get("previous_response_id")
         if previous:

@@ -97,7 +97,7 @@ class PromptAnswer:
 class OpenStream:
     """One prompt of a streamed batch, open up to its first chunk (or its error answer).
 
-    ``close`` must be called exactly once: it ends the booking and the connection.
+    ``close`` ends the booking and the connection; later calls do nothing.
     """
 
     state: WorkerState
@@ -106,8 +106,12 @@ class OpenStream:
     chunks: AsyncIterator[bytes] | None
     upstream: UpstreamResponse | None
     done: Callable[[], None]
+    closed: bool = False
 
     def close(self, clean: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.upstream is not None:
             if clean:
                 self.upstream.release()
@@ -143,7 +147,7 @@ class BatchStream:
         request: web.Request,
         batch: Batch,
         open_prompt: OpenPrompt,
-        broken_stream: Callable[[WorkerState, UpstreamError], bytes],
+        broken_stream: Callable[[WorkerState, UpstreamError, int], bytes],
         on_disconnect: Callable[[], None],
     ) -> None:
         self._request = request
@@ -160,6 +164,7 @@ class BatchStream:
         self._usage = UsageSum()
         self._rewriters: list[SseRewriter] = []
         self._batch_id: str | None = None
+        self._closing = False
 
     async def run(self) -> web.StreamResponse:
         tasks = [asyncio.create_task(self._follow(i)) for i in range(len(self._streams))]
@@ -176,10 +181,14 @@ class BatchStream:
                 raise
             return await end_cut_stream(self._response)
         finally:
-            await cancel_and_wait(*tasks)
+            # Every booking ends here, before anything is awaited: a client gone away
+            # cancels this handler again at its next await, which must not skip it.
+            # A prompt opened later is closed by its own task (see _follow).
+            self._closing = True
             for stream, clean in zip(self._streams, self._clean, strict=True):
                 if stream is not None:
                     stream.close(clean)
+            await cancel_and_wait(*tasks)
 
     async def _follow(self, index: int) -> None:
         put = self._queue.put
@@ -194,6 +203,9 @@ class BatchStream:
             await put((index, _FAILED, exc))
             return
         self._streams[index] = stream  # closed by run(), whatever happens next
+        if self._closing:  # run() has already closed the others and is not listening
+            stream.close(False)
+            return
         await put((index, _OPENED, stream))
         if stream.chunks is None:
             return
@@ -284,7 +296,7 @@ class BatchStream:
         elif kind == _BROKEN:
             stream = self._streams[index]
             assert stream is not None
-            await response.write(self._broken_stream(stream.state, item))
+            await response.write(self._broken_stream(stream.state, item, index))
             await response.write_eof()
             return 1
         return 0

@@ -242,43 +242,86 @@ def _worker_from_mapping(data: Mapping[str, Any]) -> WorkerSpec:
             f"unknown worker option(s) {', '.join(sorted(unknown))}; "
             f"known: url, {', '.join(_WORKER_OPTION_KEYS)}"
         )
-    url = str(data.get("url") or "").rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"worker url must be http(s)://host:port, got {url!r}")
-    for key in ("kv_events", "replay", "metrics"):
-        endpoint = data.get(key)
-        if endpoint and "://" not in str(endpoint):
-            raise ConfigError(
-                f"worker {key} endpoint must look like tcp://host:port or "
-                f"nats://host:port/subject, got {endpoint!r}"
-            )
-        if endpoint and is_nats_endpoint(str(endpoint)):
-            try:
-                split_nats_endpoint(str(endpoint))
-            except ValueError as exc:
-                raise ConfigError(f"worker {key}: {exc}") from exc
+    endpoints = {key: _endpoint(key, data.get(key)) for key in ("kv_events", "replay", "metrics")}
+    if endpoints["replay"] and not endpoints["kv_events"]:
+        raise ConfigError("a worker's replay endpoint needs its kv_events endpoint too")
+    worker_id = data.get("worker_id")
     return WorkerSpec(
-        url=url,
-        kv_events=_opt_str(data.get("kv_events")),
-        replay=_opt_str(data.get("replay")),
-        metrics=_opt_str(data.get("metrics")),
-        dp_rank=_to_int("dp_rank", data.get("dp_rank", 0)),
-        worker_id=None
-        if data.get("worker_id") in (None, "")
-        else _to_int("worker_id", data["worker_id"]),
+        url=_worker_url(data.get("url")),
+        dp_rank=_bounded_int("dp_rank", data.get("dp_rank", 0), MAX_DP_RANK),
+        worker_id=None if worker_id in (None, "") else _bounded_int("worker_id", worker_id),
+        **endpoints,
     )
+
+
+MAX_WORKER_ID = 2**63 - 1  # a signed 64-bit id, as Dynamo's
+MAX_DP_RANK = 65535  # the widest rank a KV event batch carries
+
+
+def _worker_url(value: Any) -> str:
+    """A worker's base URL, checked and with its scheme and host in lower case."""
+    url = str(value or "").strip().rstrip("/")
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ConfigError(f"worker url must not contain spaces or control characters: {url!r}")
+    parts = urlsplit(url)
+    try:
+        port = parts.port  # raises on a port out of range
+    except ValueError as exc:
+        raise ConfigError(f"worker url {url!r}: {exc}") from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"worker url must be http(s)://host:port, got {url!r}")
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ConfigError(
+            f"worker url {url!r}: give only scheme, host, port and an optional path "
+            "(a worker's API key goes in worker_api_key)"
+        )
+    if parts.path.endswith("/v1"):
+        raise ConfigError(f"worker url {url!r}: give the server's root, without /v1")
+    host = parts.hostname.lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return f"{parts.scheme.lower()}://{netloc}{parts.path}"
+
+
+def _endpoint(key: str, value: Any) -> str | None:
+    """A KV event, replay or metrics endpoint: ``tcp://host:port``, ``ipc://path`` or NATS."""
+    endpoint = _opt_str(value)
+    if endpoint is None:
+        return None
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or not rest or any(c.isspace() for c in endpoint):
+        raise ConfigError(
+            f"worker {key} endpoint must look like tcp://host:port or "
+            f"nats://host:port/subject, got {endpoint!r}"
+        )
+    if is_nats_endpoint(endpoint):
+        try:
+            split_nats_endpoint(endpoint)
+        except ValueError as exc:
+            raise ConfigError(f"worker {key}: {exc}") from exc
+    elif scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"worker {key} endpoint {endpoint!r}: expected tcp://host:port")
+    elif scheme != "ipc":
+        raise ConfigError(f"worker {key} endpoint {endpoint!r}: expected tcp://, ipc:// or nats://")
+    return endpoint
 
 
 def _opt_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def _to_int(name: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from exc
+def _bounded_int(name: str, value: Any, most: int = MAX_WORKER_ID) -> int:
+    """A whole number in ``0..most``: an int, or a string of digits (from a flag)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= value <= most:
+        raise ConfigError(f"{name} must be between 0 and {most}, got {value}")
+    return value
 
 
 # -- sources -------------------------------------------------------------------------

@@ -105,6 +105,8 @@ async def read_body(request: web.Request, max_body_bytes: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestTooLarge(f"the body is over the limit of {max_body_bytes} bytes") from exc
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not match
+        raise InvalidRequest(f"the request body could not be read: {exc}") from exc
 
 
 @dataclass(slots=True)
@@ -604,16 +606,23 @@ class RequestForwarder:
             await response.write(chunk)
 
     def _broken_stream(
-        self, state: WorkerState, exc: UpstreamError, kind: Kind = "completion"
+        self,
+        state: WorkerState,
+        exc: UpstreamError,
+        kind: Kind = "completion",
+        prompt: int | None = None,
     ) -> bytes:
         """Count a stream that broke after its first byte; the SSE frames that end it
-        (``kind``: the API's, a Responses stream's own error event)."""
+        (``kind``: the API's, a Responses stream's own error event; ``prompt``: the
+        batch prompt whose stream it was)."""
         timed_out = isinstance(exc, UpstreamTimeout)
         self._counters.upstream_errors["timeout" if timed_out else "stream"] += 1
         self._blame(state, exc)
         log.warning("worker %d broke a stream: %r", state.worker_id, exc)
         status = 504 if timed_out else 502
-        message = f"worker failed mid-stream: {exc}"
+        message = f"worker {state.worker_id} failed mid-stream: {exc}"
+        if prompt is not None:
+            message = f"prompt {prompt}: {message}"
         if kind == "response":
             return responses_error_event(message, status)
         return sse_error_event(message, status=status)
@@ -739,5 +748,8 @@ class RequestForwarder:
         def disconnected() -> None:
             self._counters.num_disconnects += 1
 
-        stream = BatchStream(request, batch, open_prompt, self._broken_stream, disconnected)
+        def broken(state: WorkerState, exc: UpstreamError, index: int) -> bytes:
+            return self._broken_stream(state, exc, prompt=index)
+
+        stream = BatchStream(request, batch, open_prompt, broken, disconnected)
         return await stream.run()

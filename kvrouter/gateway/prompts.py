@@ -103,7 +103,9 @@ def parse_body(body: bytes, kind: Kind) -> ParsedBody:
     try:
         payload = decode_json(_decoder, body)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest("the request body must be a JSON object") from exc
+        if str(exc).startswith("Expected `object`"):
+            raise InvalidRequest("the request body must be a JSON object") from exc
+        raise InvalidRequest(f"the request body is not valid: {exc}") from exc  # e.g. 1e999
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
     field = None

@@ -136,7 +136,7 @@ class UpstreamResponse:
                 raise UpstreamTimeout("worker did not finish its answer in time") from exc
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise UpstreamFailure(
-                    f"worker broke off its answer: {describe_error(exc)}",
+                    f"worker broke off its answer: {_broken_reason(exc)}",
                     retryable=True,
                     worker_down=True,
                 ) from exc
@@ -179,7 +179,7 @@ class UpstreamResponse:
             raise UpstreamTimeout("worker did not finish its stream in time") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamFailure(
-                f"worker broke off the stream: {describe_error(exc)}",
+                f"worker broke off the stream: {_broken_reason(exc)}",
                 retryable=False,
                 worker_down=True,
             ) from exc
@@ -384,3 +384,11 @@ def _check_media_type(raw: aiohttp.ClientResponse, url: str, stream: bool) -> No
             retryable=True,
             worker_down=False,
         )
+
+
+def _broken_reason(exc: BaseException) -> str:
+    """Why an answer broke off, in words: aiohttp's payload errors read like an HTTP
+    status ("400, message='Not enough data...'") that no one sent."""
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the connection closed before the answer was complete"
+    return describe_error(exc)

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from kvrouter.clock import Clock, monotonic
 from kvrouter.errors import ConfigError
 from kvrouter.events.model import WorkerKey
-from kvrouter.gateway.config import WorkerSpec
+from kvrouter.gateway.config import MAX_WORKER_ID, WorkerSpec
 
 __all__ = ["WorkerInfo", "WorkerRegistry", "WorkerState"]
 
@@ -178,7 +178,10 @@ class WorkerRegistry:
         return state
 
     def _next_id(self) -> int:
-        return max(self._workers, default=-1) + 1
+        found = max(self._workers, default=-1) + 1
+        if found > MAX_WORKER_ID:
+            raise ConfigError(f"no worker id is left above {found - 1}; give the worker one")
+        return found
 
     def get(self, worker_id: int) -> WorkerState | None:
         return self._workers.get(worker_id)

@@ -143,8 +143,12 @@ class Gateway(AsyncLifecycle):
             return
         self._started = True
         await self.upstream.start()
-        for spec in self.cfg.workers:
-            await self.add_worker(spec)
+        try:
+            for spec in self.cfg.workers:
+                await self.add_worker(spec)
+        except BaseException:  # e.g. a worker given twice: nothing may be left open
+            await self.aclose()
+            raise
         self._spawn(self._health_loop(), "health")
         self._spawn(self._scrape_loop(), "metrics-scrape")
         if self.core.queue_enabled:

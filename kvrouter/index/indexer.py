@@ -37,6 +37,8 @@ from kvrouter.index.values import REJECT_KINDS, IndexerStats, OverlapScores
 __all__ = ["EventSource", "KvIndexer"]
 
 logger = logging.getLogger(__name__)
+# Rejections logged one by one per worker; later ones every thousandth (all counted).
+_LOGGED_REJECTIONS = 10
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -163,14 +165,24 @@ class KvIndexer(PredictedEntries):
         self._rejected[kind] += 1
         worker.rejected += 1
         worker.last_rejection = f"{kind}: {why % args}"
-        logger.warning(
-            "worker %d rank %d event %d rejected (%s): " + why,
-            worker.key.worker_id,
-            worker.key.dp_rank,
-            event_id,
-            kind,
-            *args,
-        )
+        # One line per event for the first few, then one per thousand: a new router
+        # meeting caches older than the replay buffer must not flood the log.
+        seen = worker.rejected
+        if seen <= _LOGGED_REJECTIONS or seen % 1000 == 0:
+            more = (
+                ""
+                if seen < _LOGGED_REJECTIONS
+                else f" ({seen} from this worker so far; from now on one in 1000 is logged)"
+            )
+            logger.warning(
+                "worker %d rank %d event %d rejected (%s): " + why + "%s",
+                worker.key.worker_id,
+                worker.key.dp_rank,
+                event_id,
+                kind,
+                *args,
+                more,
+            )
         return False
 
     def _apply_stored(self, worker: WorkerState, event_id: int, data: Stored) -> bool:

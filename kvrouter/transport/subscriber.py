@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_LOGGED_ERRORS = 10  # malformed messages logged one by one per stream
 
 
 class EventIndex(Protocol):
@@ -462,13 +463,19 @@ class KvEventSubscriber(AsyncLifecycle):
     def _count_malformed(self, stream: _Stream, kind: str, seq: int | None, reason: str) -> None:
         stream.decode_errors[kind] += 1
         stream.last_decode_error = f"{kind}: {reason}"
-        logger.warning(
-            "worker %d: malformed message (%s) at seq %s: %s",
-            stream.endpoint.worker_id,
-            kind,
-            "?" if seq is None else seq,
-            reason,
-        )
+        # The first few one by one, then one in a thousand (every one is counted).
+        seen = sum(stream.decode_errors.values())
+        if seen <= _LOGGED_ERRORS or seen % 1000 == 0:
+            logger.warning(
+                "worker %d: malformed message (%s) at seq %s: %s%s",
+                stream.endpoint.worker_id,
+                kind,
+                "?" if seq is None else seq,
+                reason,
+                ""
+                if seen < _LOGGED_ERRORS
+                else f" ({seen} from this worker so far; from now on one in 1000 is logged)",
+            )
 
 
 class _Followed(Protocol):

@@ -176,7 +176,8 @@ async def test_a_block_size_mismatch_is_shown_per_worker(
     # their events: the worker list says so, not only a log line and a counter.
     async with GatewayServer(gateway_config(fleet, block_size=2 * BLOCK)) as gw:
         worker, _ = await complete(client, gw.url, "A prompt of several blocks. " * 8)
-        await eventually(lambda: gw.feeds.stats().num_decode_errors > 0)
+        errors = gw.gateway.event_stream_errors
+        await eventually(lambda: errors().get(worker, (0, None))[0] > 0)
         async with client.get(gw.url + "/admin/workers") as resp:
             listed = {w["worker_id"]: w for w in (await resp.json())["workers"]}
     entry = listed[worker]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ SLOW_START_S = 1.0
 @dataclass
 class Backend:
     """A scripted worker: ``mode`` is ok | drop | status503 | html | break | slow | steady |
-    hang | stall (slow: 200 chunks 20 ms apart; steady: 25; stall: one chunk, then
-    nothing)."""
+    burst | hang | stall (slow: 200 chunks 20 ms apart; steady: 25; burst: 400 at once;
+    stall: one chunk, then nothing)."""
 
     mode: str = "ok"
     kv_usage: float = 0.0
@@ -90,9 +91,9 @@ class Backend:
             request.transport.close()
             return response
         try:
-            count = {"slow": 200, "steady": 25}.get(self.mode, 2)
+            count = {"slow": 200, "steady": 25, "burst": 400}.get(self.mode, 2)
             for _ in range(count):
-                await asyncio.sleep(0.02 if count > 2 else 0)
+                await asyncio.sleep(0.02 if self.mode in ("slow", "steady") else 0)
                 await response.write(CHUNK)
             await response.write(b"data: [DONE]\n\n")
         except (asyncio.CancelledError, ConnectionResetError):
@@ -899,6 +900,10 @@ async def test_limits_and_bad_input_are_4xx_never_500(
             error = (await resp.json())["error"]
             assert message in error["message"]
             assert error["code"] == status
+    not_gzip = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with client.post(url, data=b'{"prompt": "abcd"}', headers=not_gzip) as resp:
+        assert resp.status == 400
+        assert "could not be read" in (await resp.json())["error"]["message"]
     async with client.get(gw.url + "/v1/nothing") as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["type"] == "not_found_error"
@@ -1004,6 +1009,14 @@ async def test_admin_api_adds_lists_and_removes_workers(
         assert r.status == 400
     async with client.post(gw.url + "/admin/workers", data=b'{"url": "\xff"}') as r:
         assert r.status == 400
+    # The same worker spelled another way is still the same worker.
+    again = {"url": b.url.replace("http://", "HTTP://") + "/"}
+    async with client.post(gw.url + "/admin/workers", json=again) as r:
+        assert r.status == 400
+        assert "already registered" in (await r.json())["error"]["message"]
+    for bad in ({"url": a.url + "/v1"}, {"url": "http://127.0.0.1:9", "dp_rank": -1}):
+        async with client.post(gw.url + "/admin/workers", json=bad) as r:
+            assert r.status == 400, bad
     c = await start_backend(stack, Backend())
     async with client.post(gw.url + "/admin/workers", json={"url": c.url}) as r:
         assert r.status == 201
@@ -1177,6 +1190,66 @@ async def test_a_streamed_batch_starts_with_its_fastest_prompt(
     assert json.loads(first.removeprefix(b"data: "))["choices"][0]["index"] == 1
     assert first_s < SLOW_START_S / 2 < SLOW_START_S <= total_s
     assert_two_prompts_merged(text, gw)
+
+
+async def test_a_streamed_batch_broken_mid_stream_names_its_prompt(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    good = await start_backend(stack, Backend(mode="steady"))
+    breaking = await start_backend(stack, Backend(mode="break"))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([good.url, breaking.url], router_mode="round_robin"))
+    )
+    body = {"prompt": ["abcdefgh", "ijklmnop"], "stream": True}
+    async with client.post(gw.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        workers = resp.headers["x-kvrouter-worker"].split(",")
+        text = (await resp.read()).decode()
+    index = workers.index("1")  # the prompt the breaking worker took
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    [error] = [e["error"] for e in events if "error" in e]
+    assert error["message"].startswith(f"prompt {index}: worker 1 failed mid-stream:")
+    assert "400, message=" not in error["message"]  # no HTTP status nobody sent
+    assert text.endswith("data: [DONE]\n\n")  # once, after the error, as vLLM ends
+    assert text.count("data: [DONE]") == 1
+
+
+async def _read_then_reset(url: str, body: dict[str, Any], read_bytes: int) -> None:
+    """POST over a raw socket, read a little of the answer, then reset the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    got = 0
+    while got < read_bytes and (data := await reader.read(4096)):
+        got += len(data)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    writer.close()
+
+
+async def test_many_clients_leaving_streamed_batches_free_every_prompt(
+    stack: AsyncExitStack,
+) -> None:
+    # Clients that reset mid-stream cancel the handler again while it cleans up; that
+    # must not skip ending any prompt's booking (it once did, under this load).
+    backends = [await start_backend(stack, Backend(mode="burst")) for _ in range(2)]
+    gw = await stack.enter_async_context(GatewayServer(config([b.url for b in backends])))
+    bodies = [
+        {"prompt": [f"batch {i} prompt {j} " + "c" * 64 for j in range(3)], "stream": True}
+        for i in range(40)
+    ]
+    await asyncio.gather(*(_read_then_reset(gw.url, body, 2000) for body in bodies))
+    for _ in range(250):
+        if gw.gateway.counters.num_in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.gateway.counters.num_in_flight == 0
+    active = gw.core.scheduler.stats().active
+    assert (active.num_requests, active.num_active_blocks, active.num_prefill_tokens) == (0, 0, 0)
 
 
 async def test_a_client_leaving_a_batch_before_its_first_token_frees_every_prompt(

@@ -354,6 +354,16 @@ async def test_bad_completion_requests_get_400(harness: Harness, body: object, n
     assert harness.server.stats().num_active == 0
 
 
+async def test_a_body_that_does_not_match_its_encoding_is_400(harness: Harness) -> None:
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with harness.http.post(
+        harness.url + "/v1/completions", data=b'{"prompt": "not gzip"}', headers=headers
+    ) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert "could not be read" in error["message"]
+
+
 async def test_unknown_model_is_404(harness: Harness) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         await harness.client.completions.create(model="other", prompt="x")
@@ -662,3 +672,11 @@ async def test_unknown_and_unstored_responses_are_404(harness: Harness) -> None:
         assert resp.status == 404
     status, body = await harness.post("/v1/responses", {"input": [{"role": "bot"}]})
     assert status == 400
+    for bad, needle in (
+        ({"stream": "yes"}, "'stream' must be a boolean"),
+        ({"max_output_tokens": "ten"}, "'max_output_tokens'"),
+        ({"background": True}, "background responses are not supported"),
+    ):
+        status, body = await harness.post("/v1/responses", {"input": "hi", **bad})
+        assert status == 400, bad
+        assert needle in body["error"]["message"]  # type: ignore[index]

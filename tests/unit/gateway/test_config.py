@@ -84,6 +84,17 @@ def test_worker_spec_string_options() -> None:
     )
 
 
+def test_worker_spec_mapping_checks_types_and_normalises_the_url() -> None:
+    spec = parse_worker_spec({"url": "HTTP://LocalHost:8001/", "worker_id": 7, "dp_rank": "1"})
+    assert spec == WorkerSpec("http://localhost:8001", worker_id=7, dp_rank=1)
+    assert parse_worker_spec("http://[::1]:8001/vllm,kv_events=ipc:///tmp/kv").url == (
+        "http://[::1]:8001/vllm"
+    )
+    for bad in (70.0, True, "7x", -1):
+        with pytest.raises(ConfigError, match="worker_id"):
+            parse_worker_spec({"url": "http://h:1", "worker_id": bad})
+
+
 def test_worker_spec_nats_endpoints() -> None:
     spec = parse_worker_spec(
         "http://h:8001,kv_events=nats://n:4222/kvr.events.w1,metrics=nats://n:4222/kvr.metrics.w1"
@@ -105,6 +116,18 @@ def test_worker_spec_nats_endpoints() -> None:
         ("http://h:1,justaword", "not key=value"),
         ("http://h:1,kv_events=nats://h:4222", "worker kv_events: a NATS endpoint looks like"),
         ("http://h:1,metrics=nats://h:4222/a/b", "worker metrics: a NATS endpoint"),
+        ("http://exa mple:80", "spaces or control characters"),
+        ("http://h:1\nX-Evil: 1", "spaces or control characters"),
+        ("http://h:99999", "out of range"),
+        ("http://h:1/v1", "without /v1"),
+        ("http://h:1/?x=1", "only scheme, host, port"),
+        ("http://user:pw@h:1", "worker_api_key"),
+        ("http://h:1,worker_id=-3", "worker_id must be an integer"),
+        (f"http://h:1,worker_id={2**64}", "between 0 and"),
+        ("http://h:1,dp_rank=100000", "dp_rank must be between 0 and 65535"),
+        ("http://h:1,kv_events=tcp://h:999999", "expected tcp://host:port"),
+        ("http://h:1,kv_events=udp://h:5", "expected tcp://, ipc:// or nats://"),
+        ("http://h:1,replay=tcp://h:5558", "needs its kv_events"),
     ],
 )
 def test_bad_worker_specs(value: str, message: str) -> None:

@@ -48,6 +48,7 @@ def test_the_word_kvrouter_inside_a_prompt_is_not_a_field() -> None:
         (b'{"prompt": "\xff"}', "completion", "not valid UTF-8"),
         (b'{"prompt": "x", "y": ' + b"[" * 5000 + b"]" * 5000 + b"}", "chat", "nested too deeply"),
         (b"[1, 2]", "completion", "must be a JSON object"),
+        (b'{"prompt": "x", "temperature": 1e999}', "completion", "Number out of range"),
         (b'{"model": "m"}', "completion", "'prompt' is required"),
         (b'{"prompt": 5}', "completion", "'prompt' must be"),
         (b'{"prompt": []}', "completion", "must not be empty"),

@@ -63,6 +63,8 @@ def test_a_responses_request_is_routed_by_the_same_tokens_as_its_chat() -> None:
         (b'{"input": "x", "previous_response_id": 7}', "'previous_response_id' must be"),
         (b'{"input": [{"role": "user", "content": 5}]}', "content must be a string or a list"),
         (b'{"input": [{"role": "user", "content": ["x"]}]}', "a part that is not an object"),
+        (b'{"input": "x", "store": "no"}', "'store' must be a boolean"),
+        (b'{"input": "x", "max_output_tokens": 0}', "'max_output_tokens' must be a positive"),
     ],
 )
 def test_bad_input_is_refused_with_a_message(body: bytes, message: str) -> None:

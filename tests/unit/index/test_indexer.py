@@ -213,6 +213,23 @@ def test_block_size_mismatch_is_rejected(caplog: pytest.LogCaptureFixture) -> No
     assert indexer.rejections(WorkerKey(9, 0)) == (0, None)
 
 
+def test_a_flood_of_rejections_is_counted_but_logged_sparingly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    indexer = KvIndexer(block_size=16)
+    with caplog.at_level(logging.WARNING):
+        for i in range(2500):
+            assert not indexer.apply_event(stored(W1, i, [], [1], block_size=32))
+    assert rejected(indexer) == {"block_size_mismatch": 2500}
+    assert indexer.rejections(W1)[0] == 2500
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 10 + 2  # the first ten, then the 1000th and the 2000th
+    assert "one in 1000 is logged" in messages[9]
+    assert messages[-1].endswith(
+        "(2000 from this worker so far; from now on one in 1000 is logged)"
+    )
+
+
 def test_unknown_parent_is_rejected_and_the_batch_goes_on() -> None:
     indexer = KvIndexer()
     events = [
