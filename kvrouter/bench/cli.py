@@ -46,6 +46,8 @@ QueuePolicy = Literal["fcfs", "wspt"]
 QueueThresholdOpt = Annotated[
     float | None,
     typer.Option(
+        "--queue-threshold",
+        "--router-queue-threshold",  # as `kvrouter serve` calls it
         min=0.001,
         help="Router queue: hold requests at the router while every engine has at least "
         "this many times max_num_batched_tokens of prompt tokens waiting for prefill "
@@ -55,8 +57,10 @@ QueueThresholdOpt = Annotated[
 QueuePolicyOpt = Annotated[
     QueuePolicy,
     typer.Option(
+        "--queue-policy",
+        "--router-queue-policy",
         help="Order of the router queue: fcfs (arrival order) or wspt (fewest uncached "
-        "prompt tokens first)."
+        "prompt tokens first).",
     ),
 ]
 
@@ -197,7 +201,12 @@ def simulate_command(
         typer.Option(help="Transport lag of load metrics, if not the events' (virtual ms)."),
     ] = None,
     engine_speedup: Annotated[
-        float, typer.Option(help="The engines' speedup ratio (divides every step time).")
+        float,
+        typer.Option(
+            "--engine-speedup",
+            "--speedup-ratio",  # as `kvrouter mocker` and `run` call it
+            help="The engines' speedup ratio (divides every step time).",
+        ),
     ] = 1.0,
     block_size: Annotated[int, typer.Option(help="Engine and router block size.")] = 64,
     num_gpu_blocks: Annotated[int, typer.Option(help="KV blocks per engine.")] = 16384,

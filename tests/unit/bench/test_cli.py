@@ -135,6 +135,19 @@ def test_simulate_metrics_delay_option(tmp_path: Path) -> None:
     assert same.metrics_delay_s is None  # the events' delay
 
 
+def test_simulate_takes_the_option_names_of_serve_and_mocker(tmp_path: Path) -> None:
+    args = [
+        "bench", "simulate", "--workload", "no-reuse", "--limit", "8", "--workers", "2",
+        "--rate", "20", "--policies", "kv", "--speedup-ratio", "2",
+        "--router-queue-threshold", "4", "--router-queue-policy", "wspt", "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["engine_speedup"] == 2.0
+    assert meta["queue"] == {"threshold": 4.0, "policy": "wspt"}
+
+
 def _trace(path: Path, *records: object) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
