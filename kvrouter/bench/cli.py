@@ -401,6 +401,13 @@ def _print_table(
     for name, run in runs.items():
         for message, count in run.extra.get("error_messages", {}).items():
             print(f"{name}: {count} failed: {message}", file=sys.stderr)
+        if run.extra.get("cached_tokens_reported") is False:
+            print(
+                f"{name}: the server reported no cached tokens, so prefix reuse is unknown "
+                "(vLLM reports them with --enable-prompt-tokens-details, SGLang with "
+                "--enable-cache-report)",
+                file=sys.stderr,
+            )
 
 
 def _write_report(paths: list[Path], out: Path, *, quiet: bool) -> None:

@@ -218,6 +218,7 @@ class _Run:
         self.records: list[RequestRecord] = []
         self.in_flight = 0
         self.late_starts = 0
+        self.cached_reported = False  # any answer had usage.prompt_tokens_details
         self.total = total
         self.progress = progress
         self.series = Series(active={"all": []})
@@ -266,9 +267,15 @@ async def replay(
             await cancel_and_wait(sampler)
         run.sample(time.monotonic() - run.start)
     extra = {"late_starts": run.late_starts, "model": model}
-    return summarize(
+    result = summarize(
         run.records, wall_s=time.monotonic() - wall_start, series=run.series, extra=extra
     )
+    if not run.cached_reported:
+        # vLLM reports cached tokens only with --enable-prompt-tokens-details (SGLang:
+        # --enable-cache-report): none at all is "unknown", not a reuse of zero.
+        result.figures["prefix_reuse"] = None
+        result.extra["cached_tokens_reported"] = False
+    return result
 
 
 async def _one(run: _Run, request: Request) -> None:
@@ -278,6 +285,8 @@ async def _one(run: _Run, request: Request) -> None:
         outcome = await _send(run, request)
     finally:
         run.in_flight -= 1
+    if outcome.usage is not None and outcome.usage.prompt_tokens_details is not None:
+        run.cached_reported = True
     run.finish(_record(request, outcome, sent_s))
 
 

@@ -135,7 +135,6 @@ class ResponseBuilder:
         """The events after the last token, ending with the finished response."""
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         part = {"type": "output_text", "text": text, "annotations": []}
-        final = "response.completed" if body["status"] == "completed" else "response.incomplete"
         return b"".join(
             (
                 self.event("response.output_text.done", text=text, **where),
@@ -145,7 +144,9 @@ class ResponseBuilder:
                     output_index=0,
                     item=self._message(text, "completed"),
                 ),
-                self.event(final, response=body),
+                # vLLM ends even a cut-short answer with response.completed; its
+                # status says "incomplete".
+                self.event("response.completed", response=body),
             )
         )
 

@@ -471,7 +471,11 @@ class RequestForwarder:
         state = attempt.state
         with self._booked(state, request_id):
             upstream = await self._upstream.open(
-                state.url + _PATHS[kind], parsed.forward_body, request.headers, stream=parsed.stream
+                state.url + _PATHS[kind],
+                parsed.forward_body,
+                request.headers,
+                stream=parsed.stream,
+                dp_rank=self._registry.rank_to_name(state),
             )
             if parsed.stream and upstream.status == 200:
                 return await self._stream(request, upstream, state, request_id, kind)
@@ -695,7 +699,11 @@ class RequestForwarder:
         state = attempt.state
         with self._booked(state, request_id):
             upstream = await self._upstream.open(
-                state.url + _PATHS["completion"], sub.forward_body, headers, stream=False
+                state.url + _PATHS["completion"],
+                sub.forward_body,
+                headers,
+                stream=False,
+                dp_rank=self._registry.rank_to_name(state),
             )
             data = await self._read_whole(upstream, state, request_id)
             return PromptAnswer(upstream.status, data, state.worker_id)
@@ -718,7 +726,11 @@ class RequestForwarder:
         upstream: UpstreamResponse | None = None
         try:
             upstream = await self._upstream.open(
-                state.url + _PATHS["completion"], sub.forward_body, headers, stream=True
+                state.url + _PATHS["completion"],
+                sub.forward_body,
+                headers,
+                stream=True,
+                dp_rank=self._registry.rank_to_name(state),
             )
             if upstream.status != 200:
                 data = await self._read_whole(upstream, state, request_id)

@@ -25,6 +25,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Request headers worth passing to the worker (authentication, tracing).
 _FORWARDED_REQUEST_HEADERS = ("authorization", "x-request-id", "traceparent", "tracestate")
+# Names the rank of a multi-rank (data-parallel) vLLM or SGLang server that must serve.
+DP_RANK_HEADER = "X-data-parallel-rank"
 
 
 class UpstreamFailure(UpstreamError):
@@ -282,6 +284,7 @@ class UpstreamClient(AsyncLifecycle):
         timeout_s: float | None = None,
         *,
         stream: bool | None = None,
+        dp_rank: int | None = None,
     ) -> UpstreamResponse:
         """POST ``body`` as JSON to ``url``; return the open response.
 
@@ -293,8 +296,11 @@ class UpstreamClient(AsyncLifecycle):
         Raises :class:`UpstreamFailure` (retryable) for connection errors and 5xx
         answers, :class:`~kvrouter.errors.UpstreamTimeout` when the worker does not
         answer in time. Other statuses (a worker's 4xx) come back to be passed on.
+        ``dp_rank``: the data-parallel rank of the server that must take the request.
         """
         send_headers = self._send_headers(headers)
+        if dp_rank is not None:
+            send_headers[DP_RANK_HEADER] = str(dp_rank)
         deadline: float | None = None
         if stream and timeout_s is None:
             # The answer must start within the request timeout; what follows is limited

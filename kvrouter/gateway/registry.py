@@ -20,6 +20,7 @@ passes would otherwise stay in rotation for good, and win every tie of the cost 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -128,6 +129,7 @@ class WorkerRegistry:
         self._failure_threshold = failure_threshold
         self._error_threshold = error_threshold
         self._workers: dict[int, WorkerState] = {}
+        self._ranks_at: Counter[str] = Counter()  # URL -> how many workers (ranks) it serves
         self._on_down: list[Listener] = []
         self._on_up: list[Listener] = []
         self._on_removed: list[Listener] = []
@@ -162,6 +164,7 @@ class WorkerRegistry:
             raise ConfigError(f"worker {spec.url} (dp_rank {spec.dp_rank}) is already registered")
         state = WorkerState(spec=spec, worker_id=worker_id, added_s=self._clock())
         self._workers[worker_id] = state
+        self._ranks_at[spec.url] += 1
         self._rotation = None
         log.info("worker %d added: %s (%s)", worker_id, spec.url, spec.kv_events or "approximate")
         for hook in self._on_up:
@@ -171,6 +174,9 @@ class WorkerRegistry:
     def remove(self, worker_id: int) -> WorkerState:
         """Delete a worker; raises ``KeyError`` when it is unknown."""
         state = self._workers.pop(worker_id)
+        self._ranks_at[state.url] -= 1
+        if not self._ranks_at[state.url]:
+            del self._ranks_at[state.url]
         self._rotation = None
         log.info("worker %d removed: %s", worker_id, state.url)
         for hook in self._on_removed:
@@ -182,6 +188,12 @@ class WorkerRegistry:
         if found > MAX_WORKER_ID:
             raise ConfigError(f"no worker id is left above {found - 1}; give the worker one")
         return found
+
+    def rank_to_name(self, state: WorkerState) -> int | None:
+        """The data-parallel rank a request to ``state`` must name (vLLM's and SGLang's
+        ``X-data-parallel-rank`` header), or ``None`` when its server has one rank here:
+        a server of several ranks would otherwise pick one itself."""
+        return state.spec.dp_rank if self._ranks_at[state.url] > 1 else None
 
     def get(self, worker_id: int) -> WorkerState | None:
         return self._workers.get(worker_id)

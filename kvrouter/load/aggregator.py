@@ -219,7 +219,7 @@ class KvMetricsAggregator:
 
         Malformed lines are skipped and counted in :meth:`stats`.
         """
-        snap = parse_engine_metrics(text)
+        snap = parse_engine_metrics(text, dp_rank)
         self._num_scrapes += 1
         self._num_malformed += snap.num_malformed
         if snap.num_malformed:

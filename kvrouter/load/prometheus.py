@@ -53,6 +53,7 @@ _WANTED = frozenset(
         _SGLANG_HIT_RATE,
     }
 )
+_ENGINE_LABEL = "engine"  # vLLM: one value per data-parallel rank of the server
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +164,11 @@ def _num_gpu_blocks(samples: list[Sample]) -> int | None:
     return total if found else None
 
 
-def _collect(text: str) -> tuple[dict[str, list[float]], list[Sample], int, int]:
-    series: dict[str, list[float]] = {}
-    info: list[Sample] = []
+def _collect(
+    text: str, dp_rank: int | None = None
+) -> tuple[dict[str, list[float]], list[Sample], int, int]:
+    wanted: list[Sample] = []
+    engines: set[str] = set()
     num_samples = num_malformed = 0
     for sample in iter_samples(text):
         if sample is None:
@@ -174,20 +177,36 @@ def _collect(text: str) -> tuple[dict[str, list[float]], list[Sample], int, int]
         num_samples += 1
         if sample.name not in _WANTED or math.isnan(sample.value):
             continue
+        wanted.append(sample)
+        engines.add(_label(sample, _ENGINE_LABEL))
+    if dp_rank is not None and len(engines) > 1:
+        rank = str(dp_rank)
+        wanted = [s for s in wanted if _label(s, _ENGINE_LABEL) in (rank, "")]
+    series: dict[str, list[float]] = {}
+    info: list[Sample] = []
+    for sample in wanted:
         if sample.name == _VLLM_CACHE_INFO:
             info.append(sample)
         series.setdefault(sample.name, []).append(sample.value)
     return series, info, num_samples, num_malformed
 
 
-def parse_engine_metrics(text: str) -> EngineSnapshot:
+def _label(sample: Sample, name: str) -> str:
+    return next((value for key, value in sample.labels if key == name), "")
+
+
+def parse_engine_metrics(text: str, dp_rank: int | None = None) -> EngineSnapshot:
     """Read one ``/metrics`` page of a vLLM or SGLang engine.
 
     Counts (running, waiting, counters) are summed over label sets; fractions (KV
     usage, SGLang's hit rate) are averaged. ``engine`` is ``"vllm"``, ``"sglang"``, or
     ``None`` when the page has none of the known series.
+
+    A vLLM server of several data-parallel ranks labels each rank's series
+    ``engine="<rank>"``; with ``dp_rank`` such a page gives that rank's figures alone.
+    A page of one engine is read whole whatever ``dp_rank`` says.
     """
-    series, info, num_samples, num_malformed = _collect(text)
+    series, info, num_samples, num_malformed = _collect(text, dp_rank)
     if any(name.startswith("vllm:") for name in series):
         return EngineSnapshot(
             engine="vllm",

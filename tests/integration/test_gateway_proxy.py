@@ -46,6 +46,7 @@ class Backend:
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_ids: list[str | None] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)  # on every route
+    dp_ranks: list[str | None] = field(default_factory=list)  # X-data-parallel-rank
     paths: list[str] = field(default_factory=list)
     disconnects: int = 0
     url: str = ""
@@ -56,6 +57,7 @@ class Backend:
         self.paths.append(request.path)
         self.request_ids.append(request.headers.get("x-request-id"))
         self.authorizations.append(request.headers.get("Authorization"))
+        self.dp_ranks.append(request.headers.get("X-data-parallel-rank"))
         if self.mode == "drop":  # healthy, but drops every request before answering
             assert request.transport is not None
             request.transport.close()
@@ -187,6 +189,33 @@ def config(urls: list[str], **overrides: Any) -> GatewayConfig:
     }
     settings.update(overrides)
     return GatewayConfig(**settings)
+
+
+async def test_ranks_of_one_server_are_named_in_each_request(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    # One server of two data-parallel ranks, and one of a single rank: requests to the
+    # first name the chosen rank (or the server would pick one itself); to the second
+    # they name none.
+    shared = await start_backend(stack, Backend())
+    single = await start_backend(stack, Backend())
+    workers = (
+        WorkerSpec(shared.url, dp_rank=0),
+        WorkerSpec(shared.url, dp_rank=1),
+        WorkerSpec(single.url),
+    )
+    gw = await stack.enter_async_context(
+        GatewayServer(config([], workers=workers, router_mode="round_robin"))
+    )
+    for prompt in ("abcdefgh", "ijklmnop", "qrstuvwx", ["abcdefgh", "ijklmnop"]):
+        for stream in (False, True):
+            body = {"prompt": prompt, "stream": stream}
+            async with client.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+    # 10 requests to the workers (a batch is one per prompt), in turn: 4, 3 and 3.
+    assert Counter(shared.dp_ranks) == {"0": 4, "1": 3}
+    assert single.dp_ranks == [None] * 3
 
 
 async def test_failure_before_first_byte_is_retried_on_another_worker(

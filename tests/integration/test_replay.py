@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import AsyncExitStack
 
 import pytest
+from aiohttp import web
 
 from kvrouter.bench.replay import ReplayConfig, replay
 from kvrouter.bench.results import FIGURE_KEYS, results_document
@@ -77,3 +79,46 @@ async def test_replay_text_prompts_and_a_bad_url() -> None:
     [(message, count)] = bad.extra["error_messages"].items()
     assert message.startswith("HTTP 404") and count == 2
     assert "error_messages" not in ok.extra
+
+
+async def _server_without_cache_report(stack: AsyncExitStack) -> str:
+    """A worker like vLLM without --enable-prompt-tokens-details: usage, no details."""
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(body["max_tokens"]):
+            chunk = {"choices": [{"index": 0, "text": "x", "finish_reason": None}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        usage = {"prompt_tokens": 10, "completion_tokens": body["max_tokens"]}
+        last = {"choices": [], "usage": usage}
+        await response.write(b"data: " + json.dumps(last).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stack.push_async_callback(runner.cleanup)
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_a_server_that_reports_no_cached_tokens_gives_unknown_reuse() -> None:
+    async with AsyncExitStack() as stack:
+        url = await _server_without_cache_report(stack)
+        result = await replay(
+            _requests()[:4],
+            Arrivals("concurrency", concurrency=2),
+            ReplayConfig(url=url, request_timeout_s=10.0),
+        )
+    assert result.figures["completed"] == 4
+    assert result.figures["prefix_reuse"] is None  # unknown, not zero
+    assert result.extra["cached_tokens_reported"] is False

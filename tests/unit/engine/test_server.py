@@ -658,6 +658,13 @@ async def test_responses_stream_the_api_events(harness: Harness) -> None:
     ]
     assert "".join(deltas) == final.output_text and deltas
     assert (await harness.client.responses.retrieve(final.id)).id == final.id
+    # Cut short: vLLM still ends with response.completed, its status "incomplete".
+    cut = await harness.client.responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=3, stream=True
+    )
+    last = [event async for event in cut][-1]
+    assert last.type == "response.completed"
+    assert last.response.status == "incomplete"
 
 
 async def test_unknown_and_unstored_responses_are_404(harness: Harness) -> None:

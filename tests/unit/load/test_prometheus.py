@@ -95,6 +95,21 @@ vllm:prefix_cache_hits_total{engine="1"} 30
     assert snap.kv_usage == 0.5
     assert (snap.prefix_cache_queries, snap.prefix_cache_hits) == (400.0, 40.0)
     assert snap.kv_total_blocks is None
+    # Each data-parallel rank of the server reads its own engine's series.
+    info = 'vllm:cache_config_info{engine="%d",num_gpu_blocks="%d"} 1\n'
+    text += info % (0, 1000) + info % (1, 3000)
+    rank1 = parse_engine_metrics(text, dp_rank=1)
+    assert (rank1.num_requests_running, rank1.num_requests_waiting) == (4, 0)
+    assert rank1.kv_usage == 0.75
+    assert (rank1.prefix_cache_queries, rank1.prefix_cache_hits, rank1.kv_total_blocks) == (
+        300.0,
+        30.0,
+        3000,
+    )
+    assert parse_engine_metrics(text, dp_rank=0).num_requests_running == 3
+    # A page of one engine is that engine's, whichever rank asks.
+    single = "vllm:num_requests_running 5\nvllm:num_requests_waiting 2\n"
+    assert parse_engine_metrics(single, dp_rank=3).num_requests_running == 5
 
 
 def test_older_vllm_usage_name() -> None:
