@@ -57,6 +57,15 @@ log = logging.getLogger(__name__)
 _json = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.Encoder().encode
 
+# Chat request fields passed to a worker's /tokenize with the messages.
+_TOKENIZE_CHAT_FIELDS = (
+    "add_generation_prompt",
+    "continue_final_message",
+    "tools",
+    "chat_template",
+    "chat_template_kwargs",
+)
+
 # How often queued requests are checked against room freed by expired bookings.
 QUEUE_POLL_INTERVAL_S = 1.0
 
@@ -327,8 +336,11 @@ class Gateway(AsyncLifecycle):
             # tokens for them are placeholders that every image shares.
             messages = normalize_messages(payload["messages"], media="mark")
             body: dict[str, Any] = {"messages": messages}
-            if "add_generation_prompt" in payload:
-                body["add_generation_prompt"] = payload["add_generation_prompt"]
+            # What vLLM's /tokenize takes that changes the rendered prompt: tool
+            # definitions, template switches (e.g. enable_thinking), a custom template.
+            for name in _TOKENIZE_CHAT_FIELDS:
+                if name in payload:
+                    body[name] = payload[name]
         else:
             body = {"prompt": first_prompt(payload)}
         if "model" in payload:

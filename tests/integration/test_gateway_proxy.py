@@ -47,6 +47,7 @@ class Backend:
     request_ids: list[str | None] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)  # on every route
     dp_ranks: list[str | None] = field(default_factory=list)  # X-data-parallel-rank
+    tokenized: list[dict[str, Any]] = field(default_factory=list)  # /tokenize bodies
     paths: list[str] = field(default_factory=list)
     disconnects: int = 0
     url: str = ""
@@ -106,6 +107,7 @@ class Backend:
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.paths.append(request.path)
+        self.tokenized.append(body)
         if self.mode == "status503":
             return web.json_response({"error": {"message": "busy"}}, status=503)
         return web.json_response({"tokens": [1, 2, 3], "echo": body, "worker": self.url})
@@ -668,6 +670,28 @@ async def test_embeddings_are_routed_by_their_input_and_forwarded_whole(
         async with client.post(url, json=bad) as resp:
             assert resp.status == 400
             assert message in (await resp.json())["error"]["message"]
+
+
+async def test_worker_tokenization_sends_what_changes_the_rendered_prompt(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    backend = await start_backend(stack, Backend())
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url], tokenizer="worker")))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Find it."}],
+        "tools": tools,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "max_tokens": 2,
+    }
+    async with client.post(gw.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+    [sent] = backend.tokenized
+    assert sent["tools"] == tools
+    assert sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent["messages"] == body["messages"] and sent["model"] == "m"
+    assert "max_tokens" not in sent
 
 
 async def test_tokenize_and_detokenize_pass_through_to_a_worker(
