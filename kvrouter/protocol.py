@@ -52,6 +52,7 @@ __all__ = [
     "TokenizeRequest",
     "TokenizeResponse",
     "Usage",
+    "chat_template_vars",
     "check_response_fields",
     "decode_chat_request",
     "decode_completion_request",
@@ -186,6 +187,23 @@ class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
         return out
 
 
+def chat_template_vars(tools: Any, kwargs: Any) -> dict[str, Any]:
+    """A chat request's own chat-template variables: its ``chat_template_kwargs`` (e.g.
+    ``enable_thinking``) and its ``tools``, as vLLM passes them to the template.
+
+    >>> chat_template_vars([{"type": "function"}], {"enable_thinking": False})
+    {'enable_thinking': False, 'tools': [{'type': 'function'}]}
+    """
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InvalidRequest("'chat_template_kwargs' must be an object")
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be a list")
+    out: dict[str, Any] = dict(kwargs or {})
+    if tools:
+        out["tools"] = tools
+    return out
+
+
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``."""
 
@@ -194,6 +212,11 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     add_generation_prompt: bool = True
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_vars(self) -> dict[str, Any]:
+        return chat_template_vars(self.tools, self.chat_template_kwargs)
 
     def _max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
@@ -228,6 +251,11 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_vars(self) -> dict[str, Any]:
+        return chat_template_vars(self.tools, self.chat_template_kwargs)
 
     def validate(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -79,9 +79,13 @@ class Tokenizer(Protocol):
         ...
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template_vars: Mapping[str, Any] | None = None,
     ) -> str:
-        """Render chat ``messages`` to the prompt text the model sees."""
+        """Render chat ``messages`` to the prompt text the model sees; ``template_vars``
+        are the request's other template variables (``tools``, ``enable_thinking``...)."""
         ...
 
 
@@ -112,15 +116,24 @@ class ChatTemplate:
         self.source = source
 
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template_vars: Mapping[str, Any] | None = None,
     ) -> str:
-        """Render ``messages``; a template error becomes :class:`InvalidRequest`."""
+        """Render ``messages``; a template error becomes :class:`InvalidRequest`.
+
+        ``template_vars`` (a request's ``tools`` and ``chat_template_kwargs``) cannot
+        replace the messages, the generation prompt switch or the special tokens.
+        """
         try:
-            return self._template.render(
-                messages=normalize_messages(messages),
-                add_generation_prompt=add_generation_prompt,
+            context = {
+                **(template_vars or {}),
+                "messages": normalize_messages(messages),
+                "add_generation_prompt": add_generation_prompt,
                 **self._special,
-            )
+            }
+            return self._template.render(context)
         except TemplateError as exc:
             raise InvalidRequest(f"chat template failed on these messages: {exc}") from exc
 
@@ -230,9 +243,12 @@ class ByteTokenizer:
         return 32 + token_id % 95
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template_vars: Mapping[str, Any] | None = None,
     ) -> str:
-        return self._chat_template.render(messages, add_generation_prompt)
+        return self._chat_template.render(messages, add_generation_prompt, template_vars)
 
 
 class HfTokenizer:
@@ -280,9 +296,12 @@ class HfTokenizer:
         return text
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template_vars: Mapping[str, Any] | None = None,
     ) -> str:
-        return self._chat_template.render(messages, add_generation_prompt)
+        return self._chat_template.render(messages, add_generation_prompt, template_vars)
 
 
 class IncrementalDecoder:

@@ -589,13 +589,20 @@ class EngineServer(AsyncLifecycle):
         return await self._run_tokenizer(lambda: self._tokenizer.encode(prompt), len(prompt))
 
     async def _encode_chat(self, req: ChatCompletionRequest) -> list[int]:
-        return await self._encode_messages(req.message_dicts(), req.add_generation_prompt)
+        return await self._encode_messages(
+            req.message_dicts(), req.add_generation_prompt, req.template_vars()
+        )
 
     async def _encode_messages(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        template_vars: dict[str, Any] | None = None,
     ) -> list[int]:
         def encode_messages() -> list[int]:
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt)
+            text = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt, template_vars
+            )
             # The template already placed any BOS token.
             return self._tokenizer.encode(text, add_special_tokens=False)
 
@@ -631,7 +638,9 @@ class EngineServer(AsyncLifecycle):
         self._check_model(req.model)
         if req.messages is not None:
             messages = [m.to_dict() for m in req.messages]
-            tokens = await self._encode_messages(messages, req.add_generation_prompt)
+            tokens = await self._encode_messages(
+                messages, req.add_generation_prompt, req.template_vars()
+            )
         else:
             prompt = req.prompt or ""
             tokens = await self._run_tokenizer(

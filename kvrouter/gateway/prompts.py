@@ -24,7 +24,12 @@ import numpy as np
 
 from kvrouter.errors import InvalidRequest, RequestTooLarge
 from kvrouter.hashing import Tokens, hash_request, make_salt
-from kvrouter.protocol import check_response_fields, decode_json, response_messages
+from kvrouter.protocol import (
+    chat_template_vars,
+    check_response_fields,
+    decode_json,
+    response_messages,
+)
 from kvrouter.tokenizer import ByteTokenizer, Tokenizer, normalize_messages
 
 __all__ = [
@@ -286,7 +291,10 @@ def tokenize_locally(
             raise InvalidRequest("this gateway has no local tokenizer for chat requests")
         messages = normalize_messages(payload["messages"], media="mark")
         add_gen = payload.get("add_generation_prompt", True) is not False
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen)
+        template_vars = chat_template_vars(
+            payload.get("tools"), payload.get("chat_template_kwargs")
+        )
+        text = tokenizer.apply_chat_template(messages, add_gen, template_vars)
         if isinstance(tokenizer, ByteTokenizer):
             return byte_token_ids(text)
         # The template already wrote every special token the model expects.

@@ -454,6 +454,45 @@ async def test_tokenize_prompt_and_messages(harness: Harness) -> None:
     assert status == 400
 
 
+# A template that renders tool definitions and a thinking switch, as model templates do.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}"
+    "</tools>{% endif %}{% if enable_thinking is false %}<nothink>{% endif %}"
+    "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+)
+
+
+async def test_tools_and_template_kwargs_reach_the_chat_template() -> None:
+    tok = ByteTokenizer(TOOLS_TEMPLATE)
+    h = await make_harness(tokenizer=tok)
+    try:
+        messages = [{"role": "user", "content": "hi"}]
+        tools = [{"type": "function", "function": {"name": "lookup"}}]
+        extra = {"tools": tools, "chat_template_kwargs": {"enable_thinking": False}}
+        status, plain = await h.post("/tokenize", {"messages": messages})
+        status2, with_tools = await h.post("/tokenize", {"messages": messages, **extra})
+        assert status == status2 == 200
+        assert isinstance(plain, dict) and isinstance(with_tools, dict)
+        rendered = tok.apply_chat_template(
+            messages, template_vars={"tools": tools, "enable_thinking": False}
+        )
+        assert rendered == "<tools>lookup;</tools><nothink>[user]hi"
+        assert with_tools["tokens"] == tok.encode(rendered, add_special_tokens=False)
+        assert plain["tokens"] == tok.encode("[user]hi", add_special_tokens=False)
+        # A chat completion counts the same prompt the template rendered with them.
+        chat = {"model": MODEL, "messages": messages, "max_tokens": 1, **extra}
+        status, answer = await h.post("/v1/chat/completions", chat)
+        assert status == 200 and isinstance(answer, dict)
+        assert answer["usage"]["prompt_tokens"] == with_tools["count"]
+        status, bad = await h.post("/tokenize", {"messages": messages, "tools": "x"})
+        assert status == 400 and isinstance(bad, dict)
+        assert "tools" in bad["error"]["message"]
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
+
+
 async def test_render_endpoints(harness: Harness) -> None:
     status, payload = await harness.post(
         "/v1/completions/render", {"model": MODEL, "prompt": ["ab", "c"], "max_tokens": 3}

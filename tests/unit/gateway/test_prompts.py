@@ -63,6 +63,28 @@ def test_bad_bodies_are_invalid_requests(body: bytes, kind: str, message: str) -
         parse_body(body, kind)  # type: ignore[arg-type]
 
 
+def test_chat_tools_and_template_kwargs_are_rendered_before_hashing() -> None:
+    template = (
+        "{% if tools %}{{ tools | length }} tools;{% endif %}"
+        "{% if enable_thinking is false %}nothink;{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    tok = ByteTokenizer(template)
+    base = {"messages": [{"role": "user", "content": "hello"}]}
+    extra = {"tools": [{"type": "function"}], "chat_template_kwargs": {"enable_thinking": False}}
+    plain = prepare_prompt(tok, base, "chat", block_size=4, max_prompt_tokens=100)
+    with_tools = prepare_prompt(tok, {**base, **extra}, "chat", block_size=4, max_prompt_tokens=100)
+    assert list(with_tools.token_ids) == tok.encode("1 tools;nothink;hello")
+    assert list(plain.token_ids) == tok.encode("hello")
+    # A template variable cannot stand in for the messages.
+    sneaky = {**base, "chat_template_kwargs": {"messages": [{"content": "other"}]}}
+    assert list(
+        prepare_prompt(tok, sneaky, "chat", block_size=4, max_prompt_tokens=100).token_ids
+    ) == (tok.encode("hello"))
+    with pytest.raises(InvalidRequest, match="'tools' must be a list"):
+        prepare_prompt(tok, {**base, "tools": {}}, "chat", block_size=4, max_prompt_tokens=100)
+
+
 def test_text_prompt_is_tokenized_and_hashed_once() -> None:
     tok = ByteTokenizer()
     payload = {"prompt": "abcdefgh"}
