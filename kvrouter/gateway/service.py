@@ -182,6 +182,7 @@ class Gateway(AsyncLifecycle):
         task = asyncio.create_task(coro, name=f"kvrouter-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_if_failed)
 
     # -- workers -------------------------------------------------------------------------
     async def add_worker(self, spec: WorkerSpec) -> WorkerState:
@@ -228,7 +229,13 @@ class Gateway(AsyncLifecycle):
     # -- background loops ----------------------------------------------------------------
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self.check_health(w) for w in self.registry))
+            workers = list(self.registry)
+            results = await asyncio.gather(
+                *(self.check_health(w) for w in workers), return_exceptions=True
+            )
+            for state, result in zip(workers, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("health check of worker %d failed", state.worker_id, exc_info=result)
             await asyncio.sleep(self.cfg.health_check_interval_s)
 
     async def check_health(self, state: WorkerState) -> bool:
@@ -279,7 +286,14 @@ class Gateway(AsyncLifecycle):
     async def _scrape_loop(self) -> None:
         while True:
             scraped = [w for w in self.registry.in_rotation() if not self._is_pushed(w)]
-            await asyncio.gather(*(self.scrape_metrics(w) for w in scraped))
+            results = await asyncio.gather(
+                *(self.scrape_metrics(w) for w in scraped), return_exceptions=True
+            )
+            for state, result in zip(scraped, results, strict=True):
+                if isinstance(result, Exception):  # a bug of ours: logged, never the loop's end
+                    log.error(
+                        "metrics scrape of worker %d failed", state.worker_id, exc_info=result
+                    )
             await asyncio.sleep(self.cfg.metrics_scrape_interval_s)
 
     async def scrape_metrics(self, state: WorkerState) -> bool:
@@ -400,6 +414,12 @@ class Gateway(AsyncLifecycle):
         cards = [c for c in data.get("data") or [] if isinstance(c, dict)]
         state.model_ids = tuple(str(c.get("id")) for c in cards)
         return cards
+
+
+def _log_if_failed(task: asyncio.Task[None]) -> None:
+    """A background loop that ended on an error says so (it would otherwise end unseen)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s stopped", task.get_name(), exc_info=exc)
 
 
 def _has_token_ids(parsed: ParsedBody, kind: Kind) -> bool:

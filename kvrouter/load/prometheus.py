@@ -145,8 +145,14 @@ def _first(series: dict[str, list[float]], names: tuple[str, ...]) -> list[float
     return None
 
 
+def _finite(value: float | None) -> float | None:
+    """A counter's value, or ``None`` when it is not a number one can subtract."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _as_int(value: float | None) -> int | None:
-    return None if value is None else round(value)
+    """A count: rounded, never below zero (``None``: absent or not finite)."""
+    return None if value is None or not math.isfinite(value) else max(0, round(value))
 
 
 def _clamp01(value: float | None) -> float | None:
@@ -178,7 +184,8 @@ def _collect(
         if sample.name not in _WANTED or math.isnan(sample.value):
             continue
         wanted.append(sample)
-        engines.add(_label(sample, _ENGINE_LABEL))
+        if engine := _label(sample, _ENGINE_LABEL):
+            engines.add(engine)
     if dp_rank is not None and len(engines) > 1:
         rank = str(dp_rank)
         wanted = [s for s in wanted if _label(s, _ENGINE_LABEL) in (rank, "")]
@@ -214,8 +221,8 @@ def parse_engine_metrics(text: str, dp_rank: int | None = None) -> EngineSnapsho
             num_requests_waiting=_as_int(_sum(series.get(_VLLM_WAITING))),
             kv_usage=_clamp01(_mean(_first(series, _VLLM_USAGE))),
             kv_total_blocks=_num_gpu_blocks(info),
-            prefix_cache_queries=_sum(_first(series, _VLLM_QUERIES)),
-            prefix_cache_hits=_sum(_first(series, _VLLM_HITS)),
+            prefix_cache_queries=_finite(_sum(_first(series, _VLLM_QUERIES))),
+            prefix_cache_hits=_finite(_sum(_first(series, _VLLM_HITS))),
             num_samples=num_samples,
             num_malformed=num_malformed,
         )

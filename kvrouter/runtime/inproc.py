@@ -91,9 +91,11 @@ class _InprocTransport:
             async with contextlib.aclosing(handler(request)) as items:
                 async for item in items:
                     yield item
-        except (UpstreamError, GeneratorExit):
+        except GeneratorExit:
             raise
         except Exception as exc:  # the endpoint's own failure, reported as the remote side would
+            # Even an InstanceGone from a call the endpoint made itself: this call ran, so
+            # it must not look like one that never reached an instance (and be retried).
             raise UpstreamError(f"endpoint failed: {type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:

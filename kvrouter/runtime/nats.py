@@ -19,6 +19,9 @@ A call is msgpack ``{"r": request}``; the instance streams frames to the reply i
 notices frames lost on the way (NATS does not resend) and fails the call instead of
 returning a stream with a hole. A caller that stops early (cancelled, timed out, the
 stream abandoned) sends ``{"cancel": inbox}`` to the instance, which cancels the handler.
+An instance shutting down answers a new call ``{"n": 0, "gone": true}`` (nothing ran: the
+caller tries another instance) while its calls in flight finish, their callers' cancels
+and keepalives still heard.
 
 Callers have a lease too. A call carries the caller's ``"ttl"``, and every ``lease_s / 5``
 the caller sends each instance it has calls on ``{"alive": [inbox, ...], "ttl": lease_s}``.
@@ -80,6 +83,7 @@ class _ReplyFrame(msgspec.Struct, omit_defaults=True):
     d: Any = msgspec.UNSET
     end: bool = False
     err: str | None = None
+    gone: bool = False  # the instance is shutting down and did not start this call
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -197,6 +201,8 @@ class NatsServed:
                 await self._refuse(msg, "bad call: it needs a request ('r') and a reply subject")
             elif msg.reply in self._calls:
                 await self._refuse(msg, "bad call: a call to this reply subject is running")
+            elif self._closed:  # draining: calls in flight finish, new ones go elsewhere
+                await self._nc.publish(msg.reply, _encode(_ReplyFrame(n=0, gone=True)))
             else:
                 reply = msg.reply
                 task = asyncio.create_task(self._answer(handler, call.r, reply))
@@ -243,16 +249,23 @@ class NatsServed:
         if self._closed:
             return
         self._closed = True
-        await self._announce(self._keys)  # on the _down subject now
-        for sub in self._subs:
-            await sub.unsubscribe()
+        try:
+            await self._announce(self._keys)  # on the _down subject now
+        except Exception as exc:  # no server to tell: clients find out when its lease ends
+            log.info("could not announce the withdrawal of instance %x: %s", self.instance_id, exc)
+        # The call subjects stay subscribed while calls drain: their callers' cancels
+        # and keepalives arrive there (new calls are turned away, see _on_call).
         if self._calls:
             _, pending = await asyncio.wait(set(self._calls.values()), timeout=drain_timeout_s)
             if pending:
                 log.info("cancelling %d in-flight calls at shutdown", len(pending))
                 await cancel_and_wait(*pending)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):  # a connection already gone
+                await sub.unsubscribe()
         await cancel_and_wait(self._beat)
-        await self._nc.flush()
+        with contextlib.suppress(Exception):
+            await self._nc.flush()
 
 
 class NatsRuntime:
@@ -340,8 +353,9 @@ class NatsRuntime:
         transport = _NatsTransport(
             self._nc, (namespace, component, endpoint), idle_timeout_s, self._lease_s
         )
-        await transport.start()
+        # Built first: a bad router_mode raises before anything is subscribed or started.
         client = Client(transport, router_mode=router_mode, selector=selector, rng=self._rng)
+        await transport.start()
         self._transports.append(transport)
         self._clients.append(client)
         return client
@@ -355,7 +369,12 @@ class NatsRuntime:
         self._clients.clear()
         self._transports.clear()
         if not self._nc.is_closed:
-            await self._nc.drain()
+            try:
+                await self._nc.drain()
+            except Exception as exc:  # e.g. the server is down: drain needs it, close does not
+                log.info("NATS drain failed (%s); closing the connection", exc)
+                with contextlib.suppress(Exception):  # closed all the same
+                    await self._nc.close()
 
     async def __aenter__(self) -> NatsRuntime:
         return self
@@ -490,6 +509,9 @@ class _NatsTransport:
             frame = _decode_reply(msg.data)
         except msgspec.DecodeError as exc:
             raise UpstreamError(f"bad reply from instance {instance_id:x}: {exc}") from exc
+        if frame.gone and num_received == 0:
+            self._instances.pop(instance_id, None)
+            raise InstanceGone(f"instance {instance_id:x} is shutting down")
         if frame.err is None and frame.n is not None and frame.n != num_received:
             raise UpstreamError(
                 f"frames from instance {instance_id:x} were lost: item {frame.n} came"

@@ -313,7 +313,14 @@ class MetricsSubscriber(AsyncLifecycle):
             fields["data_parallel_rank"] = endpoint.dp_rank
         metrics = msgspec.structs.replace(envelope.metrics, **fields)
         for listener in self._listeners:
-            listener(metrics)
+            try:
+                listener(metrics)
+            except Exception:  # a listener's bug must not end this worker's stream
+                logger.exception(
+                    "worker %d metrics: a listener failed on seq %d",
+                    endpoint.worker_id,
+                    message.seq,
+                )
 
     def _count_malformed(
         self, stream: _MetricsStream, kind: str, seq: int | None, reason: str

@@ -1093,6 +1093,33 @@ async def test_admin_api_adds_lists_and_removes_workers(
         assert [m["id"] for m in (await r.json())["data"]] == ["m"]
 
 
+async def test_a_scrape_that_fails_unexpectedly_does_not_stop_scraping(
+    stack: AsyncExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = await start_backend(stack, Backend(kv_usage=0.5))
+    gw = await stack.enter_async_context(
+        GatewayServer(config([backend.url], metrics_scrape_interval_s=0.05))
+    )
+    real = gw.core.update_metrics_text
+    calls = []
+
+    def failing_once(worker: Any, text: str) -> bool:
+        calls.append(worker)
+        if len(calls) == 1:
+            raise OverflowError("cannot convert float infinity to integer")
+        return real(worker, text)
+
+    gw.core.update_metrics_text = failing_once  # type: ignore[method-assign]
+    for _ in range(100):
+        if len(calls) >= 3:
+            break
+        await asyncio.sleep(0.02)
+    assert len(calls) >= 3  # the loop went on after the failure
+    assert "metrics scrape of worker 0 failed" in caplog.text
+    [endpoint] = gw.core.aggregator.get_metrics().endpoints
+    assert endpoint.gpu_cache_usage_perc == 0.5
+
+
 async def test_health_checks_take_workers_out_and_back(
     stack: AsyncExitStack, client: aiohttp.ClientSession
 ) -> None:

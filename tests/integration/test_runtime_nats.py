@@ -424,3 +424,58 @@ async def test_a_reply_stream_with_a_hole_is_an_error(nats_url: str) -> None:
                 await collect(client.direct({}, 7))
         finally:
             await raw.close()
+
+
+async def test_a_draining_instance_hears_its_callers_and_turns_new_calls_away(
+    nats_url: str,
+) -> None:
+    # lease 1 s, drain up to 5 s: in-flight calls outlive the caller's lease only if the
+    # instance still hears the keepalives; a cancel must still stop a handler; a new call
+    # reaching the draining instance goes to another one.
+    async with (
+        await NatsRuntime.connect(nats_url, lease_s=1.0) as rt,
+        await NatsRuntime.connect(nats_url, lease_s=1.0) as other,
+    ):
+        draining, fresh = Worker(), Worker()
+        served = await rt.serve(draining)
+        client = await rt.client("itest", "Worker", "ticks")
+        await client.wait_for_instances()
+        kept = client.direct(0.05, served.instance_id)
+        dropped = client.direct(0.05, served.instance_id)
+        await anext(kept)
+        await anext(dropped)
+        assert draining.num_running == 2
+        closing = asyncio.create_task(served.aclose(drain_timeout_s=5.0))
+        await asyncio.sleep(1.6)  # past the caller's lease: keepalives must get through
+        assert draining.num_running == 2
+        await dropped.aclose()  # the caller's cancel reaches the draining instance
+        await _wait_until(lambda: draining.num_running == 1)
+        await other.serve(fresh)
+        await _wait_until(lambda: len(client.instance_ids()) >= 1 and not closing.done())
+        stream = client.round_robin(0.05)
+        assert await anext(stream) == "tick"
+        assert fresh.num_started == 1  # not the draining instance
+        await stream.aclose()
+        await kept.aclose()
+        await closing
+        assert draining.num_running == 0
+
+
+async def test_a_bad_router_mode_leaves_nothing_running(nats_url: str) -> None:
+    async with await NatsRuntime.connect(nats_url) as rt:
+        before = set(asyncio.all_tasks())
+        with pytest.raises(ValueError, match="unknown router mode"):
+            await rt.client("itest", "Worker", "ticks", router_mode="bogus")
+        assert set(asyncio.all_tasks()) <= before
+
+
+async def test_closing_while_the_server_is_down_is_clean() -> None:
+    port = free_port()
+    server = start_and_wait(port)
+    rt = await NatsRuntime.connect(f"nats://127.0.0.1:{port}", reconnect_wait_s=0.1)
+    await rt.serve(Worker())
+    server.terminate()
+    server.wait(timeout=10)
+    await asyncio.sleep(0.3)
+    await rt.aclose()  # no error: closing needs no server
+    assert rt.connection.is_closed

@@ -167,3 +167,28 @@ def test_unknown_page() -> None:
     snap = parse_engine_metrics("# just comments\nprocess_cpu_seconds_total 12.5\n\n")
     assert snap.engine is None
     assert (snap.num_samples, snap.num_malformed) == (1, 0)
+
+
+def test_infinite_and_negative_values_are_not_counts() -> None:
+    text = """\
+vllm:num_requests_running{model_name="m"} +Inf
+vllm:num_requests_waiting{model_name="m"} -3
+vllm:kv_cache_usage_perc{model_name="m"} 0.5
+vllm:prefix_cache_queries_total{model_name="m"} +Inf
+vllm:prefix_cache_hits_total{model_name="m"} 10
+"""
+    snap = parse_engine_metrics(text)
+    assert snap.num_requests_running is None  # its only sample was not finite
+    assert snap.num_requests_waiting == 0
+    assert snap.kv_usage == 0.5
+    assert snap.prefix_cache_queries is None and snap.prefix_cache_hits == 10.0
+
+
+def test_one_engine_with_an_unlabelled_series_is_read_whole_for_any_rank() -> None:
+    text = """\
+vllm:num_requests_running{engine="0"} 2
+vllm:kv_cache_usage_perc{engine="0"} 0.25
+vllm:cache_config_info{num_gpu_blocks="100"} 1
+"""
+    snap = parse_engine_metrics(text, dp_rank=1)
+    assert (snap.num_requests_running, snap.kv_usage, snap.kv_total_blocks) == (2, 0.25, 100)

@@ -9,6 +9,7 @@ import pytest
 
 from kvrouter.errors import NoWorkerAvailable, UpstreamError
 from kvrouter.runtime import InprocRuntime, endpoint, service
+from kvrouter.runtime.client import InstanceGone
 from kvrouter.runtime.component import endpoints_of, service_spec
 
 
@@ -157,3 +158,28 @@ async def test_no_instance_is_a_clear_error_without_waiting() -> None:
                 await collect(call({"n": 1}))
         with pytest.raises(NoWorkerAvailable, match=r"0 of 1 instances after 0\.05 s"):
             await client.wait_for_instances(timeout_s=0.05)
+
+
+@service(namespace="demo")
+class Relay:
+    """An endpoint whose own downstream call found its instance gone."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @endpoint
+    async def forward(self, request: str) -> str:
+        self.calls += 1
+        raise InstanceGone("nested call failed")
+
+
+async def test_an_endpoint_that_ran_is_not_retried_whatever_it_raised() -> None:
+    async with InprocRuntime() as rt:
+        relays = [Relay(), Relay(), Relay()]
+        for relay in relays:
+            await rt.serve(relay)
+        client = await rt.client("demo", "Relay", "forward")
+        with pytest.raises(UpstreamError, match="InstanceGone: nested call failed") as info:
+            await collect(client.generate("x"))
+        assert not isinstance(info.value, InstanceGone)
+        assert sum(r.calls for r in relays) == 1

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.load.prometheus import parse_engine_metrics
 from kvrouter.transport import (
@@ -77,3 +79,42 @@ async def test_send_now_without_updates_sends_nothing() -> None:
     await wait_until(lambda: publisher.stats().num_sent == 1)
     await publisher.aclose()
     assert publisher.stats().num_updates == 1
+
+
+async def test_impossible_values_are_malformed_and_a_failing_listener_stops_nothing() -> None:
+    bus = InProcBus()
+    received: list[ForwardPassMetrics] = []
+    calls = 0
+
+    def flaky(metrics: ForwardPassMetrics) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("listener bug")
+
+    # The publisher only makes the endpoint exist; it sends nothing without updates.
+    publisher = WorkerMetricsPublisher(InProcTransport(bus, "m1"), keepalive_s=60.0)
+    async with (
+        InProcTransport(bus) as side,
+        MetricsSubscriber(
+            transport=side,
+            endpoints=[WorkerEndpoint(1, "m1")],
+            listeners=[flaky, received.append],
+        ) as subscriber,
+        publisher,
+    ):
+        await wait_until(lambda: subscriber.stats()[0].connected)
+
+        def push(seq: int, **fields: float) -> None:
+            payload = msgspec.msgpack.encode([0.0, fields])
+            bus.inject("m1", [b"kv-metrics", encode_seq(seq), payload])
+
+        push(0, gpu_cache_usage_perc=float("nan"))
+        push(1, gpu_cache_usage_perc=5.0)
+        push(2, num_requests_waiting=-1)
+        await wait_until(lambda: subscriber.stats()[0].decode_errors.get("payload") == 3)
+        push(3, num_requests_waiting=2)  # the first listener raises on this one
+        push(4, num_requests_waiting=4)
+        await wait_until(lambda: len(received) == 2)
+        assert [m.num_requests_waiting for m in received] == [2, 4]
+        assert subscriber.stats()[0].num_messages == 2
