@@ -230,8 +230,11 @@ class RequestForwarder:
         if state is None:
             raise NotFound(f"response {response_id!r} is not known to this router")
         url = f"{state.url}/v1/responses/{quote(response_id, safe='')}{action}"
+        if request.query_string:  # vLLM's ?stream=true&starting_after=N
+            url += "?" + request.query_string
+        content_type = "application/json"
         if request.method == "GET":
-            status, data = await self._upstream.get(
+            status, data, content_type = await self._upstream.get_typed(
                 url, self._cfg.request_timeout_s, request.headers
             )
         else:
@@ -241,7 +244,7 @@ class RequestForwarder:
         return web.Response(
             body=data,
             status=status,
-            content_type="application/json",
+            content_type=content_type or "application/json",
             headers={"x-kvrouter-worker": str(state.worker_id)},
         )
 

@@ -15,7 +15,7 @@ one request per prompt, each routed by its own prefix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -216,11 +216,17 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
 
 
-def request_salt(payload: Mapping[str, Any]) -> bytes | None:
-    """The hash salt of every block of a request: its LoRA adapter (the model name is
-    not one)."""
+def request_salt(
+    payload: Mapping[str, Any], lora_models: Collection[str] = frozenset()
+) -> bytes | None:
+    """The hash salt of every block of a request: its LoRA adapter, named by
+    ``lora_name`` or, as vLLM selects one, by a ``model`` that is one of the adapters the
+    workers serve (``lora_models``)."""
     lora = payload.get("lora_name")
-    return make_salt(lora_name=lora if isinstance(lora, str) else None)
+    if not isinstance(lora, str):
+        model = payload.get("model")
+        lora = model if isinstance(model, str) and model in lora_models else None
+    return make_salt(lora_name=lora)
 
 
 def request_cache_salt(payload: Mapping[str, Any]) -> str | None:
@@ -257,8 +263,10 @@ def prepare_prompt(
     block_size: int,
     max_prompt_tokens: int,
     token_ids: list[int] | None = None,
+    lora_models: Collection[str] = frozenset(),
 ) -> PreparedPrompt:
-    """Tokenize (unless ``token_ids`` are given) and hash the routed prompt.
+    """Tokenize (unless ``token_ids`` are given) and hash the routed prompt
+    (``lora_models``: the model names that are LoRA adapters, see :func:`request_salt`).
 
     Synchronous and CPU-bound: call it through ``loop.run_in_executor`` unless
     :func:`can_prepare_inline` says it is cheap.
@@ -273,7 +281,7 @@ def prepare_prompt(
         raise RequestTooLarge(
             f"the prompt has {len(tokens)} tokens, over the limit of {max_prompt_tokens}"
         )
-    salt = request_salt(payload)
+    salt = request_salt(payload, lora_models)
     cache_salt = request_cache_salt(payload)
     local, seq = hash_request(tokens, block_size, salt=salt, cache_salt=cache_salt)
     return PreparedPrompt(tokens, local, seq, salt, cache_salt, choices_per_prompt(payload))

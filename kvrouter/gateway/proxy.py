@@ -352,16 +352,23 @@ class UpstreamClient(AsyncLifecycle):
     async def get(
         self, url: str, timeout_s: float, headers: Mapping[str, str] | None = None
     ) -> tuple[int, bytes]:
-        """A short GET (health, models, metrics, a stored response); raises
-        UpstreamError on failure. ``headers``: the client's, to pass on as ``open``
-        does."""
+        """A short GET (health, models, metrics); raises UpstreamError on failure.
+        ``headers``: the client's, to pass on as ``open`` does."""
+        status, body, _ = await self.get_typed(url, timeout_s, headers)
+        return status, body
+
+    async def get_typed(
+        self, url: str, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes, str]:
+        """:meth:`get`, with the answer's content type (a stored response may come back
+        as an event stream)."""
         try:
             async with self.session.get(
                 url,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 headers=self._send_headers(headers) if headers is not None else None,
             ) as resp:
-                return resp.status, await resp.read()
+                return resp.status, await resp.read(), resp.content_type
         except TimeoutError as exc:
             raise UpstreamTimeout(f"GET {url} timed out after {timeout_s} s") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:

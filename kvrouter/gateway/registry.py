@@ -20,6 +20,7 @@ passes would otherwise stay in rotation for good, and win every tie of the cost 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class WorkerState:
     num_in_flight: int = 0
     num_failures: int = 0
     model_ids: tuple[str, ...] = ()
+    lora_ids: tuple[str, ...] = ()  # the model ids that are LoRA adapters (vLLM: a parent)
+    models_at_s: float = -math.inf  # when its /v1/models was last read
 
     @property
     def key(self) -> WorkerKey:

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 _json = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.Encoder().encode
 
+# How often each worker's /v1/models is read again (LoRA adapters come and go).
+MODELS_REFRESH_S = 30.0
+
 # Chat request fields passed to a worker's /tokenize with the messages.
 _TOKENIZE_CHAT_FIELDS = (
     "add_generation_prompt",
@@ -124,6 +127,9 @@ class Gateway(AsyncLifecycle):
         )
         self._feeds = feeds
         self._metrics_feeds = metrics_feeds
+        # Model names the workers serve as LoRA adapters: a request naming one is hashed
+        # with the adapter's salt, as vLLM salts the blocks it stores for it.
+        self.lora_models: frozenset[str] = frozenset()
         self._clock = clock
         # Tokenizing holds the GIL for most of its time; a couple of threads keep the
         # loop free without pretending to add parallelism.
@@ -200,6 +206,7 @@ class Gateway(AsyncLifecycle):
         # Out of the routing core before the first await: a request routed while the
         # feeds stop would find its worker gone from the rotation.
         self.core.remove_worker(state.key)
+        self._note_lora_models()
         if self._feeds is not None and state.spec.kv_events:
             await self._feeds.stop_feed(worker_id)
         if self._metrics_feeds is not None and state.spec.metrics:
@@ -252,6 +259,9 @@ class Gateway(AsyncLifecycle):
             return False
         rejoins = not state.healthy
         self.registry.mark_ok(state.worker_id)
+        if rejoins or self._clock() - state.models_at_s >= MODELS_REFRESH_S:
+            # Which model names are LoRA adapters (adapters load and unload at run time).
+            await self._models_of(state)
         if rejoins and self.registry.get(state.worker_id) is state:
             await self._resubscribe(state)
         return True
@@ -334,6 +344,7 @@ class Gateway(AsyncLifecycle):
             block_size=self.core.block_size,
             max_prompt_tokens=self.cfg.max_prompt_tokens,
             token_ids=token_ids,
+            lora_models=self.lora_models,
         )
         if inline:
             self.counters.num_inline_prepares += 1
@@ -413,7 +424,17 @@ class Gateway(AsyncLifecycle):
             return []
         cards = [c for c in data.get("data") or [] if isinstance(c, dict)]
         state.model_ids = tuple(str(c.get("id")) for c in cards)
+        state.lora_ids = tuple(
+            str(c.get("id"))
+            for c in cards
+            if isinstance(c.get("parent"), str) and c["parent"] and c["parent"] != c.get("id")
+        )
+        state.models_at_s = self._clock()
+        self._note_lora_models()
         return cards
+
+    def _note_lora_models(self) -> None:
+        self.lora_models = frozenset(i for w in self.registry for i in w.lora_ids)
 
 
 def _log_if_failed(task: asyncio.Task[None]) -> None:

@@ -25,6 +25,7 @@ from kvrouter.gateway.overrides import RoutingOverrides
 from kvrouter.gateway.prompts import parse_body, prepare_prompt
 from kvrouter.gateway.server import GatewayServer
 from kvrouter.gateway.top import fetch_dashboard_data
+from kvrouter.hashing import hash_request, make_salt
 from kvrouter.routing import ScheduleRequest
 from kvrouter.tokenizer import ByteTokenizer
 
@@ -48,6 +49,7 @@ class Backend:
     authorizations: list[str | None] = field(default_factory=list)  # on every route
     dp_ranks: list[str | None] = field(default_factory=list)  # X-data-parallel-rank
     tokenized: list[dict[str, Any]] = field(default_factory=list)  # /tokenize bodies
+    lora_models: tuple[str, ...] = ()  # listed in /v1/models with "m" as their parent
     paths: list[str] = field(default_factory=list)
     disconnects: int = 0
     url: str = ""
@@ -123,7 +125,9 @@ class Backend:
 
     async def models(self, request: web.Request) -> web.Response:
         self.authorizations.append(request.headers.get("Authorization"))
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+        cards = [{"id": "m", "object": "model", "parent": None}]
+        cards += [{"id": name, "object": "model", "parent": "m"} for name in self.lora_models]
+        return web.json_response({"object": "list", "data": cards})
 
 
 async def start_backend(stack: AsyncExitStack, backend: Backend) -> Backend:
@@ -191,6 +195,30 @@ def config(urls: list[str], **overrides: Any) -> GatewayConfig:
     }
     settings.update(overrides)
     return GatewayConfig(**settings)
+
+
+async def test_a_model_that_is_a_lora_adapter_is_hashed_with_its_salt(
+    stack: AsyncExitStack, client: aiohttp.ClientSession
+) -> None:
+    # vLLM picks an adapter by `model` and lists it in /v1/models with its base model as
+    # `parent`; it salts the adapter's blocks with its name, so the router must too.
+    backend = await start_backend(stack, Backend(lora_models=("sql-lora",)))
+    gw = await stack.enter_async_context(GatewayServer(config([backend.url])))
+    for _ in range(100):  # read at the worker's first health check
+        if gw.gateway.lora_models:
+            break
+        await asyncio.sleep(0.01)
+    assert gw.gateway.lora_models == frozenset({"sql-lora"})
+    prompt = "abcdefghijklmnop"
+    tokens = ByteTokenizer().encode(prompt)
+    lora = hash_request(tokens, 4, salt=make_salt(lora_name="sql-lora"))[1]
+    base = hash_request(tokens, 4)[1]
+    assert lora != base
+    prepared = [
+        await gw.gateway.prepare(parse_body(json.dumps(b).encode(), "completion"), "completion")
+        for b in ({"model": "sql-lora", "prompt": prompt}, {"model": "m", "prompt": prompt})
+    ]
+    assert [list(p.sequence_hashes) for p in prepared] == [lora, base]
 
 
 async def test_ranks_of_one_server_are_named_in_each_request(
@@ -559,8 +587,10 @@ async def test_an_api_key_guards_the_openai_api_and_is_not_passed_on(
     assert backend.requests == []  # refused before anything was routed
     async with client.post(url, json=body, headers={"Authorization": "Bearer client-key"}) as r:
         assert r.status == 200
-    # The client's key is the gateway's, not the worker's: it is not passed on.
-    assert backend.authorizations == [None]
+    # The client's key is the gateway's, not the worker's: it is not passed on (the
+    # completion's is the last recorded; the others are the gateway's own model reads).
+    assert backend.authorizations[-1] is None
+    assert set(backend.authorizations) == {None}
     # The admin API takes the same key when no admin key is set; probes stay open.
     async with client.get(gw.url + "/admin/workers") as resp:
         assert resp.status == 401
@@ -593,7 +623,9 @@ async def test_an_admin_key_guards_admin_debug_and_dashboard_data(
         gw.url + "/v1/completions", json={"prompt": "abcdefgh"}, headers=client_auth
     ) as resp:
         assert resp.status == 200
-    assert backend.authorizations == ["Bearer for-the-worker"]
+    # The completion's is the last recorded; before it, the gateway's own model reads.
+    assert backend.authorizations[-1] == "Bearer for-the-worker"
+    assert set(backend.authorizations[:-1]) <= {None}
     for method, path in (
         ("GET", "/admin/workers"),
         ("POST", "/admin/workers"),
@@ -635,7 +667,9 @@ async def test_a_worker_key_is_sent_to_the_workers(
             await resp.read()
     async with client.get(gw.url + "/v1/models") as resp:
         assert resp.status == 200
-    assert backend.authorizations == ["Bearer worker-key"] * 3
+    # Two completions and the models list, plus the gateway's own model reads: all keyed.
+    assert len(backend.authorizations) >= 3
+    assert set(backend.authorizations) == {"Bearer worker-key"}
 
 
 async def test_embeddings_are_routed_by_their_input_and_forwarded_whole(

@@ -73,6 +73,10 @@ class ResponsesWorker:
         response_id = request.match_info["id"]
         if response_id not in self.stored:
             return _not_found(response_id)
+        if request.query.get("stream") == "true":  # vLLM replays a response's events
+            after = request.query.get("starting_after", "-1")
+            events = f'event: response.completed\ndata: {{"after": {after}}}\n\n'
+            return web.Response(text=events, content_type="text/event-stream")
         return web.json_response(self.stored[response_id])
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -142,6 +146,11 @@ async def test_a_follow_up_goes_to_the_worker_that_stored_its_response(
         assert resp.status == 200
         assert resp.headers["x-kvrouter-worker"] == home
         assert (await resp.json())["worker"] == owner.url
+    # Its query reaches the worker, and an event stream comes back as one.
+    async with client.get(f"{url}/{previous}?stream=true&starting_after=3") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/event-stream"
+        assert await resp.text() == 'event: response.completed\ndata: {"after": 3}\n\n'
     async with client.post(f"{url}/{previous}/cancel") as resp:
         assert resp.status == 400  # the worker's own answer, passed on
     assert owner.cancelled == [previous]

@@ -63,6 +63,20 @@ def test_bad_bodies_are_invalid_requests(body: bytes, kind: str, message: str) -
         parse_body(body, kind)  # type: ignore[arg-type]
 
 
+def test_a_model_that_is_an_adapter_salts_the_hashes() -> None:
+    tok = ByteTokenizer()
+    adapters = frozenset({"sql-lora"})
+    args = {"block_size": 4, "max_prompt_tokens": 100, "lora_models": adapters}
+    lora = prepare_prompt(tok, {"model": "sql-lora", "prompt": "abcdefgh"}, "completion", **args)
+    base = prepare_prompt(tok, {"model": "base", "prompt": "abcdefgh"}, "completion", **args)
+    named = prepare_prompt(
+        tok, {"model": "base", "lora_name": "sql-lora", "prompt": "abcdefgh"}, "completion", **args
+    )
+    assert lora.salt == named.salt == make_salt(lora_name="sql-lora")
+    assert base.salt is None
+    assert lora.sequence_hashes == named.sequence_hashes != base.sequence_hashes
+
+
 def test_chat_tools_and_template_kwargs_are_rendered_before_hashing() -> None:
     template = (
         "{% if tools %}{{ tools | length }} tools;{% endif %}"
