@@ -50,7 +50,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from kvrouter.errors import ConfigError, UpstreamError, UpstreamTimeout
+from kvrouter.errors import ConfigError, InvalidRequest, UpstreamError, UpstreamTimeout
 from kvrouter.lifecycle import cancel_and_wait
 from kvrouter.runtime.client import Client, InstanceGone, Selector
 from kvrouter.runtime.component import Handler, endpoints_of, service_spec
@@ -462,7 +462,16 @@ class _NatsTransport:
 
     async def call(self, instance_id: int, request: Any) -> AsyncGenerator[Any, None]:
         subject = _call_subject(self._key, instance_id)
-        payload = _encode(_CallFrame(r=request, ttl=self._lease_s))
+        try:
+            payload = _encode(_CallFrame(r=request, ttl=self._lease_s))
+        except (TypeError, ValueError, OverflowError) as exc:  # the caller's own mistake
+            raise InvalidRequest(f"the request cannot be sent as msgpack: {exc}") from exc
+        limit = self._nc.max_payload
+        if limit and len(payload) > limit:
+            raise InvalidRequest(
+                f"the request is {len(payload)} bytes encoded, over the NATS server's "
+                f"max_payload of {limit}"
+            )
         inbox = self._nc.new_inbox()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         sub = await self._nc.subscribe(inbox, cb=queue.put)

@@ -17,7 +17,7 @@ import msgspec
 import nats
 import pytest
 
-from kvrouter.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout
+from kvrouter.errors import InvalidRequest, NoWorkerAvailable, UpstreamError, UpstreamTimeout
 from kvrouter.runtime import NatsRuntime, endpoint, service
 from tests.integration.conftest import free_port, start_and_wait
 
@@ -479,3 +479,17 @@ async def test_closing_while_the_server_is_down_is_clean() -> None:
     await asyncio.sleep(0.3)
     await rt.aclose()  # no error: closing needs no server
     assert rt.connection.is_closed
+
+
+async def test_a_request_that_cannot_be_sent_is_the_callers_error(nats_url: str) -> None:
+    async with await NatsRuntime.connect(nats_url) as rt:
+        worker = Worker()
+        await rt.serve(worker)
+        client = await rt.client("itest", "Worker", "generate")
+        await client.wait_for_instances()
+        with pytest.raises(InvalidRequest, match="max_payload"):
+            await collect(client.generate({"n": 1, "pad": "x" * 2_000_000}))
+        with pytest.raises(InvalidRequest, match="cannot be sent as msgpack"):
+            await collect(client.generate({"n": 1, "pad": object()}))
+        # Nothing was sent, and the client works as before.
+        assert await collect(client.generate({"n": 1})) == [{"who": "local", "i": 0}]
