@@ -183,3 +183,36 @@ async def test_an_endpoint_that_ran_is_not_retried_whatever_it_raised() -> None:
             await collect(client.generate("x"))
         assert not isinstance(info.value, InstanceGone)
         assert sum(r.calls for r in relays) == 1
+
+
+@service(namespace="demo")
+class Counter:
+    @endpoint
+    async def ticks(self, request: float) -> AsyncIterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+            await asyncio.sleep(request)
+
+
+async def test_withdrawn_instances_end_their_streams_after_the_drain_time() -> None:
+    async with InprocRuntime() as rt:
+        served = await rt.serve(Counter())
+        client = await rt.client("demo", "Counter", "ticks")
+        stream = client.generate(0.01)
+        await anext(stream)
+        loop = asyncio.get_running_loop()
+        await served.aclose(drain_timeout_s=0.2)
+        closed_at = loop.time()
+        with pytest.raises(UpstreamError, match="shut down"):
+            async for _ in stream:
+                pass
+        assert 0.2 <= loop.time() - closed_at < 1.0  # it went on for the drain time
+        # The runtime's own close ends what is still running at once.
+        await rt.serve(Counter())
+        other = client.generate(0.01)
+        await anext(other)
+        await rt.aclose()
+        with pytest.raises(UpstreamError, match="shut down"):
+            await anext(other)
