@@ -199,7 +199,7 @@ def chat_template_vars(tools: Any, kwargs: Any) -> dict[str, Any]:
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be a list")
     out: dict[str, Any] = dict(kwargs or {})
-    if tools:
+    if tools is not None:  # an empty list too: templates test `tools is not none`
         out["tools"] = tools
     return out
 

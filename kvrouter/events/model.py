@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_MEDIUM",
+    "MAX_DP_RANK",
     "Cleared",
     "EventData",
     "Removed",
@@ -23,6 +24,9 @@ __all__ = [
 ]
 
 DEFAULT_MEDIUM = "GPU"
+# A data-parallel rank names an index entry and a metrics endpoint of its own (a bogus
+# huge one would stay for good), so ranks are bounded far above any real DP size.
+MAX_DP_RANK = 65535
 
 
 class WorkerKey(NamedTuple):

@@ -43,7 +43,14 @@ import numpy as np
 from msgspec.msgpack import Decoder
 
 from kvrouter.errors import DecodeError
-from kvrouter.events.model import DEFAULT_MEDIUM, Cleared, Removed, Stored, StoredBlock
+from kvrouter.events.model import (
+    DEFAULT_MEDIUM,
+    MAX_DP_RANK,
+    Cleared,
+    Removed,
+    Stored,
+    StoredBlock,
+)
 from kvrouter.hashing import Tokens, compute_block_hashes, make_salt
 
 __all__ = [
@@ -180,9 +187,6 @@ def _event_as_map(event: KVCacheEvent, *, omit_unset: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 _Hash = int | bytes
-# A data-parallel rank names an index entry of its own (a bogus huge one would stay for
-# good), so ranks are bounded far above any real data-parallel size.
-MAX_DP_RANK = 65535
 _Rank = Annotated[int, msgspec.Meta(ge=0, le=MAX_DP_RANK)]
 
 

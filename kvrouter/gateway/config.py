@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from kvrouter.errors import ConfigError
+from kvrouter.events.model import MAX_DP_RANK
 from kvrouter.transport.nats_transport import is_nats_endpoint, split_nats_endpoint
 
 __all__ = [
@@ -255,7 +256,6 @@ def _worker_from_mapping(data: Mapping[str, Any]) -> WorkerSpec:
 
 
 MAX_WORKER_ID = 2**63 - 1  # a signed 64-bit id, as Dynamo's
-MAX_DP_RANK = 65535  # the widest rank a KV event batch carries
 
 
 def _worker_url(value: Any) -> str:
@@ -263,11 +263,13 @@ def _worker_url(value: Any) -> str:
     url = str(value or "").strip().rstrip("/")
     if any(c.isspace() or ord(c) < 32 for c in url):
         raise ConfigError(f"worker url must not contain spaces or control characters: {url!r}")
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         port = parts.port  # raises on a port out of range
-    except ValueError as exc:
+    except ValueError as exc:  # e.g. "http://[::1" or a port of 99999
         raise ConfigError(f"worker url {url!r}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"worker url {url!r}: port 0 is not a port a worker listens on")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"worker url must be http(s)://host:port, got {url!r}")
     if parts.query or parts.fragment or parts.username is not None:
@@ -277,11 +279,15 @@ def _worker_url(value: Any) -> str:
         )
     if parts.path.endswith("/v1"):
         raise ConfigError(f"worker url {url!r}: give the server's root, without /v1")
+    scheme = parts.scheme.lower()
     host = parts.hostname.lower()
     netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
         netloc += f":{port}"
-    return f"{parts.scheme.lower()}://{netloc}{parts.path}"
+    return f"{scheme}://{netloc}{parts.path}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _endpoint(key: str, value: Any) -> str | None:
@@ -314,9 +320,11 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _bounded_int(name: str, value: Any, most: int = MAX_WORKER_ID) -> int:
-    """A whole number in ``0..most``: an int, or a string of digits (from a flag)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    """A whole number in ``0..most``: an int, or a string of one (from a flag)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdecimal() and text.isascii():
+            value = int(text)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if not 0 <= value <= most:

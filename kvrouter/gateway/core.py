@@ -145,8 +145,12 @@ class RoutingCore(Protocol):
         """Metrics a worker pushed (its ``worker_id`` / ``data_parallel_rank`` say whose)."""
         ...
 
-    def update_metrics_text(self, worker: WorkerKey, text: str) -> bool:
-        """A scraped Prometheus page of ``worker``; ``False`` if nothing was recognised."""
+    def update_metrics_text(
+        self, worker: WorkerKey, text: str, *, engine_rank: int | None = None
+    ) -> bool:
+        """A scraped Prometheus page of ``worker``; ``False`` if nothing was recognised.
+        ``engine_rank``: read only that data-parallel rank's series of a multi-rank page
+        (``None``: the whole page is this worker's)."""
         ...
 
     def stats(self) -> CoreStats: ...

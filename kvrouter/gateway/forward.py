@@ -148,6 +148,7 @@ class RequestForwarder:
         self._handlers: set[asyncio.Task[Any]] = set()  # requests being served
         # Which worker stored each recent /v1/responses answer (follow-ups go there).
         self.responses = ResponseHomes()
+        self._gone: set[int] = set()  # requests in flight whose client is counted gone
 
     # -- entry point ------------------------------------------------------------------
     async def handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -169,11 +170,19 @@ class RequestForwarder:
             # The client went away (its handler is cancelled), wherever the request was:
             # tokenizing, queued, waiting for a worker, or streaming.
             if not self.closing:
-                self._counters.num_disconnects += 1
+                self._client_gone(request)
             raise
         finally:
+            self._gone.discard(id(request))
             if task is not None:
                 self._handlers.discard(task)
+
+    def _client_gone(self, request: web.Request) -> None:
+        """Count a client that went away, once per request: a reset seen on a write is
+        often followed by the cancel of the same handler."""
+        if id(request) not in self._gone:
+            self._gone.add(id(request))
+            self._counters.num_disconnects += 1
 
     async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         body = await read_body(request, self._cfg.max_body_bytes)
@@ -230,8 +239,8 @@ class RequestForwarder:
         if state is None:
             raise NotFound(f"response {response_id!r} is not known to this router")
         url = f"{state.url}/v1/responses/{quote(response_id, safe='')}{action}"
-        if request.query_string:  # vLLM's ?stream=true&starting_after=N
-            url += "?" + request.query_string
+        if query := request.rel_url.raw_query_string:  # vLLM's ?stream=true&starting_after=N
+            url += "?" + query  # as the client encoded it
         content_type = "application/json"
         if request.method == "GET":
             status, data, content_type = await self._upstream.get_typed(
@@ -553,7 +562,7 @@ class RequestForwarder:
         except ConnectionResetError:
             # The client went away: drop the upstream connection so the worker aborts.
             # Once the response has started there is nobody to answer; end quietly.
-            self._counters.num_disconnects += 1
+            self._client_gone(request)
             if response is not None:
                 return response
             raise
@@ -761,7 +770,7 @@ class RequestForwarder:
             )
 
         def disconnected() -> None:
-            self._counters.num_disconnects += 1
+            self._client_gone(request)
 
         def broken(state: WorkerState, exc: UpstreamError, index: int) -> bytes:
             return self._broken_stream(state, exc, prompt=index)

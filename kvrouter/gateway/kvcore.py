@@ -217,8 +217,12 @@ class KvRoutingCore:
     def update_metrics(self, metrics: ForwardPassMetrics) -> None:
         self.aggregator.update(metrics)
 
-    def update_metrics_text(self, worker: WorkerKey, text: str) -> bool:
-        return self.aggregator.update_from_prometheus(worker.worker_id, text, worker.dp_rank)
+    def update_metrics_text(
+        self, worker: WorkerKey, text: str, *, engine_rank: int | None = None
+    ) -> bool:
+        return self.aggregator.update_from_prometheus(
+            worker.worker_id, text, worker.dp_rank, engine_rank=engine_rank
+        )
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> CoreStats:

@@ -193,10 +193,12 @@ class WorkerRegistry:
         return found
 
     def rank_to_name(self, state: WorkerState) -> int | None:
-        """The data-parallel rank a request to ``state`` must name (vLLM's and SGLang's
-        ``X-data-parallel-rank`` header), or ``None`` when its server has one rank here:
-        a server of several ranks would otherwise pick one itself."""
-        return state.spec.dp_rank if self._ranks_at[state.url] > 1 else None
+        """The data-parallel rank of its server that ``state`` is, when it must be named
+        (vLLM's and SGLang's ``X-data-parallel-rank`` header; its own series of the
+        server's ``/metrics``): when several ranks of one URL are registered, or one that
+        is not rank 0. ``None``: the server as a whole is this worker."""
+        rank = state.spec.dp_rank
+        return rank if rank or self._ranks_at[state.url] > 1 else None
 
     def get(self, worker_id: int) -> WorkerState | None:
         return self._workers.get(worker_id)

@@ -259,11 +259,12 @@ class Gateway(AsyncLifecycle):
             return False
         rejoins = not state.healthy
         self.registry.mark_ok(state.worker_id)
+        if rejoins and self.registry.get(state.worker_id) is state:
+            await self._resubscribe(state)
         if rejoins or self._clock() - state.models_at_s >= MODELS_REFRESH_S:
             # Which model names are LoRA adapters (adapters load and unload at run time).
             await self._models_of(state)
-        if rejoins and self.registry.get(state.worker_id) is state:
-            await self._resubscribe(state)
+            self._note_lora_models()
         return True
 
     async def _resubscribe(self, state: WorkerState) -> None:
@@ -317,7 +318,11 @@ class Gateway(AsyncLifecycle):
             return False
         if status != 200:
             return False
-        ok = self.core.update_metrics_text(state.key, body.decode("utf-8", errors="replace"))
+        ok = self.core.update_metrics_text(
+            state.key,
+            body.decode("utf-8", errors="replace"),
+            engine_rank=self.registry.rank_to_name(state),
+        )
         if ok:
             self.registry.mark_metrics(state.worker_id)
         return ok
@@ -408,6 +413,7 @@ class Gateway(AsyncLifecycle):
         """``GET /v1/models``: the union of the models the workers in rotation serve."""
         workers = self.registry.in_rotation()
         answers = await asyncio.gather(*(self._models_of(w) for w in workers))
+        self._note_lora_models()
         seen: dict[str, dict[str, Any]] = {}
         for models in answers:
             for card in models:
@@ -415,14 +421,19 @@ class Gateway(AsyncLifecycle):
         return {"object": "list", "data": list(seen.values())}
 
     async def _models_of(self, state: WorkerState) -> list[dict[str, Any]]:
+        """The model cards ``state`` lists, noted on it; ``[]`` (and what it listed
+        before kept) when it gives no usable answer, e.g. a 503 under load."""
         try:
             status, body = await self.upstream.get(
                 state.url + "/v1/models", timeout_s=self.cfg.health_check_timeout_s
             )
-            data = _json.decode(body) if status == 200 else {}
+            data = _json.decode(body) if status == 200 else None
         except (UpstreamError, msgspec.DecodeError):
             return []
-        cards = [c for c in data.get("data") or [] if isinstance(c, dict)]
+        listed = data.get("data") if data is not None else None
+        if not isinstance(listed, list):
+            return []
+        cards = [c for c in listed if isinstance(c, dict)]
         state.model_ids = tuple(str(c.get("id")) for c in cards)
         state.lora_ids = tuple(
             str(c.get("id"))
@@ -430,7 +441,6 @@ class Gateway(AsyncLifecycle):
             if isinstance(c.get("parent"), str) and c["parent"] and c["parent"] != c.get("id")
         )
         state.models_at_s = self._clock()
-        self._note_lora_models()
         return cards
 
     def _note_lora_models(self) -> None:

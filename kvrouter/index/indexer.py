@@ -33,12 +33,11 @@ from kvrouter.hashing import HASH_SEED, compute_block_hashes
 from kvrouter.index.predicted import PredictedEntries
 from kvrouter.index.state import WorkerState, clear_bit, keys_of_mask
 from kvrouter.index.values import REJECT_KINDS, IndexerStats, OverlapScores
+from kvrouter.lograte import sparse_note
 
 __all__ = ["EventSource", "KvIndexer"]
 
 logger = logging.getLogger(__name__)
-# Rejections logged one by one per worker; later ones every thousandth (all counted).
-_LOGGED_REJECTIONS = 10
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -165,15 +164,9 @@ class KvIndexer(PredictedEntries):
         self._rejected[kind] += 1
         worker.rejected += 1
         worker.last_rejection = f"{kind}: {why % args}"
-        # One line per event for the first few, then one per thousand: a new router
-        # meeting caches older than the replay buffer must not flood the log.
-        seen = worker.rejected
-        if seen <= _LOGGED_REJECTIONS or seen % 1000 == 0:
-            more = (
-                ""
-                if seen < _LOGGED_REJECTIONS
-                else f" ({seen} from this worker so far; from now on one in 1000 is logged)"
-            )
+        # A new router meeting caches older than the replay buffer must not flood the log.
+        more = sparse_note(worker.rejected)
+        if more is not None:
             logger.warning(
                 "worker %d rank %d event %d rejected (%s): " + why + "%s",
                 worker.key.worker_id,

@@ -214,12 +214,16 @@ class KvMetricsAggregator:
         self._num_pushed += 1
         self._version += 1
 
-    def update_from_prometheus(self, worker_id: int, text: str, dp_rank: int = 0) -> bool:
+    def update_from_prometheus(
+        self, worker_id: int, text: str, dp_rank: int = 0, *, engine_rank: int | None = None
+    ) -> bool:
         """Record a scraped ``/metrics`` page; ``False`` if it had no known series.
 
-        Malformed lines are skipped and counted in :meth:`stats`.
+        Malformed lines are skipped and counted in :meth:`stats`. ``engine_rank``: the
+        page is a server of several data-parallel ranks and this worker is that one (see
+        :func:`~kvrouter.load.prometheus.parse_engine_metrics`); ``None``: all of it.
         """
-        snap = parse_engine_metrics(text, dp_rank)
+        snap = parse_engine_metrics(text, engine_rank)
         self._num_scrapes += 1
         self._num_malformed += snap.num_malformed
         if snap.num_malformed:

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import msgspec
 
+from kvrouter.events.model import MAX_DP_RANK
+
 __all__ = ["ForwardPassMetrics"]
 
 
@@ -13,7 +15,7 @@ __all__ = ["ForwardPassMetrics"]
 # counted and dropped): a NaN or a usage of 5 would poison every load average.
 _Count = Annotated[int, msgspec.Meta(ge=0)]
 _Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-_Rank = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+_Rank = Annotated[int, msgspec.Meta(ge=0, le=MAX_DP_RANK)]
 
 
 class ForwardPassMetrics(msgspec.Struct, frozen=True, kw_only=True):

@@ -43,6 +43,7 @@ from kvrouter.errors import DecodeError, EventStreamError
 from kvrouter.events.model import RouterEvent, WorkerKey
 from kvrouter.events.vllm import VllmEventDecoder
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
+from kvrouter.lograte import sparse_note
 from kvrouter.transport.base import (
     EventTransport,
     Malformed,
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_LOGGED_ERRORS = 10  # malformed messages logged one by one per stream
 
 
 class EventIndex(Protocol):
@@ -463,18 +463,15 @@ class KvEventSubscriber(AsyncLifecycle):
     def _count_malformed(self, stream: _Stream, kind: str, seq: int | None, reason: str) -> None:
         stream.decode_errors[kind] += 1
         stream.last_decode_error = f"{kind}: {reason}"
-        # The first few one by one, then one in a thousand (every one is counted).
-        seen = sum(stream.decode_errors.values())
-        if seen <= _LOGGED_ERRORS or seen % 1000 == 0:
+        more = sparse_note(sum(stream.decode_errors.values()))
+        if more is not None:
             logger.warning(
                 "worker %d: malformed message (%s) at seq %s: %s%s",
                 stream.endpoint.worker_id,
                 kind,
                 "?" if seq is None else seq,
                 reason,
-                ""
-                if seen < _LOGGED_ERRORS
-                else f" ({seen} from this worker so far; from now on one in 1000 is logged)",
+                more,
             )
 
 

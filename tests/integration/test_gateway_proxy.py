@@ -50,6 +50,8 @@ class Backend:
     dp_ranks: list[str | None] = field(default_factory=list)  # X-data-parallel-rank
     tokenized: list[dict[str, Any]] = field(default_factory=list)  # /tokenize bodies
     lora_models: tuple[str, ...] = ()  # listed in /v1/models with "m" as their parent
+    metrics_text: str | None = None  # the /metrics page, if not the default one
+    models_status: int = 200
     paths: list[str] = field(default_factory=list)
     disconnects: int = 0
     url: str = ""
@@ -118,6 +120,8 @@ class Backend:
         return web.Response(text="ok", status=200 if self.healthy else 500)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is not None:
+            return web.Response(text=self.metrics_text)
         return web.Response(
             text=f"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
             f"vllm:kv_cache_usage_perc {self.kv_usage}\n"
@@ -125,6 +129,8 @@ class Backend:
 
     async def models(self, request: web.Request) -> web.Response:
         self.authorizations.append(request.headers.get("Authorization"))
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "busy"}}, status=self.models_status)
         cards = [{"id": "m", "object": "model", "parent": None}]
         cards += [{"id": name, "object": "model", "parent": "m"} for name in self.lora_models]
         return web.json_response({"object": "list", "data": cards})
@@ -209,6 +215,9 @@ async def test_a_model_that_is_a_lora_adapter_is_hashed_with_its_salt(
             break
         await asyncio.sleep(0.01)
     assert gw.gateway.lora_models == frozenset({"sql-lora"})
+    backend.models_status = 503  # a busy moment forgets no adapter
+    assert (await gw.gateway.list_models())["data"] == []
+    assert gw.gateway.lora_models == frozenset({"sql-lora"})
     prompt = "abcdefghijklmnop"
     tokens = ByteTokenizer().encode(prompt)
     lora = hash_request(tokens, 4, salt=make_salt(lora_name="sql-lora"))[1]
@@ -227,16 +236,34 @@ async def test_ranks_of_one_server_are_named_in_each_request(
     # One server of two data-parallel ranks, and one of a single rank: requests to the
     # first name the chosen rank (or the server would pick one itself); to the second
     # they name none.
-    shared = await start_backend(stack, Backend())
-    single = await start_backend(stack, Backend())
+    # Both servers run two engines; the first is registered per rank, the second whole.
+    page = (
+        'vllm:num_requests_running{engine="0"} 3\nvllm:num_requests_running{engine="1"} 5\n'
+        'vllm:kv_cache_usage_perc{engine="0"} 0.2\nvllm:kv_cache_usage_perc{engine="1"} 0.8\n'
+    )
+    shared = await start_backend(stack, Backend(metrics_text=page))
+    single = await start_backend(stack, Backend(metrics_text=page))
     workers = (
         WorkerSpec(shared.url, dp_rank=0),
         WorkerSpec(shared.url, dp_rank=1),
         WorkerSpec(single.url),
     )
     gw = await stack.enter_async_context(
-        GatewayServer(config([], workers=workers, router_mode="round_robin"))
+        GatewayServer(
+            config([], workers=workers, router_mode="round_robin", metrics_scrape_interval_s=0.05)
+        )
     )
+    loads: dict[tuple[int, int], tuple[int, float]] = {}
+    for _ in range(100):
+        loads = {
+            (e.worker_id, e.dp_rank): (e.request_active_slots, e.gpu_cache_usage_perc)
+            for e in gw.core.aggregator.get_metrics().endpoints
+        }
+        if len(loads) == 3:
+            break
+        await asyncio.sleep(0.02)
+    # Each rank reads its own engine's series; the server registered once, all of them.
+    assert loads == {(0, 0): (3, 0.2), (1, 1): (5, 0.8), (2, 0): (8, 0.5)}
     for prompt in ("abcdefgh", "ijklmnop", "qrstuvwx", ["abcdefgh", "ijklmnop"]):
         for stream in (False, True):
             body = {"prompt": prompt, "stream": stream}
@@ -1137,11 +1164,11 @@ async def test_a_scrape_that_fails_unexpectedly_does_not_stop_scraping(
     real = gw.core.update_metrics_text
     calls = []
 
-    def failing_once(worker: Any, text: str) -> bool:
+    def failing_once(worker: Any, text: str, **options: Any) -> bool:
         calls.append(worker)
         if len(calls) == 1:
             raise OverflowError("cannot convert float infinity to integer")
-        return real(worker, text)
+        return real(worker, text, **options)
 
     gw.core.update_metrics_text = failing_once  # type: ignore[method-assign]
     for _ in range(100):
@@ -1364,6 +1391,9 @@ async def test_many_clients_leaving_streamed_batches_free_every_prompt(
     assert gw.gateway.counters.num_in_flight == 0
     active = gw.core.scheduler.stats().active
     assert (active.num_requests, active.num_active_blocks, active.num_prefill_tokens) == (0, 0, 0)
+    # Each client that left is counted once (a reset seen on a write, then the cancel of
+    # the same handler, are one disconnect); a stream that finished first is not one.
+    assert 0 < gw.gateway.counters.num_disconnects <= len(bodies)
 
 
 async def test_a_client_leaving_a_batch_before_its_first_token_frees_every_prompt(

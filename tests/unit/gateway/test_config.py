@@ -87,6 +87,8 @@ def test_worker_spec_string_options() -> None:
 def test_worker_spec_mapping_checks_types_and_normalises_the_url() -> None:
     spec = parse_worker_spec({"url": "HTTP://LocalHost:8001/", "worker_id": 7, "dp_rank": "1"})
     assert spec == WorkerSpec("http://localhost:8001", worker_id=7, dp_rank=1)
+    assert parse_worker_spec("http://h:80").url == parse_worker_spec("http://h").url == "http://h"
+    assert parse_worker_spec("https://h:443/p").url == "https://h/p"
     assert parse_worker_spec("http://[::1]:8001/vllm,kv_events=ipc:///tmp/kv").url == (
         "http://[::1]:8001/vllm"
     )
@@ -122,7 +124,10 @@ def test_worker_spec_nats_endpoints() -> None:
         ("http://h:1/v1", "without /v1"),
         ("http://h:1/?x=1", "only scheme, host, port"),
         ("http://user:pw@h:1", "worker_api_key"),
-        ("http://h:1,worker_id=-3", "worker_id must be an integer"),
+        ("http://h:1,worker_id=-3", "worker_id must be between 0 and"),
+        ("http://h:1,worker_id=³", "worker_id must be an integer"),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://h:0", "port 0"),
         (f"http://h:1,worker_id={2**64}", "between 0 and"),
         ("http://h:1,dp_rank=100000", "dp_rank must be between 0 and 65535"),
         ("http://h:1,kv_events=tcp://h:999999", "expected tcp://host:port"),

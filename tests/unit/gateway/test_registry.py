@@ -83,3 +83,14 @@ def test_failed_answers_in_a_row_take_a_worker_out() -> None:
     assert (state.healthy, downs) == (False, [0, 0])
     with pytest.raises(ValueError, match="error_threshold"):
         WorkerRegistry(error_threshold=0)
+
+
+def test_a_rank_is_named_when_its_server_has_several_or_it_is_not_rank_zero() -> None:
+    reg = WorkerRegistry(ManualClock())
+    a0 = reg.add(WorkerSpec("http://a:1", dp_rank=0))
+    a1 = reg.add(WorkerSpec("http://a:1", dp_rank=1))
+    b = reg.add(WorkerSpec("http://b:1"))
+    c3 = reg.add(WorkerSpec("http://c:1", dp_rank=3))
+    assert [reg.rank_to_name(s) for s in (a0, a1, b, c3)] == [0, 1, None, 3]
+    reg.remove(a1.worker_id)
+    assert reg.rank_to_name(a0) is None  # the server's only rank here now

@@ -209,10 +209,22 @@ async def test_withdrawn_instances_end_their_streams_after_the_drain_time() -> N
             async for _ in stream:
                 pass
         assert 0.2 <= loop.time() - closed_at < 1.0  # it went on for the drain time
-        # The runtime's own close ends what is still running at once.
+        # A stream waiting inside its handler ends too, when the drain time is over.
+        blocked_served = await rt.serve(Counter())
+        blocked = client.generate(3600)
+        await anext(blocked)
+        await blocked_served.aclose(drain_timeout_s=0.1)
+        closed_at = loop.time()
+        with pytest.raises(UpstreamError, match="shut down"):
+            await anext(blocked)
+        assert loop.time() - closed_at < 1.0
+        # The runtime's own close ends what is still running at once, and no new call
+        # starts, even from a client made before.
         await rt.serve(Counter())
-        other = client.generate(0.01)
+        other = client.generate(3600)
         await anext(other)
         await rt.aclose()
         with pytest.raises(UpstreamError, match="shut down"):
             await anext(other)
+        with pytest.raises(NoWorkerAvailable):
+            await collect(client.generate(0.01))
