@@ -110,9 +110,13 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
 
     def output_tokens(self) -> int:
         """How many tokens to generate: the extension field, else the max tokens."""
+        return self.given_output_tokens() or DEFAULT_MAX_TOKENS
+
+    def given_output_tokens(self) -> int | None:
+        """The request's own output limit (``None``: it set none; the default applies)."""
         if self.kvrouter_output_tokens is not None:
             return self.kvrouter_output_tokens
-        return self._max_tokens() or DEFAULT_MAX_TOKENS
+        return self._max_tokens()
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens

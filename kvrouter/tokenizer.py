@@ -143,7 +143,8 @@ def normalize_messages(
 ) -> list[dict[str, Any]]:
     """Plain dicts whose ``content`` is a string, as templates expect.
 
-    OpenAI content-part lists (``[{"type": "text", "text": ...}, ...]``) are joined;
+    OpenAI content-part lists (``[{"type": "text", "text": ...}, ...]``) are joined with
+    newlines, as vLLM joins them;
     ``None`` content (an assistant turn with tool calls only) becomes ``""``. A part
     that is not text (an image, audio, a video, a file) is refused with ``media``
     ``"reject"``, and replaced by its :func:`media_marker` with ``"mark"``.
@@ -195,7 +196,7 @@ def _content_text(content: Any, index: int, media: Literal["reject", "mark"]) ->
                     f"messages[{index}].content has a non-text part ({kind!r}); "
                     "this model takes text only"
                 )
-        return "".join(parts)
+        return "\n".join(parts)  # as vLLM joins a message's text parts
     raise InvalidRequest(f"messages[{index}].content must be a string or a list of parts")
 
 

@@ -62,6 +62,7 @@ from kvrouter.events.vllm import KVCacheEvent
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.protocol import (
+    DEFAULT_MAX_TOKENS,
     OUTPUT_TOKENS_FIELD,
     ChatCompletionRequest,
     ChatFormat,
@@ -389,9 +390,9 @@ class EngineServer(AsyncLifecycle):
         except msgspec.ValidationError as exc:
             raise InvalidRequest(str(exc)) from exc
         prompt = await self._encode_chat(chat)
-        self._check_length(len(prompt), chat.output_tokens())
+        limit = self._output_limit(chat, len(prompt))
         response_id = f"resp_{uuid.uuid4().hex}"
-        gen = self._submit(response_id, [prompt], chat, None)
+        gen = self._submit(response_id, [prompt], chat, None, [limit])
         build = ResponseBuilder(response_id, self.config.model_name, gen.created, payload)
         try:
             if payload.get("stream") is not True:
@@ -472,10 +473,8 @@ class EngineServer(AsyncLifecycle):
         fmt: ResponseFormat,
         echo_texts: list[str] | None = None,
     ) -> web.StreamResponse:
-        max_tokens = req.output_tokens()
-        for ids in prompts:
-            self._check_length(len(ids), max_tokens)
-        gen = self._submit(request_id_of(request, fmt.id_prefix), prompts, req, echo_texts)
+        limits = [self._output_limit(req, len(ids)) for ids in prompts]
+        gen = self._submit(request_id_of(request, fmt.id_prefix), prompts, req, echo_texts, limits)
         try:
             if req.stream:
                 return await self._stream(request, gen, fmt, req)
@@ -490,11 +489,19 @@ class EngineServer(AsyncLifecycle):
         prompts: list[list[int]],
         req: CompletionRequest | ChatCompletionRequest,
         echo_texts: list[str] | None,
+        limits: list[int],
     ) -> Generation:
+        """Start every choice of every prompt; ``limits``: each prompt's output tokens
+        (see :meth:`_output_limit`)."""
         if self._closed or self._failed:
             raise ShuttingDown("the server is shutting down or its engine failed")
         n = req.num_choices()
         sub_ids = engine_request_ids(request_id, len(prompts), n)
+        while any(sub_id in self._waiters for sub_id in sub_ids):
+            # A client's x-request-id in use by another of its requests: vLLM makes its
+            # internal ids unique, so both run (the answer keeps the client's id).
+            internal = f"{request_id}-{uuid.uuid4().hex[:8]}"
+            sub_ids = engine_request_ids(internal, len(prompts), n)
         gen = Generation(
             request_id,
             sub_ids,
@@ -508,7 +515,7 @@ class EngineServer(AsyncLifecycle):
             engine_request = EngineRequest(
                 sub_id,
                 prompts[i // n],
-                req.output_tokens(),
+                limits[i // n],
                 cache_salt=req.cache_salt,
                 min_tokens=req.min_tokens,
                 ignore_eos=req.ignore_eos,
@@ -619,6 +626,28 @@ class EngineServer(AsyncLifecycle):
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
             raise ModelNotFound(f"The model `{model}` does not exist.")
+
+    def _output_limit(
+        self, req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int
+    ) -> int:
+        """Tokens to generate for one prompt, checked against the context.
+
+        A limit the request gives must fit (else 400, as vLLM says). Without one the
+        default (16) is cut to the room the context has left, so a request is never
+        refused for a limit it did not ask for (vLLM would generate until EOS, which
+        this engine never samples, or the end of the context).
+        """
+        given = req.given_output_tokens()
+        limit = given if given is not None else DEFAULT_MAX_TOKENS
+        room = self.config.max_model_len - num_prompt_tokens
+        if given is None and 0 < room < limit:
+            limit = room
+        self._check_length(num_prompt_tokens, limit)
+        if req.min_tokens > limit:
+            raise InvalidRequest(
+                f"min_tokens ({req.min_tokens}) must be at most max_tokens ({limit})"
+            )
+        return limit
 
     def _check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:

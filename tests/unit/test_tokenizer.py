@@ -108,7 +108,7 @@ def test_content_parts_are_joined_and_none_is_empty() -> None:
         {"role": "assistant", "content": None},
     ]
     assert normalize_messages(messages) == [
-        {"role": "user", "content": "ab"},
+        {"role": "user", "content": "a\nb"},  # one newline between parts, as vLLM joins them
         {"role": "assistant", "content": ""},
     ]
 
@@ -118,7 +118,7 @@ def test_non_text_parts_become_markers_when_asked() -> None:
     other = {"type": "image_url", "image_url": {"url": "data:image/png;base64,BBBB"}}
     content = [{"type": "text", "text": "see "}, image, {"type": "text", "text": " here"}]
     [marked] = normalize_messages([{"role": "user", "content": content}], media="mark")
-    assert marked["content"] == "see " + media_marker(image) + " here"
+    assert marked["content"] == "see \n" + media_marker(image) + "\n here"
     assert media_marker(image).endswith(":image_url|>")
     assert media_marker(image) != media_marker(other)
     with pytest.raises(InvalidRequest, match="non-text part"):

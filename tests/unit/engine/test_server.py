@@ -726,3 +726,41 @@ async def test_unknown_and_unstored_responses_are_404(harness: Harness) -> None:
         status, body = await harness.post("/v1/responses", {"input": "hi", **bad})
         assert status == 400, bad
         assert needle in body["error"]["message"]  # type: ignore[index]
+
+
+async def test_without_max_tokens_the_default_fits_the_context_left() -> None:
+    h = await make_harness(max_model_len=64)
+    try:
+        # 60 prompt tokens leave room for 4: the default 16 is cut to that, not refused.
+        status, answer = await h.post("/v1/completions", {"model": MODEL, "prompt": "x" * 60})
+        assert status == 200 and isinstance(answer, dict)
+        assert answer["usage"]["completion_tokens"] == 4
+        assert answer["choices"][0]["finish_reason"] == "length"
+        # A limit the client gives must fit, as vLLM says.
+        body = {"model": MODEL, "prompt": "x" * 60, "max_tokens": 5}
+        status, error = await h.post("/v1/completions", body)
+        assert status == 400 and isinstance(error, dict)
+        assert "maximum context length is 64" in error["error"]["message"]
+        # min_tokens above the default limit is refused, as vLLM refuses it.
+        status, error = await h.post(
+            "/v1/completions", {"model": MODEL, "prompt": "x", "min_tokens": 20}
+        )
+        assert status == 400 and isinstance(error, dict)
+        assert "min_tokens (20) must be at most max_tokens (16)" in error["error"]["message"]
+    finally:
+        await h.http.close()
+        await h.client.close()
+        await h.server.aclose()
+
+
+async def test_two_requests_with_one_client_id_both_run(harness: Harness) -> None:
+    headers = {"x-request-id": "dup"}
+
+    async def one() -> object:
+        return await harness.client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=8, extra_headers=headers
+        )
+
+    first, second = await asyncio.gather(one(), one())  # in the engine at once
+    assert first.id == second.id == "dup"  # type: ignore[attr-defined]
+    assert harness.server.stats().num_active == 0
