@@ -21,6 +21,8 @@ class Waiter:
 
     queue: asyncio.Queue[tuple[int, RequestOutput]]
     index: int
+    started_s: float = 0.0  # loop time it was submitted (for the latency metrics)
+    last_token_s: float | None = None  # loop time its latest tokens came
 
 
 @dataclass(slots=True)

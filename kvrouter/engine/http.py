@@ -7,6 +7,7 @@ import uuid
 from aiohttp import web
 
 from kvrouter.engine import EngineCore, RequestOutput
+from kvrouter.engine.latency import LatencyMetrics
 from kvrouter.errors import InvalidRequest, RequestError, RequestTooLarge
 from kvrouter.protocol import error_body
 
@@ -88,8 +89,11 @@ def bound_port(runner: web.AppRunner, requested: int) -> int:
     return requested
 
 
-def render_engine_metrics(core: EngineCore, model_name: str) -> str:
-    """``/metrics``: vLLM's series (DESIGN 3.3) plus the cache size and a few counters."""
+def render_engine_metrics(
+    core: EngineCore, model_name: str, latency: LatencyMetrics | None = None
+) -> str:
+    """``/metrics``: vLLM's series (DESIGN 3.3), the cache size, a few counters and, with
+    ``latency``, the request latency histograms and outcomes."""
     from kvrouter.transport.metrics import render_vllm_metrics
 
     stats = core.stats()
@@ -104,9 +108,10 @@ def render_engine_metrics(core: EngineCore, model_name: str) -> str:
     for name, value in (
         ("num_preemptions_total", stats.preemptions),
         ("generation_tokens_total", stats.output_tokens),
-        ("request_success_total", stats.requests_finished),
     ):
         lines += [f"# TYPE vllm:{name} counter", f"vllm:{name}{label} {value}"]
+    if latency is not None:
+        lines += latency.render(label[1:-1])
     config = core.config
     lines += [
         "# TYPE vllm:cache_config_info gauge",

@@ -56,6 +56,7 @@ from kvrouter.engine.http import (
     request_id_of,
     sse,
 )
+from kvrouter.engine.latency import LatencyMetrics
 from kvrouter.engine.responses import ResponseBuilder, ResponseStore, StoredResponse
 from kvrouter.errors import InvalidRequest, RequestError
 from kvrouter.events.vllm import KVCacheEvent
@@ -167,6 +168,7 @@ class EngineServer(AsyncLifecycle):
         self._kv_publisher = kv_publisher
         self._metrics_publisher = metrics_publisher
         self._waiters: dict[str, Waiter] = {}
+        self._latency = LatencyMetrics()
         self._wake = asyncio.Event()
         self._counters = _Counters()
         self._runner: web.AppRunner | None = None
@@ -302,12 +304,25 @@ class EngineServer(AsyncLifecycle):
             waiter.queue.put_nowait((waiter.index, aborted_output(request_id)))
 
     def _deliver(self, outputs: Sequence[RequestOutput]) -> None:
+        now = asyncio.get_running_loop().time()
+        latency = self._latency
         for output in outputs:
             waiter = self._waiters.get(output.request_id)
             if waiter is None:
                 continue  # aborted while the step ran
+            if new := len(output.new_token_ids):
+                last = waiter.last_token_s
+                if last is None:
+                    latency.ttft.observe(now - waiter.started_s)
+                else:
+                    gap = (now - last) / new
+                    for _ in range(new):
+                        latency.inter_token.observe(gap)
+                waiter.last_token_s = now
             if output.finished:
                 del self._waiters[output.request_id]
+                latency.e2e.observe(now - waiter.started_s)
+                latency.finished[finish_reason(output)] += 1
             waiter.queue.put_nowait((waiter.index, output))
 
     def _publish(self, kv_events: Sequence[KVCacheEvent]) -> None:
@@ -322,6 +337,7 @@ class EngineServer(AsyncLifecycle):
         if self._waiters.pop(request_id, None) is not None:
             self._core.abort_request(request_id)
             self._counters.num_aborted += 1
+            self._latency.finished["abort"] += 1
             self._wake.set()  # the abort may have freed blocks another request waits for
 
     # --- middleware ---------------------------------------------------------------
@@ -511,6 +527,7 @@ class EngineServer(AsyncLifecycle):
             echo_texts,
             num_open=len(sub_ids),
         )
+        now = asyncio.get_running_loop().time()
         for i, sub_id in enumerate(sub_ids):
             engine_request = EngineRequest(
                 sub_id,
@@ -526,7 +543,8 @@ class EngineServer(AsyncLifecycle):
                 for started in sub_ids[:i]:
                     self._abort(started)
                 raise InvalidRequest(str(exc)) from exc
-            self._waiters[sub_id] = Waiter(gen.queue, i)
+            self._waiters[sub_id] = Waiter(gen.queue, i, started_s=now)
+            self._latency.prompt_tokens += len(prompts[i // n])
         self._counters.num_requests += 1
         self._wake.set()
         return gen
@@ -729,5 +747,5 @@ class EngineServer(AsyncLifecycle):
         return json_response(encode({"version": __version__}))
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        text = render_engine_metrics(self._core, self.config.model_name)
+        text = render_engine_metrics(self._core, self.config.model_name, self._latency)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")

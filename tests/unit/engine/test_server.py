@@ -525,6 +525,17 @@ async def test_metrics_use_vllm_names(harness: Harness) -> None:
     assert snapshot.prefix_cache_queries == 88
     assert snapshot.prefix_cache_hits == 40
     assert snapshot.num_malformed == 0
+    # The latency series a vLLM dashboard plots: two requests of two tokens each.
+    label = f'model_name="{MODEL}"'
+    assert f"vllm:time_to_first_token_seconds_count{{{label}}} 2" in text
+    assert f"vllm:e2e_request_latency_seconds_count{{{label}}} 2" in text
+    assert f"vllm:inter_token_latency_seconds_count{{{label}}} 2" in text  # one gap each
+    assert f'vllm:request_success_total{{{label},finished_reason="length"}} 2' in text
+    assert f"vllm:prompt_tokens_total{{{label}}} {2 * len(ByteTokenizer().encode(PROMPT))}" in text
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    ttft = [s for s in samples if s.startswith("vllm:time_to_first_token_seconds_bucket")]
+    counts = [float(s.rsplit(" ", 1)[1]) for s in ttft]
+    assert counts == sorted(counts) and counts[-1] == 2  # cumulative, +Inf last
 
 
 async def test_kv_events_are_published_one_batch_per_step(harness: Harness) -> None:
@@ -566,6 +577,11 @@ async def test_stream_disconnect_aborts_the_request() -> None:
         assert h.core.num_running == 0
         assert h.core.stats().requests_aborted == 1
         assert h.server.stats().num_aborted == 1
+        async with h.http.get(h.url + "/metrics") as metrics:
+            text = await metrics.text()
+        assert (
+            f'vllm:request_success_total{{model_name="{MODEL}",finished_reason="abort"}} 1' in text
+        )
     finally:
         await h.http.close()
         await h.client.close()
