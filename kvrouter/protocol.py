@@ -79,6 +79,10 @@ PosInt = Annotated[int, msgspec.Meta(ge=1)]
 NumChoices = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 # vLLM takes any temperature >= 0 (OpenAI's own API stops at 2).
 Temperature = Annotated[float, msgspec.Meta(ge=0.0)]
+# vLLM's ranges (sampling_params.py): accepted and checked, though they change no text here.
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0)]
+TopK = Annotated[int, msgspec.Meta(ge=-1)]
 PromptItem = str | NonNegInt | list[NonNegInt]
 
 
@@ -102,6 +106,10 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     temperature: Temperature | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    top_k: TopK | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     n: NumChoices | None = 1
     prompt_logprobs: int | None = None
     user: str | None = None
