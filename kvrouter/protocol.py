@@ -15,7 +15,7 @@ b'{"error":{"message":"bad","type":"BadRequestError","param":null,"code":400}}'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -110,6 +110,19 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[NonNegInt] | None = None
+    include_stop_str_in_output: bool = False
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings (``stop`` as a string or a list)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def has_stops(self) -> bool:
+        return bool(self.stop_strings() or self.stop_token_ids)
+
     n: NumChoices | None = 1
     prompt_logprobs: int | None = None
     user: str | None = None
@@ -142,6 +155,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
         return options is not None and options.include_usage and options.continuous_usage_stats
 
     def _check_sampling(self) -> None:
+        if any(not s for s in self.stop_strings()):
+            raise InvalidRequest("stop cannot contain an empty string")
         if self.prompt_logprobs is not None:
             raise InvalidRequest(_NO_LOGPROBS.format(field="prompt_logprobs"))
         if self.stream_options is not None and not self.stream:
@@ -403,6 +418,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     text: str
     logprobs: None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):
@@ -428,6 +444,7 @@ class ChatChoice(msgspec.Struct, kw_only=True):
     message: ChatResponseMessage
     logprobs: None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionResponse(msgspec.Struct, kw_only=True):
@@ -449,6 +466,7 @@ class ChatChunkChoice(msgspec.Struct, kw_only=True):
     delta: ChatDelta
     logprobs: None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):
@@ -622,7 +640,7 @@ class CompletionFormat:
     """Builds ``/v1/completions`` responses and stream chunks as JSON bytes.
 
     >>> CompletionFormat("m").chunk("cmpl-1", 0, 0, "hi", None)
-    b'{"id":"cmpl-1","created":0,"model":"m","choices":[{"index":0,"text":"hi","logprobs":null,"finish_reason":null}],"usage":null,"object":"text_completion"}'
+    b'{"id":"cmpl-1","created":0,"model":"m","choices":[{"index":0,"text":"hi","logprobs":null,"finish_reason":null,"stop_reason":null}],"usage":null,"object":"text_completion"}'
     """
 
     id_prefix = "cmpl"
@@ -646,8 +664,11 @@ class CompletionFormat:
         finish_reason: str | None,
         *,
         usage: Usage | None = None,
+        stop_reason: str | int | None = None,
     ) -> bytes:
-        choice = CompletionChoice(index=index, text=text, finish_reason=_reason(finish_reason))
+        choice = CompletionChoice(
+            index=index, text=text, finish_reason=_reason(finish_reason), stop_reason=stop_reason
+        )
         return self._chunk(request_id, created, [choice], usage)
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
@@ -673,10 +694,13 @@ class CompletionFormat:
         texts: list[str],
         finish_reasons: list[str | None],
         usage: Usage,
+        *,
+        stop_reasons: Sequence[str | int | None] | None = None,
     ) -> bytes:
+        stops = stop_reasons or [None] * len(texts)
         choices = [
-            CompletionChoice(index=i, text=text, finish_reason=_reason(reason))
-            for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
+            CompletionChoice(index=i, text=text, finish_reason=_reason(reason), stop_reason=stop)
+            for i, (text, reason, stop) in enumerate(zip(texts, finish_reasons, stops, strict=True))
         ]
         return encode(
             CompletionResponse(
@@ -712,9 +736,12 @@ class ChatFormat:
         finish_reason: str | None,
         *,
         usage: Usage | None = None,
+        stop_reason: str | int | None = None,
     ) -> bytes:
         delta = ChatDelta(content=text) if text else ChatDelta()
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=_reason(finish_reason))
+        choice = ChatChunkChoice(
+            index=index, delta=delta, finish_reason=_reason(finish_reason), stop_reason=stop_reason
+        )
         return self._chunk(request_id, created, [choice], usage)
 
     def usage_chunk(self, request_id: str, created: int, usage: Usage) -> bytes:
@@ -740,14 +767,18 @@ class ChatFormat:
         texts: list[str],
         finish_reasons: list[str | None],
         usage: Usage,
+        *,
+        stop_reasons: Sequence[str | int | None] | None = None,
     ) -> bytes:
+        stops = stop_reasons or [None] * len(texts)
         choices = [
             ChatChoice(
                 index=i,
                 message=ChatResponseMessage(content=text),
                 finish_reason=_reason(reason),
+                stop_reason=stop,
             )
-            for i, (text, reason) in enumerate(zip(texts, finish_reasons, strict=True))
+            for i, (text, reason, stop) in enumerate(zip(texts, finish_reasons, stops, strict=True))
         ]
         return encode(
             ChatCompletionResponse(

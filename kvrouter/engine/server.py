@@ -58,6 +58,7 @@ from kvrouter.engine.http import (
 )
 from kvrouter.engine.latency import LatencyMetrics
 from kvrouter.engine.responses import ResponseBuilder, ResponseStore, StoredResponse
+from kvrouter.engine.stops import StopCheck
 from kvrouter.errors import InvalidRequest, RequestError
 from kvrouter.events.vllm import KVCacheEvent
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
@@ -494,7 +495,7 @@ class EngineServer(AsyncLifecycle):
         try:
             if req.stream:
                 return await self._stream(request, gen, fmt, req)
-            return await self._collect(gen, fmt)
+            return await self._collect(gen, fmt, req)
         finally:
             for sub_id in gen.sub_ids:
                 self._abort(sub_id)
@@ -549,7 +550,14 @@ class EngineServer(AsyncLifecycle):
         self._wake.set()
         return gen
 
-    async def _collect(self, gen: Generation, fmt: ResponseFormat) -> web.Response:
+    async def _collect(
+        self,
+        gen: Generation,
+        fmt: ResponseFormat,
+        req: CompletionRequest | ChatCompletionRequest,
+    ) -> web.Response:
+        if req.has_stops():
+            return await self._collect_with_stops(gen, fmt, req)
         token_ids: list[list[int]] = [[] for _ in gen.sub_ids]
         reasons: list[str | None] = [None for _ in gen.sub_ids]
         while gen.num_open > 0:
@@ -563,6 +571,64 @@ class EngineServer(AsyncLifecycle):
         response = web.Response(body=body, content_type="application/json")
         response.headers["x-request-id"] = gen.request_id
         return response
+
+    async def _collect_with_stops(
+        self,
+        gen: Generation,
+        fmt: ResponseFormat,
+        req: CompletionRequest | ChatCompletionRequest,
+    ) -> web.Response:
+        checks = self._stop_checks(req, len(gen.sub_ids))
+        pieces: list[list[str]] = [[gen.echo(i)] for i in range(len(gen.sub_ids))]
+        reasons: list[str | None] = [None for _ in gen.sub_ids]
+        stops: list[str | int | None] = [None for _ in gen.sub_ids]
+        while gen.num_open > 0:
+            index, output = await gen.queue.get()
+            if reasons[index] is not None:
+                continue  # stopped: what was already on its way is not part of it
+            text, stop = checks[index].feed(output.new_token_ids, final=output.finished)
+            pieces[index].append(text)
+            if stop is not None:
+                reasons[index], stops[index] = "stop", stop
+                self._stop_choice(gen, index, output, checks[index].num_tokens)
+            elif output.finished:
+                gen.account(index, output)
+                reasons[index] = finish_reason(output)
+        texts = ["".join(parts) for parts in pieces]
+        body = fmt.response(
+            gen.request_id, gen.created, texts, reasons, gen.usage(), stop_reasons=stops
+        )
+        response = web.Response(body=body, content_type="application/json")
+        response.headers["x-request-id"] = gen.request_id
+        return response
+
+    def _stop_checks(
+        self, req: CompletionRequest | ChatCompletionRequest, num_choices: int
+    ) -> list[StopCheck]:
+        stops = req.stop_strings()
+        ids = frozenset(req.stop_token_ids or ())
+        include = req.include_stop_str_in_output
+        return [StopCheck(self._tokenizer, stops, ids, include=include) for _ in range(num_choices)]
+
+    def _stop_choice(
+        self, gen: Generation, index: int, output: RequestOutput, num_tokens: int
+    ) -> None:
+        """End choice ``index`` at a stop sequence: the engine request stops now (vLLM's
+        output processor aborts it the same way) and counts as finished, with ``stop``."""
+        sub_id = gen.sub_ids[index]
+        waiter = self._waiters.pop(sub_id, None)
+        if waiter is not None:  # still running in the engine
+            self._core.abort_request(sub_id)
+            self._wake.set()
+            self._latency.e2e.observe(asyncio.get_running_loop().time() - waiter.started_s)
+            self._latency.finished["stop"] += 1
+        elif output.finished:  # it ended in this very output: counted as its own reason
+            self._latency.finished[finish_reason(output)] -= 1
+            self._latency.finished["stop"] += 1
+        gen.num_open -= 1
+        gen.num_output_tokens += num_tokens
+        if index % gen.n == 0:
+            gen.num_cached_tokens += output.num_cached_tokens
 
     async def _stream(
         self,
@@ -578,6 +644,9 @@ class EngineServer(AsyncLifecycle):
         continuous = req.include_continuous_usage()
         num_choices = len(gen.sub_ids)
         decoders = [IncrementalDecoder(self._tokenizer) for _ in range(num_choices)]
+        checks = self._stop_checks(req, num_choices) if req.has_stops() else None
+        stopped = [False] * num_choices
+        echoed = [False] * num_choices
         num_tokens = [0] * num_choices
         try:
             for index in range(num_choices):
@@ -587,15 +656,32 @@ class EngineServer(AsyncLifecycle):
                     await response.write(sse(first))
             while gen.num_open > 0:
                 index, output = await gen.queue.get()
-                gen.account(index, output)
-                reason = finish_reason(output) if output.finished else None
-                if output.new_token_ids or reason is not None:
+                if stopped[index]:
+                    continue  # ended at a stop sequence; this was already on its way
+                stop: str | int | None = None
+                reason: str | None
+                if checks is None:
                     text = decoders[index].feed(output.new_token_ids, final=output.finished)
-                    if num_tokens[index] == 0:
-                        text = gen.echo(index) + text
+                else:
+                    check = checks[index]
+                    text, stop = check.feed(output.new_token_ids, final=output.finished)
+                if stop is not None:
+                    stopped[index] = True
+                    self._stop_choice(gen, index, output, check.num_tokens)
+                    reason = "stop"
+                    num_tokens[index] = check.num_tokens
+                else:
+                    gen.account(index, output)
+                    reason = finish_reason(output) if output.finished else None
                     num_tokens[index] += len(output.new_token_ids)
+                if output.new_token_ids or reason is not None:
+                    if not echoed[index]:
+                        text = gen.echo(index) + text
+                        echoed[index] = True
                     usage = gen.choice_usage(index, num_tokens[index]) if continuous else None
-                    chunk = fmt.chunk(rid, created, index, text, reason, usage=usage)
+                    chunk = fmt.chunk(
+                        rid, created, index, text, reason, usage=usage, stop_reason=stop
+                    )
                     await response.write(sse(chunk))
             if req.include_usage():
                 await response.write(sse(fmt.usage_chunk(rid, created, gen.usage())))

@@ -193,12 +193,25 @@ def test_completion_format() -> None:
         "created": 5,
         "model": "m",
         "object": "text_completion",
-        "choices": [{"index": 1, "text": "ab", "logprobs": None, "finish_reason": "length"}],
+        "choices": [
+            {
+                "index": 1,
+                "text": "ab",
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+        ],
         "usage": None,
     }
-    response = json.loads(fmt.response("id", 5, ["x", "y"], ["length", "stop"], Usage.of(1, 2, 0)))
+    response = json.loads(
+        fmt.response(
+            "id", 5, ["x", "y"], ["length", "stop"], Usage.of(1, 2, 0), stop_reasons=[None, "\n"]
+        )
+    )
     assert [c["text"] for c in response["choices"]] == ["x", "y"]
     assert [c["finish_reason"] for c in response["choices"]] == ["length", "stop"]
+    assert [c["stop_reason"] for c in response["choices"]] == [None, "\n"]
     assert response["usage"]["total_tokens"] == 3
     with_usage = json.loads(fmt.chunk("id", 5, 0, "a", None, usage=Usage.of(1, 2, 0)))
     assert with_usage["usage"]["total_tokens"] == 3

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import openai
@@ -46,6 +47,12 @@ class Harness:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         async with self.http.post(self.url + path, data=data) as response:
             return response.status, json.loads(await response.read())
+
+    async def post_with(
+        self, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        async with self.http.post(self.url + path, json=body, headers=headers) as response:
+            return response.status, await response.json()
 
 
 async def make_harness(
@@ -783,3 +790,49 @@ async def test_two_requests_with_one_client_id_both_run(harness: Harness) -> Non
     first, second = await asyncio.gather(one(), one())  # in the engine at once
     assert first.id == second.id == "dup"  # type: ignore[attr-defined]
     assert harness.server.stats().num_active == 0
+
+
+async def test_stop_strings_and_stop_token_ids_end_a_choice(harness: Harness) -> None:
+    headers = {"x-request-id": "stops-1"}  # the same id gives the same text
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24}
+    status, whole = await harness.post_with("/v1/completions", base, headers)
+    assert status == 200
+    full = whole["choices"][0]["text"]
+    stop = full[10:12]
+    cut = full[: full.index(stop)]
+    status, answer = await harness.post_with("/v1/completions", {**base, "stop": [stop]}, headers)
+    choice = answer["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (cut, "stop", stop)
+    assert answer["usage"]["completion_tokens"] < 24
+    included = {**base, "stop": stop, "include_stop_str_in_output": True}
+    status, answer = await harness.post_with("/v1/completions", included, headers)
+    assert answer["choices"][0]["text"] == cut + stop
+    # Streamed: the pieces join to the same text, and the last chunk says why it ended.
+    streamed = {**base, "stop": [stop], "stream": True}
+    async with harness.http.post(
+        harness.url + "/v1/completions", json=streamed, headers=headers
+    ) as response:
+        lines = [
+            line for line in (await response.text()).splitlines() if line.startswith("data: {")
+        ]
+    chunks = [json.loads(line[6:])["choices"][0] for line in lines]
+    assert "".join(c["text"] for c in chunks) == cut
+    assert (chunks[-1]["finish_reason"], chunks[-1]["stop_reason"]) == ("stop", stop)
+    # A stop token id: the first generated token is one, so nothing is sent but the reason.
+    by_id = {**base, "stop_token_ids": list(range(100_000))}
+    status, answer = await harness.post_with("/v1/completions", by_id, headers)
+    choice = answer["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("", "stop")
+    assert isinstance(choice["stop_reason"], int)
+    assert answer["usage"]["completion_tokens"] == 1
+    # Chat too; and an empty stop string is refused, as vLLM refuses it.
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24}
+    status, answer = await harness.post_with(
+        "/v1/chat/completions", {**chat, "stop": stop}, headers
+    )
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+    status, _ = await harness.post("/v1/completions", {**base, "stop": [""]})
+    assert status == 400
+    await wait_until_idle(harness)
+    assert harness.server.stats().num_active == 0
+    assert harness.core.num_running == 0
