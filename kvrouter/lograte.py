@@ -11,7 +11,10 @@ not flood the log; every occurrence is still counted where it happens.
 
 from __future__ import annotations
 
-__all__ = ["LOGGED_IN_FULL", "LOG_EVERY", "sparse_note"]
+import logging
+from typing import Any
+
+__all__ = ["LOGGED_IN_FULL", "LOG_EVERY", "sparse_note", "warn_sparingly"]
 
 LOGGED_IN_FULL = 10  # occurrences per source logged one by one
 LOG_EVERY = 1000  # after that, one in this many
@@ -25,3 +28,11 @@ def sparse_note(seen: int) -> str | None:
     if seen == LOGGED_IN_FULL or seen % LOG_EVERY == 0:
         return f" ({seen} from this worker so far; from now on one in {LOG_EVERY} is logged)"
     return None
+
+
+def warn_sparingly(logger: logging.Logger, seen: int, message: str, *args: Any) -> None:
+    """``logger.warning(message, *args)`` for the ``seen``-th occurrence from one source,
+    when :func:`sparse_note` says so, with its note at the end."""
+    note = sparse_note(seen)
+    if note is not None:
+        logger.warning(message + "%s", *args, note)

@@ -47,10 +47,15 @@ class Generation:
 
     def account(self, index: int, output: RequestOutput) -> None:
         if output.finished:
-            self.num_open -= 1
-            self.num_output_tokens += output.num_output_tokens
-            if index % self.n == 0:
-                self.num_cached_tokens += output.num_cached_tokens
+            self.finish(index, output.num_output_tokens, output.num_cached_tokens)
+
+    def finish(self, index: int, num_output_tokens: int, num_cached_tokens: int) -> None:
+        """Choice ``index`` is over: its tokens join the usage (its prompt's cache hits
+        once per prompt, with its first choice)."""
+        self.num_open -= 1
+        self.num_output_tokens += num_output_tokens
+        if index % self.n == 0:
+            self.num_cached_tokens += num_cached_tokens
 
     def usage(self) -> Usage:
         num_prompt_tokens = sum(self.prompt_lens)

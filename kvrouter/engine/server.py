@@ -64,7 +64,6 @@ from kvrouter.events.vllm import KVCacheEvent
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
 from kvrouter.protocol import (
-    DEFAULT_MAX_TOKENS,
     OUTPUT_TOKENS_FIELD,
     ChatCompletionRequest,
     ChatFormat,
@@ -567,10 +566,7 @@ class EngineServer(AsyncLifecycle):
             if output.finished:
                 reasons[index] = finish_reason(output)
         texts = [gen.echo(i) + self._tokenizer.decode(ids) for i, ids in enumerate(token_ids)]
-        body = fmt.response(gen.request_id, gen.created, texts, reasons, gen.usage())
-        response = web.Response(body=body, content_type="application/json")
-        response.headers["x-request-id"] = gen.request_id
-        return response
+        return _answer(gen, fmt.response(gen.request_id, gen.created, texts, reasons, gen.usage()))
 
     async def _collect_with_stops(
         self,
@@ -598,9 +594,7 @@ class EngineServer(AsyncLifecycle):
         body = fmt.response(
             gen.request_id, gen.created, texts, reasons, gen.usage(), stop_reasons=stops
         )
-        response = web.Response(body=body, content_type="application/json")
-        response.headers["x-request-id"] = gen.request_id
-        return response
+        return _answer(gen, body)
 
     def _stop_checks(
         self, req: CompletionRequest | ChatCompletionRequest, num_choices: int
@@ -625,10 +619,7 @@ class EngineServer(AsyncLifecycle):
         elif output.finished:  # it ended in this very output: counted as its own reason
             self._latency.finished[finish_reason(output)] -= 1
             self._latency.finished["stop"] += 1
-        gen.num_open -= 1
-        gen.num_output_tokens += num_tokens
-        if index % gen.n == 0:
-            gen.num_cached_tokens += output.num_cached_tokens
+        gen.finish(index, num_tokens, output.num_cached_tokens)
 
     async def _stream(
         self,
@@ -643,8 +634,8 @@ class EngineServer(AsyncLifecycle):
         rid, created = gen.request_id, gen.created
         continuous = req.include_continuous_usage()
         num_choices = len(gen.sub_ids)
-        decoders = [IncrementalDecoder(self._tokenizer) for _ in range(num_choices)]
-        checks = self._stop_checks(req, num_choices) if req.has_stops() else None
+        # Without stop sequences a check is the incremental decoder alone.
+        checks = self._stop_checks(req, num_choices)
         stopped = [False] * num_choices
         echoed = [False] * num_choices
         num_tokens = [0] * num_choices
@@ -658,13 +649,9 @@ class EngineServer(AsyncLifecycle):
                 index, output = await gen.queue.get()
                 if stopped[index]:
                     continue  # ended at a stop sequence; this was already on its way
-                stop: str | int | None = None
                 reason: str | None
-                if checks is None:
-                    text = decoders[index].feed(output.new_token_ids, final=output.finished)
-                else:
-                    check = checks[index]
-                    text, stop = check.feed(output.new_token_ids, final=output.finished)
+                check = checks[index]
+                text, stop = check.feed(output.new_token_ids, final=output.finished)
                 if stop is not None:
                     stopped[index] = True
                     self._stop_choice(gen, index, output, check.num_tokens)
@@ -741,10 +728,9 @@ class EngineServer(AsyncLifecycle):
         refused for a limit it did not ask for (vLLM would generate until EOS, which
         this engine never samples, or the end of the context).
         """
-        given = req.given_output_tokens()
-        limit = given if given is not None else DEFAULT_MAX_TOKENS
+        limit = req.output_tokens()
         room = self.config.max_model_len - num_prompt_tokens
-        if given is None and 0 < room < limit:
+        if req.given_output_tokens() is None and 0 < room < limit:
             limit = room
         self._check_length(num_prompt_tokens, limit)
         if req.min_tokens > limit:
@@ -835,3 +821,10 @@ class EngineServer(AsyncLifecycle):
     async def _metrics(self, request: web.Request) -> web.Response:
         text = render_engine_metrics(self._core, self.config.model_name, self._latency)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def _answer(gen: Generation, body: bytes) -> web.Response:
+    """A whole (unstreamed) generation answer, with its request id echoed."""
+    response = web.Response(body=body, content_type="application/json")
+    response.headers["x-request-id"] = gen.request_id
+    return response

@@ -206,7 +206,8 @@ class Gateway(AsyncLifecycle):
         # Out of the routing core before the first await: a request routed while the
         # feeds stop would find its worker gone from the rotation.
         self.core.remove_worker(state.key)
-        self._note_lora_models()
+        if state.lora_ids:
+            self._note_lora_models()
         if self._feeds is not None and state.spec.kv_events:
             await self._feeds.stop_feed(worker_id)
         if self._metrics_feeds is not None and state.spec.metrics:
@@ -264,7 +265,6 @@ class Gateway(AsyncLifecycle):
         if rejoins or self._clock() - state.models_at_s >= MODELS_REFRESH_S:
             # Which model names are LoRA adapters (adapters load and unload at run time).
             await self._models_of(state)
-            self._note_lora_models()
         return True
 
     async def _resubscribe(self, state: WorkerState) -> None:
@@ -413,7 +413,6 @@ class Gateway(AsyncLifecycle):
         """``GET /v1/models``: the union of the models the workers in rotation serve."""
         workers = self.registry.in_rotation()
         answers = await asyncio.gather(*(self._models_of(w) for w in workers))
-        self._note_lora_models()
         seen: dict[str, dict[str, Any]] = {}
         for models in answers:
             for card in models:
@@ -435,12 +434,15 @@ class Gateway(AsyncLifecycle):
             return []
         cards = [c for c in listed if isinstance(c, dict)]
         state.model_ids = tuple(str(c.get("id")) for c in cards)
-        state.lora_ids = tuple(
+        lora_ids = tuple(
             str(c.get("id"))
             for c in cards
             if isinstance(c.get("parent"), str) and c["parent"] and c["parent"] != c.get("id")
         )
         state.models_at_s = self._clock()
+        if lora_ids != state.lora_ids:  # the union is rebuilt only when a worker's changes
+            state.lora_ids = lora_ids
+            self._note_lora_models()
         return cards
 
     def _note_lora_models(self) -> None:

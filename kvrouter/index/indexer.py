@@ -33,7 +33,7 @@ from kvrouter.hashing import HASH_SEED, compute_block_hashes
 from kvrouter.index.predicted import PredictedEntries
 from kvrouter.index.state import WorkerState, clear_bit, keys_of_mask
 from kvrouter.index.values import REJECT_KINDS, IndexerStats, OverlapScores
-from kvrouter.lograte import sparse_note
+from kvrouter.lograte import warn_sparingly
 
 __all__ = ["EventSource", "KvIndexer"]
 
@@ -165,17 +165,16 @@ class KvIndexer(PredictedEntries):
         worker.rejected += 1
         worker.last_rejection = f"{kind}: {why % args}"
         # A new router meeting caches older than the replay buffer must not flood the log.
-        more = sparse_note(worker.rejected)
-        if more is not None:
-            logger.warning(
-                "worker %d rank %d event %d rejected (%s): " + why + "%s",
-                worker.key.worker_id,
-                worker.key.dp_rank,
-                event_id,
-                kind,
-                *args,
-                more,
-            )
+        warn_sparingly(
+            logger,
+            worker.rejected,
+            "worker %d rank %d event %d rejected (%s): " + why,
+            worker.key.worker_id,
+            worker.key.dp_rank,
+            event_id,
+            kind,
+            *args,
+        )
         return False
 
     def _apply_stored(self, worker: WorkerState, event_id: int, data: Stored) -> bool:

@@ -31,7 +31,7 @@ import msgspec
 from kvrouter.clock import Clock
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
 from kvrouter.load.metrics import ForwardPassMetrics
-from kvrouter.lograte import sparse_note
+from kvrouter.lograte import warn_sparingly
 from kvrouter.transport.base import EventTransport, Malformed, Message, Subscription, parse_frames
 from kvrouter.transport.subscriber import WorkerEndpoint, follow
 
@@ -327,16 +327,15 @@ class MetricsSubscriber(AsyncLifecycle):
         self, stream: _MetricsStream, kind: str, seq: int | None, reason: str
     ) -> None:
         stream.decode_errors[kind] += 1
-        more = sparse_note(sum(stream.decode_errors.values()))
-        if more is not None:
-            logger.warning(
-                "worker %d metrics: malformed message (%s) at seq %s: %s%s",
-                stream.endpoint.worker_id,
-                kind,
-                "?" if seq is None else seq,
-                reason,
-                more,
-            )
+        warn_sparingly(
+            logger,
+            sum(stream.decode_errors.values()),
+            "worker %d metrics: malformed message (%s) at seq %s: %s",
+            stream.endpoint.worker_id,
+            kind,
+            "?" if seq is None else seq,
+            reason,
+        )
 
 
 # ------------------------------------------------------------------ Prometheus text

@@ -43,7 +43,7 @@ from kvrouter.errors import DecodeError, EventStreamError
 from kvrouter.events.model import RouterEvent, WorkerKey
 from kvrouter.events.vllm import VllmEventDecoder
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
-from kvrouter.lograte import sparse_note
+from kvrouter.lograte import warn_sparingly
 from kvrouter.transport.base import (
     EventTransport,
     Malformed,
@@ -463,16 +463,15 @@ class KvEventSubscriber(AsyncLifecycle):
     def _count_malformed(self, stream: _Stream, kind: str, seq: int | None, reason: str) -> None:
         stream.decode_errors[kind] += 1
         stream.last_decode_error = f"{kind}: {reason}"
-        more = sparse_note(sum(stream.decode_errors.values()))
-        if more is not None:
-            logger.warning(
-                "worker %d: malformed message (%s) at seq %s: %s%s",
-                stream.endpoint.worker_id,
-                kind,
-                "?" if seq is None else seq,
-                reason,
-                more,
-            )
+        warn_sparingly(
+            logger,
+            sum(stream.decode_errors.values()),
+            "worker %d: malformed message (%s) at seq %s: %s",
+            stream.endpoint.worker_id,
+            kind,
+            "?" if seq is None else seq,
+            reason,
+        )
 
 
 class _Followed(Protocol):

@@ -48,6 +48,11 @@ class Harness:
         async with self.http.post(self.url + path, data=data) as response:
             return response.status, json.loads(await response.read())
 
+    async def aclose(self) -> None:
+        await self.http.close()
+        await self.client.close()
+        await self.server.aclose()
+
     async def post_with(
         self, path: str, body: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, Any]:
@@ -78,9 +83,7 @@ async def make_harness(
 async def harness() -> AsyncIterator[Harness]:
     h = await make_harness()
     yield h
-    await h.http.close()
-    await h.client.close()
-    await h.server.aclose()
+    await h.aclose()
 
 
 # --- completions ---------------------------------------------------------------------
@@ -298,9 +301,7 @@ async def test_streamed_text_joins_to_the_whole_text() -> None:
         assert "".join(pieces) == whole.choices[0].text
         assert whole.choices[0].text.count(" ") == 5
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 # --- chat ------------------------------------------------------------------------------
@@ -403,9 +404,7 @@ async def test_request_too_big_for_the_cache_is_400() -> None:
         assert isinstance(payload, dict) and "the cache holds 4096" in payload["error"]["message"]
         assert h.core.stats().requests_added == 0
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 async def test_logprobs_are_refused_not_ignored(harness: Harness) -> None:
@@ -498,9 +497,7 @@ async def test_tools_and_template_kwargs_reach_the_chat_template() -> None:
         assert status == 400 and isinstance(bad, dict)
         assert "tools" in bad["error"]["message"]
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 async def test_render_endpoints(harness: Harness) -> None:
@@ -593,9 +590,7 @@ async def test_stream_disconnect_aborts_the_request() -> None:
             f'vllm:request_success_total{{model_name="{MODEL}",finished_reason="abort"}} 1' in text
         )
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 async def test_disconnect_aborts_every_choice() -> None:
@@ -609,9 +604,7 @@ async def test_disconnect_aborts_every_choice() -> None:
         assert h.core.num_running == 0
         assert h.core.stats().requests_aborted == 3
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 async def test_non_streaming_disconnect_aborts_the_request() -> None:
@@ -627,9 +620,7 @@ async def test_non_streaming_disconnect_aborts_the_request() -> None:
         assert h.core.num_running == 0
         assert h.core.stats().requests_aborted == 1
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 async def test_aclose_is_idempotent_and_aborts_open_requests() -> None:
@@ -667,9 +658,7 @@ async def test_engine_failure_ends_open_requests_and_refuses_new_ones(
             await h.client.completions.create(model=MODEL, prompt="abc", max_tokens=3)
         assert info.value.status_code == 503
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 # --- responses ---------------------------------------------------------------------
@@ -774,9 +763,7 @@ async def test_without_max_tokens_the_default_fits_the_context_left() -> None:
         assert status == 400 and isinstance(error, dict)
         assert "min_tokens (20) must be at most max_tokens (16)" in error["error"]["message"]
     finally:
-        await h.http.close()
-        await h.client.close()
-        await h.server.aclose()
+        await h.aclose()
 
 
 async def test_two_requests_with_one_client_id_both_run(harness: Harness) -> None:
