@@ -333,6 +333,14 @@ class EngineServer(AsyncLifecycle):
         if self._metrics_publisher is not None:
             self._metrics_publisher.update(self._core.metrics())
 
+    def _release(self, gen: Generation) -> None:
+        """Abort what is still open of ``gen``'s engine requests. Only its own: once one
+        has finished, a later request with the same client id may have taken that id."""
+        for sub_id in gen.sub_ids:
+            waiter = self._waiters.get(sub_id)
+            if waiter is not None and waiter.queue is gen.queue:
+                self._abort(sub_id)
+
     def _abort(self, request_id: str) -> None:
         if self._waiters.pop(request_id, None) is not None:
             self._core.abort_request(request_id)
@@ -429,8 +437,7 @@ class EngineServer(AsyncLifecycle):
             logger.debug("client disconnected from response %s", response_id)
             return web.Response()
         finally:
-            for sub_id in gen.sub_ids:
-                self._abort(sub_id)
+            self._release(gen)
 
     def _finish_response(
         self,
@@ -496,8 +503,7 @@ class EngineServer(AsyncLifecycle):
                 return await self._stream(request, gen, fmt, req)
             return await self._collect(gen, fmt, req)
         finally:
-            for sub_id in gen.sub_ids:
-                self._abort(sub_id)
+            self._release(gen)
 
     def _submit(
         self,

@@ -21,6 +21,7 @@ from kvrouter.engine.server import EngineServer, ServerConfig
 from kvrouter.events.model import Stored
 from kvrouter.events.vllm import VllmEventDecoder
 from kvrouter.load.prometheus import parse_engine_metrics
+from kvrouter.protocol import CompletionRequest
 from kvrouter.tokenizer import ByteTokenizer, Tokenizer
 from kvrouter.transport.base import Message, SubscriptionEndpoint, parse_frames
 from kvrouter.transport.inproc import InProcBus, InProcTransport
@@ -777,6 +778,30 @@ async def test_two_requests_with_one_client_id_both_run(harness: Harness) -> Non
     first, second = await asyncio.gather(one(), one())  # in the engine at once
     assert first.id == second.id == "dup"  # type: ignore[attr-defined]
     assert harness.server.stats().num_active == 0
+
+
+async def test_a_finished_request_does_not_abort_a_later_one_with_its_id(
+    harness: Harness,
+) -> None:
+    # The race behind a hang seen under load: A finishes (its id is free again), B comes
+    # with the same client id and takes it, and only then does A's handler clean up.
+    # The clean-up must leave B alone. Driven through the server's own steps, since the
+    # window between them is too narrow to hit reliably over HTTP.
+    server = harness.server
+    req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=4)
+    prompt = list(PROMPT.encode())
+    first = server._submit("same", [prompt], req, None, [4])
+    while first.sub_ids[0] in server._waiters:  # finished, its output not yet read
+        await asyncio.sleep(0.001)
+    second = server._submit("same", [prompt], req, None, [4])
+    assert second.sub_ids == first.sub_ids  # the id was free, so B runs under it
+    server._release(first)  # A's handler ends
+    while True:
+        _, output = await asyncio.wait_for(second.queue.get(), 10)
+        if output.finished:
+            break
+    assert output.finish_reason != "abort"
+    assert server.stats().num_aborted == 0
 
 
 async def test_stop_strings_and_stop_token_ids_end_a_choice(harness: Harness) -> None:
