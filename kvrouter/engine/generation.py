@@ -44,6 +44,10 @@ class Generation:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_open: int = 0
+    response_id: str = ""  # the id the answer carries; ``request_id`` when empty
+
+    def __post_init__(self) -> None:
+        self.response_id = self.response_id or self.request_id
 
     def account(self, index: int, output: RequestOutput) -> None:
         if output.finished:

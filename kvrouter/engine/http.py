@@ -69,8 +69,14 @@ def sse(data: bytes) -> bytes:
 
 
 def request_id_of(request: web.Request, prefix: str) -> str:
+    """The client's ``x-request-id`` as given (it also fixes the simulated tokens), or a
+    new ``{prefix}-{uuid}``."""
     given = request.headers.get("x-request-id")
     return given if given else f"{prefix}-{uuid.uuid4().hex}"
+
+
+def has_client_id(request: web.Request) -> bool:
+    return bool(request.headers.get("x-request-id"))
 
 
 def aborted_output(request_id: str) -> RequestOutput:

@@ -50,6 +50,7 @@ from kvrouter.engine.http import (
     error_response,
     error_type,
     finish_reason,
+    has_client_id,
     json_response,
     read_body,
     render_engine_metrics,
@@ -497,7 +498,10 @@ class EngineServer(AsyncLifecycle):
         echo_texts: list[str] | None = None,
     ) -> web.StreamResponse:
         limits = [self._output_limit(req, len(ids)) for ids in prompts]
-        gen = self._submit(request_id_of(request, fmt.id_prefix), prompts, req, echo_texts, limits)
+        request_id = request_id_of(request, fmt.id_prefix)
+        gen = self._submit(request_id, prompts, req, echo_texts, limits)
+        # vLLM answers with its own id, the client's x-request-id behind its prefix.
+        gen.response_id = f"{fmt.id_prefix}-{request_id}" if has_client_id(request) else request_id
         try:
             if req.stream:
                 return await self._stream(request, gen, fmt, req)
@@ -572,7 +576,7 @@ class EngineServer(AsyncLifecycle):
             if output.finished:
                 reasons[index] = finish_reason(output)
         texts = [gen.echo(i) + self._tokenizer.decode(ids) for i, ids in enumerate(token_ids)]
-        return _answer(gen, fmt.response(gen.request_id, gen.created, texts, reasons, gen.usage()))
+        return _answer(gen, fmt.response(gen.response_id, gen.created, texts, reasons, gen.usage()))
 
     async def _collect_with_stops(
         self,
@@ -598,7 +602,7 @@ class EngineServer(AsyncLifecycle):
                 reasons[index] = finish_reason(output)
         texts = ["".join(parts) for parts in pieces]
         body = fmt.response(
-            gen.request_id, gen.created, texts, reasons, gen.usage(), stop_reasons=stops
+            gen.response_id, gen.created, texts, reasons, gen.usage(), stop_reasons=stops
         )
         return _answer(gen, body)
 
@@ -637,7 +641,7 @@ class EngineServer(AsyncLifecycle):
         response = web.StreamResponse(headers=_SSE_HEADERS)
         response.headers["x-request-id"] = gen.request_id
         await response.prepare(request)
-        rid, created = gen.request_id, gen.created
+        rid, created = gen.response_id, gen.created
         continuous = req.include_continuous_usage()
         num_choices = len(gen.sub_ids)
         # Without stop sequences a check is the incremental decoder alone.

@@ -164,12 +164,28 @@ async def test_output_text_is_the_decoding_of_the_output_tokens(harness: Harness
     second = await harness.client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=8, extra_headers=headers
     )
-    assert first.id == second.id == "fixed-id"
+    # vLLM's id is the client's behind its own prefix; the header echoes it as given.
+    assert first.id == second.id == "cmpl-fixed-id"
     assert first.choices[0].text == second.choices[0].text
     raw = await harness.client.completions.with_raw_response.create(
         model=MODEL, prompt=PROMPT, max_tokens=1, extra_headers=headers
     )
     assert raw.headers["x-request-id"] == "fixed-id"
+    chat = await harness.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        extra_headers=headers,
+    )
+    assert chat.id == "chatcmpl-fixed-id"
+    stream = await harness.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        stream=True,
+        extra_headers=headers,
+    )
+    assert {chunk.id async for chunk in stream} == {"chatcmpl-fixed-id"}
 
 
 async def test_streaming_completion_with_usage(harness: Harness) -> None:
@@ -776,7 +792,7 @@ async def test_two_requests_with_one_client_id_both_run(harness: Harness) -> Non
         )
 
     first, second = await asyncio.gather(one(), one())  # in the engine at once
-    assert first.id == second.id == "dup"  # type: ignore[attr-defined]
+    assert first.id == second.id == "cmpl-dup"  # type: ignore[attr-defined]
     assert harness.server.stats().num_active == 0
 
 
