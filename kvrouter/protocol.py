@@ -24,6 +24,7 @@ from kvrouter.errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "MAX_LOGPROBS",
     "MAX_N",
     "OUTPUT_TOKENS_FIELD",
     "ChatChoice",
@@ -33,15 +34,20 @@ __all__ = [
     "ChatCompletionResponse",
     "ChatDelta",
     "ChatFormat",
+    "ChatLogprob",
+    "ChatLogprobContent",
+    "ChatLogprobs",
     "ChatMessage",
     "ChatResponseMessage",
     "CompletionChoice",
     "CompletionChunk",
     "CompletionFormat",
+    "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
     "DetokenizeRequest",
     "DetokenizeResponse",
+    "Logprobs",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
@@ -69,7 +75,25 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 16
 # Extension field: the exact number of tokens to generate (a benchmark's output length).
 OUTPUT_TOKENS_FIELD = "kvrouter_output_tokens"
-_NO_LOGPROBS = "{field} is not supported: the simulated engine has no token probabilities"
+_NO_PROMPT_LOGPROBS = (
+    "prompt_logprobs is not supported by the simulated engine; a completion with echo and "
+    "logprobs scores its prompt"
+)
+# vLLM's default --max-logprobs: the most alternatives per token a request may ask for.
+MAX_LOGPROBS = 20
+
+
+def _check_num_logprobs(value: int | None, field: str) -> None:
+    if value is None:
+        return
+    if value < 0:
+        raise InvalidRequest(f"`{field}` must be a positive value.")
+    if value > MAX_LOGPROBS:
+        raise InvalidRequest(
+            f"Requested sample logprobs of {value}, which is greater than max allowed: "
+            f"{MAX_LOGPROBS}"
+        )
+
 
 # Most choices one request may ask for (vLLM's default VLLM_MAX_N_SEQUENCES).
 MAX_N = 16384
@@ -158,7 +182,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
         if any(not s for s in self.stop_strings()):
             raise InvalidRequest("stop cannot contain an empty string")
         if self.prompt_logprobs is not None:
-            raise InvalidRequest(_NO_LOGPROBS.format(field="prompt_logprobs"))
+            raise InvalidRequest(_NO_PROMPT_LOGPROBS)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true")
         max_tokens = self._max_tokens()
@@ -188,10 +212,13 @@ class CompletionRequest(_SamplingFields, kw_only=True):
             return [p for p in prompt if isinstance(p, str | list)]
         raise InvalidRequest("prompt mixes token ids with strings or lists")
 
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token to report (``None``: no logprobs asked for)."""
+        return self.logprobs
+
     def validate(self) -> None:
         self._check_sampling()
-        if self.logprobs is not None:
-            raise InvalidRequest(_NO_LOGPROBS.format(field="logprobs"))
+        _check_num_logprobs(self.logprobs, "logprobs")
         for i, p in enumerate(self.prompts()):
             if len(p) == 0:
                 raise InvalidRequest(f"prompt[{i}] is empty")
@@ -254,12 +281,15 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.to_dict() for m in self.messages]
 
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token to report (``None``: no logprobs asked for)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def validate(self) -> None:
         self._check_sampling()
-        if self.logprobs:
-            raise InvalidRequest(_NO_LOGPROBS.format(field="logprobs"))
-        if self.top_logprobs:
-            raise InvalidRequest(_NO_LOGPROBS.format(field="top_logprobs"))
+        _check_num_logprobs(self.top_logprobs, "top_logprobs")
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: let it pass
+            raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.")
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
@@ -413,10 +443,38 @@ class Usage(msgspec.Struct, kw_only=True):
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    """A completion choice's ``logprobs`` (the legacy OpenAI shape vLLM keeps)."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class ChatLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobContent(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[ChatLogprob] = msgspec.field(default_factory=list)
+
+
+class ChatLogprobs(msgspec.Struct, kw_only=True):
+    """A chat choice's ``logprobs``: one entry per output token."""
+
+    content: list[ChatLogprobContent] | None = None
+
+
 class CompletionChoice(msgspec.Struct, kw_only=True):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
 
@@ -442,7 +500,7 @@ class ChatResponseMessage(msgspec.Struct, kw_only=True):
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -464,7 +522,7 @@ class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -665,9 +723,14 @@ class CompletionFormat:
         *,
         usage: Usage | None = None,
         stop_reason: str | int | None = None,
+        logprobs: Logprobs | None = None,
     ) -> bytes:
         choice = CompletionChoice(
-            index=index, text=text, finish_reason=_reason(finish_reason), stop_reason=stop_reason
+            index=index,
+            text=text,
+            logprobs=_completion_logprobs(logprobs),
+            finish_reason=_reason(finish_reason),
+            stop_reason=stop_reason,
         )
         return self._chunk(request_id, created, [choice], usage)
 
@@ -696,11 +759,21 @@ class CompletionFormat:
         usage: Usage,
         *,
         stop_reasons: Sequence[str | int | None] | None = None,
+        logprobs: Sequence[Logprobs | None] | None = None,
     ) -> bytes:
         stops = stop_reasons or [None] * len(texts)
+        scores = logprobs or [None] * len(texts)
         choices = [
-            CompletionChoice(index=i, text=text, finish_reason=_reason(reason), stop_reason=stop)
-            for i, (text, reason, stop) in enumerate(zip(texts, finish_reasons, stops, strict=True))
+            CompletionChoice(
+                index=i,
+                text=text,
+                logprobs=_completion_logprobs(lp),
+                finish_reason=_reason(reason),
+                stop_reason=stop,
+            )
+            for i, (text, reason, stop, lp) in enumerate(
+                zip(texts, finish_reasons, stops, scores, strict=True)
+            )
         ]
         return encode(
             CompletionResponse(
@@ -737,10 +810,15 @@ class ChatFormat:
         *,
         usage: Usage | None = None,
         stop_reason: str | int | None = None,
+        logprobs: Logprobs | None = None,
     ) -> bytes:
         delta = ChatDelta(content=text) if text else ChatDelta()
         choice = ChatChunkChoice(
-            index=index, delta=delta, finish_reason=_reason(finish_reason), stop_reason=stop_reason
+            index=index,
+            delta=delta,
+            logprobs=_chat_logprobs(logprobs),
+            finish_reason=_reason(finish_reason),
+            stop_reason=stop_reason,
         )
         return self._chunk(request_id, created, [choice], usage)
 
@@ -769,16 +847,21 @@ class ChatFormat:
         usage: Usage,
         *,
         stop_reasons: Sequence[str | int | None] | None = None,
+        logprobs: Sequence[Logprobs | None] | None = None,
     ) -> bytes:
         stops = stop_reasons or [None] * len(texts)
+        scores = logprobs or [None] * len(texts)
         choices = [
             ChatChoice(
                 index=i,
                 message=ChatResponseMessage(content=text),
+                logprobs=_chat_logprobs(lp),
                 finish_reason=_reason(reason),
                 stop_reason=stop,
             )
-            for i, (text, reason, stop) in enumerate(zip(texts, finish_reasons, stops, strict=True))
+            for i, (text, reason, stop, lp) in enumerate(
+                zip(texts, finish_reasons, stops, scores, strict=True)
+            )
         ]
         return encode(
             ChatCompletionResponse(
@@ -788,6 +871,21 @@ class ChatFormat:
 
 
 ResponseFormat = CompletionFormat | ChatFormat
+
+# A choice's logprobs in either API's shape; each format takes its own.
+Logprobs = CompletionLogprobs | ChatLogprobs
+
+
+def _completion_logprobs(value: Logprobs | None) -> CompletionLogprobs | None:
+    if value is not None and not isinstance(value, CompletionLogprobs):
+        raise TypeError("a completion takes CompletionLogprobs")
+    return value
+
+
+def _chat_logprobs(value: Logprobs | None) -> ChatLogprobs | None:
+    if value is not None and not isinstance(value, ChatLogprobs):
+        raise TypeError("a chat completion takes ChatLogprobs")
+    return value
 
 
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}

@@ -58,6 +58,7 @@ from kvrouter.engine.http import (
     sse,
 )
 from kvrouter.engine.latency import LatencyMetrics
+from kvrouter.engine.logprobs import ChoiceScorer, LogprobModel
 from kvrouter.engine.responses import ResponseBuilder, ResponseStore, StoredResponse
 from kvrouter.engine.stops import StopCheck
 from kvrouter.errors import InvalidRequest, RequestError
@@ -71,6 +72,7 @@ from kvrouter.protocol import (
     CompletionFormat,
     CompletionRequest,
     DetokenizeResponse,
+    Logprobs,
     ModelCard,
     ModelList,
     RenderedRequest,
@@ -179,6 +181,7 @@ class EngineServer(AsyncLifecycle):
         self._failed = False
         self._completion_format = CompletionFormat(self.config.model_name)
         self._chat_format = ChatFormat(self.config.model_name)
+        self._logprob_model = LogprobModel(core.config.vocab_size)
         self._stored = ResponseStore()
 
     # --- lifecycle ----------------------------------------------------------------
@@ -502,12 +505,33 @@ class EngineServer(AsyncLifecycle):
         gen = self._submit(request_id, prompts, req, echo_texts, limits)
         # vLLM answers with its own id, the client's x-request-id behind its prefix.
         gen.response_id = f"{fmt.id_prefix}-{request_id}" if has_client_id(request) else request_id
+        scorer = self._scorer(req, prompts, fmt)
         try:
             if req.stream:
-                return await self._stream(request, gen, fmt, req)
-            return await self._collect(gen, fmt, req)
+                return await self._stream(request, gen, fmt, req, scorer)
+            return await self._collect(gen, fmt, req, scorer)
         finally:
             self._release(gen)
+
+    def _scorer(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: list[list[int]],
+        fmt: ResponseFormat,
+    ) -> ChoiceScorer | None:
+        """Who scores the choices' tokens, when the request asks for logprobs."""
+        num_top = req.num_logprobs()
+        if num_top is None:
+            return None
+        return ChoiceScorer(
+            self._logprob_model,
+            self._tokenizer,
+            num_top,
+            chat=isinstance(fmt, ChatFormat),
+            prompts=prompts,
+            n=req.num_choices(),
+            echo=isinstance(req, CompletionRequest) and req.echo,
+        )
 
     def _submit(
         self,
@@ -564,9 +588,10 @@ class EngineServer(AsyncLifecycle):
         gen: Generation,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
+        scorer: ChoiceScorer | None = None,
     ) -> web.Response:
         if req.has_stops():
-            return await self._collect_with_stops(gen, fmt, req)
+            return await self._collect_with_stops(gen, fmt, req, scorer)
         token_ids: list[list[int]] = [[] for _ in gen.sub_ids]
         reasons: list[str | None] = [None for _ in gen.sub_ids]
         while gen.num_open > 0:
@@ -576,22 +601,29 @@ class EngineServer(AsyncLifecycle):
             if output.finished:
                 reasons[index] = finish_reason(output)
         texts = [gen.echo(i) + self._tokenizer.decode(ids) for i, ids in enumerate(token_ids)]
-        return _answer(gen, fmt.response(gen.response_id, gen.created, texts, reasons, gen.usage()))
+        scores = _score_all(scorer, token_ids)
+        body = fmt.response(
+            gen.response_id, gen.created, texts, reasons, gen.usage(), logprobs=scores
+        )
+        return _answer(gen, body)
 
     async def _collect_with_stops(
         self,
         gen: Generation,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
+        scorer: ChoiceScorer | None = None,
     ) -> web.Response:
         checks = self._stop_checks(req, len(gen.sub_ids))
         pieces: list[list[str]] = [[gen.echo(i)] for i in range(len(gen.sub_ids))]
         reasons: list[str | None] = [None for _ in gen.sub_ids]
         stops: list[str | int | None] = [None for _ in gen.sub_ids]
+        token_ids: list[list[int]] = [[] for _ in gen.sub_ids]
         while gen.num_open > 0:
             index, output = await gen.queue.get()
             if reasons[index] is not None:
                 continue  # stopped: what was already on its way is not part of it
+            token_ids[index].extend(output.new_token_ids)
             text, stop = checks[index].feed(output.new_token_ids, final=output.finished)
             pieces[index].append(text)
             if stop is not None:
@@ -601,8 +633,16 @@ class EngineServer(AsyncLifecycle):
                 gen.account(index, output)
                 reasons[index] = finish_reason(output)
         texts = ["".join(parts) for parts in pieces]
+        # A choice's tokens are those its stop check counted (up to the stop).
+        kept = [ids[: check.num_tokens] for ids, check in zip(token_ids, checks, strict=True)]
         body = fmt.response(
-            gen.response_id, gen.created, texts, reasons, gen.usage(), stop_reasons=stops
+            gen.response_id,
+            gen.created,
+            texts,
+            reasons,
+            gen.usage(),
+            stop_reasons=stops,
+            logprobs=_score_all(scorer, kept),
         )
         return _answer(gen, body)
 
@@ -637,6 +677,7 @@ class EngineServer(AsyncLifecycle):
         gen: Generation,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
+        scorer: ChoiceScorer | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         response.headers["x-request-id"] = gen.request_id
@@ -649,6 +690,7 @@ class EngineServer(AsyncLifecycle):
         stopped = [False] * num_choices
         echoed = [False] * num_choices
         num_tokens = [0] * num_choices
+        num_chars = [0] * num_choices  # text sent so far (logprobs' text offsets)
         try:
             for index in range(num_choices):
                 usage = gen.choice_usage(index, 0) if continuous else None
@@ -661,6 +703,7 @@ class EngineServer(AsyncLifecycle):
                     continue  # ended at a stop sequence; this was already on its way
                 reason: str | None
                 check = checks[index]
+                before = num_tokens[index]
                 text, stop = check.feed(output.new_token_ids, final=output.finished)
                 if stop is not None:
                     stopped[index] = True
@@ -676,8 +719,20 @@ class EngineServer(AsyncLifecycle):
                         text = gen.echo(index) + text
                         echoed[index] = True
                     usage = gen.choice_usage(index, num_tokens[index]) if continuous else None
+                    scores = None
+                    if scorer is not None:
+                        piece = output.new_token_ids[: num_tokens[index] - before]
+                        scores = scorer.score(index, piece, num_chars[index])
+                    num_chars[index] += len(text)
                     chunk = fmt.chunk(
-                        rid, created, index, text, reason, usage=usage, stop_reason=stop
+                        rid,
+                        created,
+                        index,
+                        text,
+                        reason,
+                        usage=usage,
+                        stop_reason=stop,
+                        logprobs=scores,
                     )
                     await response.write(sse(chunk))
             if req.include_usage():
@@ -838,3 +893,11 @@ def _answer(gen: Generation, body: bytes) -> web.Response:
     response = web.Response(body=body, content_type="application/json")
     response.headers["x-request-id"] = gen.request_id
     return response
+
+
+def _score_all(
+    scorer: ChoiceScorer | None, token_ids: list[list[int]]
+) -> list[Logprobs | None] | None:
+    if scorer is None:
+        return None
+    return [scorer.score(i, ids) for i, ids in enumerate(token_ids)]

@@ -109,8 +109,8 @@ def test_stream_options() -> None:
         (completion(prompt=[1, "a"]), "mixes"),
         (completion(prompt=[-1]), "prompt"),
         (completion(prompt=[""]), r"prompt\[0\] is empty"),
-        (completion(logprobs=2), "logprobs is not supported"),
-        (completion(logprobs=0), "logprobs is not supported"),
+        (completion(logprobs=21), "greater than max allowed: 20"),
+        (completion(logprobs=-1), "`logprobs` must be a positive value"),
         (completion(prompt_logprobs=1), "prompt_logprobs is not supported"),
         (json.dumps({"max_tokens": 3}).encode(), "prompt"),
     ],
@@ -127,8 +127,9 @@ def test_bad_completion_requests(body: bytes, needle: str) -> None:
         (chat(messages=[{"content": "x"}]), "role"),
         (chat(max_completion_tokens=0), "max_completion_tokens"),
         (chat(n=0), r"\$\.n"),
-        (chat(logprobs=True), "logprobs is not supported"),
-        (chat(top_logprobs=3), "top_logprobs is not supported"),
+        (chat(logprobs=True, top_logprobs=21), "greater than max allowed: 20"),
+        (chat(logprobs=True, top_logprobs=-2), "`top_logprobs` must be a positive value"),
+        (chat(top_logprobs=3), "`logprobs` must be set to true"),
     ],
 )
 def test_bad_chat_requests(body: bytes, needle: str) -> None:

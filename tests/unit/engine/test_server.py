@@ -367,7 +367,7 @@ async def test_chat_streaming(harness: Harness) -> None:
         ({"model": MODEL, "prompt": "x", "presence_penalty": 3}, "$.presence_penalty"),
         ({"model": MODEL, "prompt": "x", "repetition_penalty": 0}, "$.repetition_penalty"),
         ({"model": MODEL, "prompt": "x", "top_k": -2}, "$.top_k"),
-        ({"model": MODEL, "prompt": "x", "logprobs": 1}, "logprobs is not supported"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 21}, "max allowed: 20"),
         ({"model": MODEL, "prompt": [1, "a"]}, "mixes"),
         ({"model": MODEL}, "prompt"),
         ({"model": MODEL, "prompt": "x" * 4090, "max_tokens": 10}, "maximum context length"),
@@ -424,13 +424,109 @@ async def test_request_too_big_for_the_cache_is_400() -> None:
         await h.aclose()
 
 
-async def test_logprobs_are_refused_not_ignored(harness: Harness) -> None:
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+async def test_completion_logprobs_cover_every_output_token(harness: Harness) -> None:
+    headers = {"x-request-id": "lp-1"}
+    result = await harness.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=3, extra_headers=headers
+    )
+    choice = result.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == 6 and "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [0, 1, 2, 3, 4, 5]  # one character per byte token
+    assert all(v is not None and v < 0 for v in lp.token_logprobs)
+    assert lp.top_logprobs is not None
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top is not None and len(top) == 3
+        assert top[token] == value == max(top.values())  # the sampled token is the best
+    # The same id gives the same figures.
+    again = await harness.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, logprobs=3, extra_headers=headers
+    )
+    assert again.choices[0].logprobs == lp
+
+
+async def test_echoed_completion_scores_its_prompt_too(harness: Harness) -> None:
+    result = await harness.client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=2, logprobs=0, echo=True
+    )
+    choice = result.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert lp.tokens[:2] == ["H", "i"] and "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs is not None
+    assert lp.top_logprobs[0] is None  # nothing comes before the first prompt token
+    assert all(v is not None for v in lp.token_logprobs[1:])
+    assert all(t is not None and len(t) == 1 for t in lp.top_logprobs[1:])
+
+
+async def test_chat_logprobs_whole_and_streamed_agree(harness: Harness) -> None:
+    headers = {"x-request-id": "lp-chat"}
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "extra_headers": headers,
+    }
+    whole = await harness.client.chat.completions.create(**args)
+    content = whole.choices[0].logprobs and whole.choices[0].logprobs.content
+    assert content is not None and len(content) == 5
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == entry.logprob > entry.top_logprobs[1].logprob
+    stream = await harness.client.chat.completions.create(**args, stream=True)
+    streamed = [
+        entry
+        async for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert streamed == content
+    # Without logprobs nothing is scored.
+    plain = await harness.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert plain.choices[0].logprobs is None
+
+
+async def test_streamed_completion_logprobs_and_stops(harness: Harness) -> None:
+    headers = {"x-request-id": "lp-stop"}
+    base: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "logprobs": 1}
+    whole = await harness.client.completions.create(**base, extra_headers=headers)
+    full = whole.choices[0].text
+    stream = await harness.client.completions.create(**base, stream=True, extra_headers=headers)
+    tokens: list[str] = []
+    offsets: list[int] = []
+    async for chunk in stream:
+        lp = chunk.choices[0].logprobs if chunk.choices else None
+        if lp is not None and lp.tokens:
+            tokens += lp.tokens
+            offsets += lp.text_offset or []
+    assert "".join(tokens) == full and offsets == list(range(len(full)))
+    # Cut at a stop string: the tokens scored are those up to it.
+    stop = full[10:12]
+    cut = await harness.client.completions.create(**base, stop=[stop], extra_headers=headers)
+    lp = cut.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None
+    assert "".join(lp.tokens).startswith(cut.choices[0].text)
+    assert len(lp.tokens) == cut.usage.completion_tokens  # type: ignore[union-attr]
+
+
+async def test_logprob_requests_out_of_range_are_refused(harness: Harness) -> None:
+    with pytest.raises(openai.BadRequestError, match="max allowed: 20"):
+        await harness.client.completions.create(model=MODEL, prompt="x", logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="`logprobs` must be set to true"):
         await harness.client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True
+            model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2
         )
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
-        await harness.client.completions.create(model=MODEL, prompt="x", logprobs=0)
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs is not supported"):
+        await harness.client.completions.create(
+            model=MODEL, prompt="x", extra_body={"prompt_logprobs": 1}
+        )
     assert harness.core.stats().requests_added == 0
 
 
