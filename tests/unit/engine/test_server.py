@@ -22,7 +22,7 @@ from kvrouter.events.model import Stored
 from kvrouter.events.vllm import VllmEventDecoder
 from kvrouter.load.prometheus import parse_engine_metrics
 from kvrouter.protocol import CompletionRequest
-from kvrouter.tokenizer import ByteTokenizer, Tokenizer
+from kvrouter.tokenizer import ByteTokenizer, Tokenizer, normalize_messages
 from kvrouter.transport.base import Message, SubscriptionEndpoint, parse_frames
 from kvrouter.transport.inproc import InProcBus, InProcTransport
 from kvrouter.transport.publisher import KvEventPublisher
@@ -582,6 +582,38 @@ TOOLS_TEMPLATE = (
     "</tools>{% endif %}{% if enable_thinking is false %}<nothink>{% endif %}"
     "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
 )
+
+
+TOOL_TURNS_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]"
+    "{% if m['reasoning_content'] %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
+    "{{ m['content'] }}"
+    "{% for c in m['tool_calls'] or [] %}<call>{{ c['function']['name'] }}"
+    "{{ c['function']['arguments'] }}</call>{% endfor %}"
+    "{% if m['tool_call_id'] %}<for {{ m['tool_call_id'] }}>{% endif %}{% endfor %}"
+)
+
+
+async def test_tool_call_turns_render_as_the_gateway_renders_them() -> None:
+    # An agent's conversation: the assistant's tool call and the tool's answer must
+    # reach the template, or the engine computes a prompt the router never hashed.
+    tok = ByteTokenizer(TOOL_TURNS_TEMPLATE)
+    h = await make_harness(tokenizer=tok)
+    try:
+        function = {"name": "lookup", "arguments": '{"q": "x"}'}
+        call: dict[str, Any] = {"id": "call-1", "type": "function", "function": function}
+        messages = [
+            {"role": "user", "content": "find x"},
+            {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "r"},
+            {"role": "tool", "content": "found", "tool_call_id": "call-1"},
+        ]
+        status, payload = await h.post("/tokenize", {"messages": messages})
+        assert status == 200 and isinstance(payload, dict)
+        rendered = tok.apply_chat_template(normalize_messages(messages))
+        assert "<call>lookup" in rendered and "<for call-1>" in rendered and "<think>r" in rendered
+        assert payload["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    finally:
+        await h.aclose()
 
 
 async def test_tools_and_template_kwargs_reach_the_chat_template() -> None:
