@@ -45,6 +45,8 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
+    "DeltaFunctionCall",
+    "DeltaToolCall",
     "DetokenizeRequest",
     "DetokenizeResponse",
     "Logprobs",
@@ -57,6 +59,8 @@ __all__ = [
     "StreamOptions",
     "TokenizeRequest",
     "TokenizeResponse",
+    "ToolCall",
+    "ToolCallFunction",
     "Usage",
     "chat_template_vars",
     "check_response_fields",
@@ -266,6 +270,15 @@ def chat_template_vars(tools: Any, kwargs: Any) -> dict[str, Any]:
     return out
 
 
+def _function_of(tool: Any, index: int) -> dict[str, Any]:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequest(
+            f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ...}}}}"
+        )
+    return function
+
+
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``."""
 
@@ -275,10 +288,39 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     def template_vars(self) -> dict[str, Any]:
         return chat_template_vars(self.tools, self.chat_template_kwargs)
+
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The functions one of which the answer must call: the named one, or every
+        tool with ``"required"``; ``None`` when the answer may be text."""
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return None
+        functions = [_function_of(tool, i) for i, tool in enumerate(self.tools or ())]
+        if not functions:
+            raise InvalidRequest("When using `tool_choice`, `tools` must be set.")
+        if choice == "required":
+            return functions
+        if isinstance(choice, str):
+            raise InvalidRequest(
+                f"tool_choice must be 'none', 'auto', 'required' or a named function, "
+                f"not {choice!r}"
+            )
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest(
+                'a named tool_choice is {"type": "function", "function": {"name": ...}}'
+            )
+        named = [f for f in functions if f.get("name") == name]
+        if not named:
+            raise InvalidRequest(f"Tool '{name}' has not been passed in `tools`.")
+        return named
 
     def _max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for chat in favour of max_completion_tokens.
@@ -298,6 +340,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         _check_num_logprobs(self.top_logprobs, "top_logprobs")
         if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: let it pass
             raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.")
+        self.forced_tools()  # a tool_choice that cannot be met is refused up front
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
@@ -448,7 +491,7 @@ class Usage(msgspec.Struct, kw_only=True):
         )
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
@@ -500,9 +543,35 @@ class CompletionResponse(msgspec.Struct, kw_only=True):
 CompletionChunk = CompletionResponse
 
 
-class ChatResponseMessage(msgspec.Struct, kw_only=True):
-    role: str = "assistant"
+class ToolCallFunction(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    function: ToolCallFunction
+    type: str = "function"
+
+
+class DeltaFunctionCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A piece of a streamed tool call: the first names it, the rest add arguments."""
+
+    index: int
+    function: DeltaFunctionCall
+    id: str | None = None
+    type: str | None = None
+
+
+class ChatResponseMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -525,6 +594,7 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
@@ -819,8 +889,9 @@ class ChatFormat:
         usage: Usage | None = None,
         stop_reason: str | int | None = None,
         logprobs: Logprobs | None = None,
+        tool_calls: list[DeltaToolCall] | None = None,
     ) -> bytes:
-        delta = ChatDelta(content=text) if text else ChatDelta()
+        delta = ChatDelta(content=text or None, tool_calls=tool_calls)
         choice = ChatChunkChoice(
             index=index,
             delta=delta,
@@ -856,13 +927,17 @@ class ChatFormat:
         *,
         stop_reasons: Sequence[str | int | None] | None = None,
         logprobs: Sequence[Logprobs | None] | None = None,
+        tool_calls: Sequence[ToolCall | None] | None = None,
     ) -> bytes:
+        """``tool_calls``: one call per choice, which then has no text (as vLLM answers a
+        forced tool choice)."""
         stops = stop_reasons or [None] * len(texts)
         scores = logprobs or [None] * len(texts)
+        calls: Sequence[ToolCall | None] = tool_calls or [None] * len(texts)
         choices = [
             ChatChoice(
                 index=i,
-                message=ChatResponseMessage(content=text),
+                message=_chat_message(text, calls[i]),
                 logprobs=_chat_logprobs(lp),
                 finish_reason=_reason(reason),
                 stop_reason=stop,
@@ -880,6 +955,13 @@ class ChatFormat:
 
 ResponseFormat = CompletionFormat | ChatFormat
 
+
+def _chat_message(text: str, call: ToolCall | None) -> ChatResponseMessage:
+    if call is None:
+        return ChatResponseMessage(role="assistant", content=text)
+    return ChatResponseMessage(role="assistant", content="", tool_calls=[call])
+
+
 # A choice's logprobs in either API's shape; each format takes its own.
 Logprobs = CompletionLogprobs | ChatLogprobs
 
@@ -896,7 +978,12 @@ def _chat_logprobs(value: Logprobs | None) -> ChatLogprobs | None:
     return value
 
 
-_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "abort",
+    "tool_calls": "tool_calls",
+}
 
 
 def _reason(reason: str | None) -> FinishReason | None:

@@ -61,6 +61,7 @@ from kvrouter.engine.latency import LatencyMetrics
 from kvrouter.engine.logprobs import ChoiceScorer, LogprobModel
 from kvrouter.engine.responses import ResponseBuilder, ResponseStore, StoredResponse
 from kvrouter.engine.stops import StopCheck
+from kvrouter.engine.tools import ToolCallStream, plan_tool_call
 from kvrouter.errors import InvalidRequest, RequestError
 from kvrouter.events.vllm import KVCacheEvent
 from kvrouter.lifecycle import AsyncLifecycle, cancel_and_wait
@@ -78,6 +79,7 @@ from kvrouter.protocol import (
     RenderedRequest,
     ResponseFormat,
     TokenizeResponse,
+    ToolCall,
     check_response_fields,
     decode_chat_request,
     decode_completion_request,
@@ -506,10 +508,11 @@ class EngineServer(AsyncLifecycle):
         # vLLM answers with its own id, the client's x-request-id behind its prefix.
         gen.response_id = f"{fmt.id_prefix}-{request_id}" if has_client_id(request) else request_id
         scorer = self._scorer(req, prompts, fmt)
+        forced = _forced_calls(req, gen, limits)
         try:
             if req.stream:
-                return await self._stream(request, gen, fmt, req, scorer)
-            return await self._collect(gen, fmt, req, scorer)
+                return await self._stream(request, gen, fmt, req, scorer=scorer, forced=forced)
+            return await self._collect(gen, fmt, req, scorer=scorer, forced=forced)
         finally:
             self._release(gen)
 
@@ -588,9 +591,11 @@ class EngineServer(AsyncLifecycle):
         gen: Generation,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
+        *,
         scorer: ChoiceScorer | None = None,
+        forced: _ForcedCalls | None = None,
     ) -> web.Response:
-        if req.has_stops():
+        if req.has_stops() and forced is None:
             return await self._collect_with_stops(gen, fmt, req, scorer)
         token_ids: list[list[int]] = [[] for _ in gen.sub_ids]
         reasons: list[str | None] = [None for _ in gen.sub_ids]
@@ -602,6 +607,25 @@ class EngineServer(AsyncLifecycle):
                 reasons[index] = finish_reason(output)
         texts = [gen.echo(i) + self._tokenizer.decode(ids) for i, ids in enumerate(token_ids)]
         scores = _score_all(scorer, token_ids)
+        if forced is not None and isinstance(fmt, ChatFormat):
+            # The calls stand in for the text; a choice cut short (an abort) has none.
+            calls = [
+                c if r != "abort" else None for c, r in zip(forced.calls, reasons, strict=True)
+            ]
+            reasons = [
+                forced.reason if c is not None else r for c, r in zip(calls, reasons, strict=True)
+            ]
+            texts = ["" if c is not None else t for c, t in zip(calls, texts, strict=True)]
+            body = fmt.response(
+                gen.response_id,
+                gen.created,
+                texts,
+                reasons,
+                gen.usage(),
+                logprobs=scores,
+                tool_calls=calls,
+            )
+            return _answer(gen, body)
         body = fmt.response(
             gen.response_id, gen.created, texts, reasons, gen.usage(), logprobs=scores
         )
@@ -677,7 +701,9 @@ class EngineServer(AsyncLifecycle):
         gen: Generation,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
+        *,
         scorer: ChoiceScorer | None = None,
+        forced: _ForcedCalls | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         response.headers["x-request-id"] = gen.request_id
@@ -687,6 +713,10 @@ class EngineServer(AsyncLifecycle):
         num_choices = len(gen.sub_ids)
         # Without stop sequences a check is the incremental decoder alone.
         checks = self._stop_checks(req, num_choices)
+        calls = None
+        if forced is not None:  # the calls stand in for the text; stop strings do not apply
+            checks = [StopCheck(self._tokenizer, (), frozenset(), include=False) for _ in checks]
+            calls = [ToolCallStream(c, n) for c, n in zip(forced.calls, forced.limits, strict=True)]
         stopped = [False] * num_choices
         echoed = [False] * num_choices
         num_tokens = [0] * num_choices
@@ -724,16 +754,24 @@ class EngineServer(AsyncLifecycle):
                         piece = output.new_token_ids[: num_tokens[index] - before]
                         scores = scorer.score(index, piece, num_chars[index])
                     num_chars[index] += len(text)
-                    chunk = fmt.chunk(
-                        rid,
-                        created,
-                        index,
-                        text,
-                        reason,
-                        usage=usage,
-                        stop_reason=stop,
-                        logprobs=scores,
-                    )
+                    if calls is not None and isinstance(fmt, ChatFormat) and forced is not None:
+                        if reason is not None and reason != "abort":
+                            reason = forced.reason
+                        delta = calls[index].delta(num_tokens[index], final=reason is not None)
+                        chunk = fmt.chunk(
+                            rid, created, index, "", reason, usage=usage, tool_calls=delta
+                        )
+                    else:
+                        chunk = fmt.chunk(
+                            rid,
+                            created,
+                            index,
+                            text,
+                            reason,
+                            usage=usage,
+                            stop_reason=stop,
+                            logprobs=scores,
+                        )
                     await response.write(sse(chunk))
             if req.include_usage():
                 await response.write(sse(fmt.usage_chunk(rid, created, gen.usage())))
@@ -901,3 +939,26 @@ def _score_all(
     if scorer is None:
         return None
     return [scorer.score(i, ids) for i, ids in enumerate(token_ids)]
+
+
+@dataclass(slots=True)
+class _ForcedCalls:
+    """A forced ``tool_choice``'s answer: one call per choice, in place of its text."""
+
+    calls: list[ToolCall]
+    reason: str  # the finish reason of a choice that made its call, as vLLM gives it
+    limits: list[int]  # each choice's expected tokens (to pace a streamed call)
+
+
+def _forced_calls(
+    req: CompletionRequest | ChatCompletionRequest, gen: Generation, limits: list[int]
+) -> _ForcedCalls | None:
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    functions = req.forced_tools()
+    if functions is None:
+        return None
+    # vLLM ends a "required" answer with "tool_calls", a named function's with "stop".
+    reason = "tool_calls" if req.tool_choice == "required" else "stop"
+    calls = [plan_tool_call(functions, sub_id) for sub_id in gen.sub_ids]
+    return _ForcedCalls(calls, reason, [limits[i // gen.n] for i in range(len(gen.sub_ids))])

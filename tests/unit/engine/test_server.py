@@ -516,6 +516,90 @@ async def test_streamed_completion_logprobs_and_stops(harness: Harness) -> None:
     assert len(lp.tokens) == cut.usage.completion_tokens  # type: ignore[union-attr]
 
 
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city", "days"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "get_time"}},
+]
+
+
+async def test_a_forced_tool_choice_is_answered_with_a_call(harness: Harness) -> None:
+    headers = {"x-request-id": "tools-1"}
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "weather in Oslo?"}],
+        "tools": WEATHER_TOOLS,
+        "max_tokens": 6,
+        "extra_headers": headers,
+    }
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = await harness.client.chat.completions.create(**args, tool_choice=named)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content == ""  # as vLLM
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1
+    call = calls[0]
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert isinstance(arguments["city"], str) and isinstance(arguments["days"], int)
+    assert whole.usage is not None and whole.usage.completion_tokens == 6
+    # Streamed: named once, then arguments that add up to the same call.
+    stream = await harness.client.chat.completions.create(**args, tool_choice=named, stream=True)
+    pieces: list[str] = []
+    names: list[str] = []
+    reasons: list[str] = []
+    async for chunk in stream:
+        if not chunk.choices:
+            continue
+        for delta in chunk.choices[0].delta.tool_calls or ():
+            assert delta.index == 0 and delta.function is not None
+            names += [delta.function.name] if delta.function.name else []
+            pieces.append(delta.function.arguments or "")
+        reasons += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
+    assert names == ["get_weather"] and reasons == ["stop"]
+    assert "".join(pieces) == call.function.arguments  # type: ignore[union-attr]
+    # "required": one of the tools, ended with "tool_calls".
+    required = await harness.client.chat.completions.create(**args, tool_choice="required")
+    assert required.choices[0].finish_reason == "tool_calls"
+    made = required.choices[0].message.tool_calls
+    assert made is not None and made[0].function.name in {"get_weather", "get_time"}  # type: ignore[union-attr]
+    # "auto" leaves the answer to the model, which here writes text.
+    auto = await harness.client.chat.completions.create(**args, tool_choice="auto")
+    assert auto.choices[0].message.tool_calls is None and auto.choices[0].message.content
+
+
+async def test_a_tool_choice_that_cannot_be_met_is_refused(harness: Harness) -> None:
+    messages = [{"role": "user", "content": "x"}]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tool_choice": "required"}, "`tools` must be set"),
+        (
+            {
+                "tools": WEATHER_TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "no"}},
+            },
+            "Tool 'no' has not been passed",
+        ),
+        ({"tools": WEATHER_TOOLS, "tool_choice": "sometimes"}, "tool_choice must be"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, r"tools\[0\]"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            await harness.client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=2, **extra
+            )
+    assert harness.core.stats().requests_added == 0
+
+
 async def test_logprob_requests_out_of_range_are_refused(harness: Harness) -> None:
     with pytest.raises(openai.BadRequestError, match="max allowed: 20"):
         await harness.client.completions.create(model=MODEL, prompt="x", logprobs=21)
