@@ -838,7 +838,10 @@ class CompletionFormat:
         *,
         stop_reasons: Sequence[str | int | None] | None = None,
         logprobs: Sequence[Logprobs | None] | None = None,
+        tool_calls: Sequence[ToolCall | None] | None = None,
     ) -> bytes:
+        if tool_calls is not None and any(tool_calls):
+            raise TypeError("a completion has no tool calls")
         stops = stop_reasons or [None] * len(texts)
         scores = logprobs or [None] * len(texts)
         choices = [

@@ -607,27 +607,22 @@ class EngineServer(AsyncLifecycle):
                 reasons[index] = finish_reason(output)
         texts = [gen.echo(i) + self._tokenizer.decode(ids) for i, ids in enumerate(token_ids)]
         scores = _score_all(scorer, token_ids)
-        if forced is not None and isinstance(fmt, ChatFormat):
+        calls: list[ToolCall | None] | None = None
+        if forced is not None:
             # The calls stand in for the text; a choice cut short (an abort) has none.
             calls = [
                 c if r != "abort" else None for c, r in zip(forced.calls, reasons, strict=True)
             ]
-            reasons = [
-                forced.reason if c is not None else r for c, r in zip(calls, reasons, strict=True)
-            ]
-            texts = ["" if c is not None else t for c, t in zip(calls, texts, strict=True)]
-            body = fmt.response(
-                gen.response_id,
-                gen.created,
-                texts,
-                reasons,
-                gen.usage(),
-                logprobs=scores,
-                tool_calls=calls,
-            )
-            return _answer(gen, body)
+            reasons = [forced.reason if c else r for c, r in zip(calls, reasons, strict=True)]
+            texts = ["" if c else t for c, t in zip(calls, texts, strict=True)]
         body = fmt.response(
-            gen.response_id, gen.created, texts, reasons, gen.usage(), logprobs=scores
+            gen.response_id,
+            gen.created,
+            texts,
+            reasons,
+            gen.usage(),
+            logprobs=scores,
+            tool_calls=calls,
         )
         return _answer(gen, body)
 
