@@ -235,7 +235,7 @@ class ContentPart(msgspec.Struct, kw_only=True):
 
 class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One message; what chat templates read of it besides ``content`` is kept too: an
-    assistant turn's ``tool_calls`` and ``reasoning_content``, a tool result's
+    assistant turn's ``tool_calls`` and ``reasoning``/``reasoning_content``, a tool result's
     ``tool_call_id``. (Dropped, they would render a prompt other than vLLM's, and other
     than the one the gateway hashed.)"""
 
@@ -245,6 +245,7 @@ class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The message as the plain dict a chat template expects."""

@@ -155,8 +155,40 @@ def normalize_messages(
             raise InvalidRequest(f"messages[{i}] has no 'role'")
         item = dict(message)
         item["content"] = _content_text(message.get("content"), i, media)
+        if item["role"] == "assistant":
+            _assistant_fields(item)
         out.append(item)
     return out
+
+
+def _assistant_fields(item: dict[str, Any]) -> None:
+    """An assistant turn as vLLM hands it to the template: tool call arguments as
+    objects (templates iterate them), no empty ``tool_calls``, and its reasoning under
+    both names vLLM uses."""
+    calls = item.get("tool_calls")
+    if isinstance(calls, list):
+        if not calls:
+            del item["tool_calls"]
+        else:
+            item["tool_calls"] = [_call_with_object_arguments(c) for c in calls]
+    reasoning = item.get("reasoning", item.get("reasoning_content"))
+    if reasoning is not None:
+        item["reasoning"] = item["reasoning_content"] = reasoning
+
+
+def _call_with_object_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if not arguments:
+        arguments = {}
+    elif not isinstance(arguments, dict | list):
+        try:
+            arguments = json.loads(arguments)
+        except (TypeError, ValueError):
+            return call  # not JSON: left as sent (vLLM would refuse the request)
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def media_marker(part: Mapping[str, Any]) -> str:

@@ -76,6 +76,9 @@ class EngineRequest:
     # accepted so callers can pass vLLM's sampling parameters through unchanged.
     min_tokens: int = 0
     ignore_eos: bool = False
+    # What fixes the synthetic output tokens (the request id when None): the same key
+    # gives the same text, whatever id the engine runs the request under.
+    seed_key: str | None = None
 
 
 class RequestOutput(NamedTuple):
@@ -146,7 +149,9 @@ class Request:
         self.lora_name = request.lora_name
         self.hash_seed = engine_hash_seed(request.lora_name)
         self.cache_salt = request.cache_salt or None
-        self.token_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
+        self.token_seed = xxhash.xxh3_64_intdigest(
+            (request.seed_key or request.request_id).encode()
+        )
         self.num_computed_tokens = 0
         self.num_output_tokens = 0
         self.num_reported_tokens = 0  # output tokens handed out in RequestOutputs so far

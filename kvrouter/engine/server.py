@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -184,6 +185,7 @@ class EngineServer(AsyncLifecycle):
         self._completion_format = CompletionFormat(self.config.model_name)
         self._chat_format = ChatFormat(self.config.model_name)
         self._logprob_model = LogprobModel(core.config.vocab_size)
+        self._engine_ids = itertools.count(1)
         self._stored = ResponseStore()
 
     # --- lifecycle ----------------------------------------------------------------
@@ -340,12 +342,9 @@ class EngineServer(AsyncLifecycle):
             self._metrics_publisher.update(self._core.metrics())
 
     def _release(self, gen: Generation) -> None:
-        """Abort what is still open of ``gen``'s engine requests. Only its own: once one
-        has finished, a later request with the same client id may have taken that id."""
+        """Abort what is still open of ``gen``'s engine requests (their ids are its own)."""
         for sub_id in gen.sub_ids:
-            waiter = self._waiters.get(sub_id)
-            if waiter is not None and waiter.queue is gen.queue:
-                self._abort(sub_id)
+            self._abort(sub_id)
 
     def _abort(self, request_id: str) -> None:
         if self._waiters.pop(request_id, None) is not None:
@@ -504,11 +503,12 @@ class EngineServer(AsyncLifecycle):
     ) -> web.StreamResponse:
         limits = [self._output_limit(req, len(ids)) for ids in prompts]
         request_id = request_id_of(request, fmt.id_prefix)
+        # What can refuse the request comes before it starts.
+        scorer = self._scorer(req, prompts, fmt)
+        forced = _forced_calls(req, request_id, limits)
         gen = self._submit(request_id, prompts, req, echo_texts, limits)
         # vLLM answers with its own id, the client's x-request-id behind its prefix.
         gen.response_id = f"{fmt.id_prefix}-{request_id}" if has_client_id(request) else request_id
-        scorer = self._scorer(req, prompts, fmt)
-        forced = _forced_calls(req, gen, limits)
         try:
             if req.stream:
                 return await self._stream(request, gen, fmt, req, scorer=scorer, forced=forced)
@@ -549,12 +549,11 @@ class EngineServer(AsyncLifecycle):
         if self._closed or self._failed:
             raise ShuttingDown("the server is shutting down or its engine failed")
         n = req.num_choices()
-        sub_ids = engine_request_ids(request_id, len(prompts), n)
-        while any(sub_id in self._waiters for sub_id in sub_ids):
-            # A client's x-request-id in use by another of its requests: vLLM makes its
-            # internal ids unique, so both run (the answer keeps the client's id).
-            internal = f"{request_id}-{uuid.uuid4().hex[:8]}"
-            sub_ids = engine_request_ids(internal, len(prompts), n)
+        # Each choice runs under an engine id of its own, never reused: a client's
+        # x-request-id need not be unique, and an id freed by one request may still have
+        # an abort or a step's output on its way. Its tokens follow the client's id.
+        seeds = engine_request_ids(request_id, len(prompts), n)
+        sub_ids = engine_request_ids(f"{request_id}#{next(self._engine_ids)}", len(prompts), n)
         gen = Generation(
             request_id,
             sub_ids,
@@ -573,6 +572,7 @@ class EngineServer(AsyncLifecycle):
                 cache_salt=req.cache_salt,
                 min_tokens=req.min_tokens,
                 ignore_eos=req.ignore_eos,
+                seed_key=seeds[i],
             )
             try:
                 self._core.add_request(engine_request)
@@ -750,11 +750,21 @@ class EngineServer(AsyncLifecycle):
                         scores = scorer.score(index, piece, num_chars[index])
                     num_chars[index] += len(text)
                     if calls is not None and isinstance(fmt, ChatFormat) and forced is not None:
-                        if reason is not None and reason != "abort":
-                            reason = forced.reason
-                        delta = calls[index].delta(num_tokens[index], final=reason is not None)
+                        delta = None  # an aborted choice's call is not finished
+                        if reason != "abort":
+                            reason = forced.reason if reason is not None else None
+                            delta = calls[index].delta(num_tokens[index], final=reason is not None)
+                        if delta is None and reason is None and scores is None:
+                            continue  # nothing new to send yet
                         chunk = fmt.chunk(
-                            rid, created, index, "", reason, usage=usage, tool_calls=delta
+                            rid,
+                            created,
+                            index,
+                            "",
+                            reason,
+                            usage=usage,
+                            logprobs=scores,
+                            tool_calls=delta,
                         )
                     else:
                         chunk = fmt.chunk(
@@ -946,8 +956,10 @@ class _ForcedCalls:
 
 
 def _forced_calls(
-    req: CompletionRequest | ChatCompletionRequest, gen: Generation, limits: list[int]
+    req: CompletionRequest | ChatCompletionRequest, request_id: str, limits: list[int]
 ) -> _ForcedCalls | None:
+    """The calls a forced ``tool_choice`` makes, one per choice (``limits``: each
+    prompt's output tokens), fixed by the request id as its text would be."""
     if not isinstance(req, ChatCompletionRequest):
         return None
     functions = req.forced_tools()
@@ -955,5 +967,7 @@ def _forced_calls(
         return None
     # vLLM ends a "required" answer with "tool_calls", a named function's with "stop".
     reason = "tool_calls" if req.tool_choice == "required" else "stop"
-    calls = [plan_tool_call(functions, sub_id) for sub_id in gen.sub_ids]
-    return _ForcedCalls(calls, reason, [limits[i // gen.n] for i in range(len(gen.sub_ids))])
+    n = req.num_choices()
+    seeds = engine_request_ids(request_id, len(limits), n)
+    calls = [plan_tool_call(functions, seed) for seed in seeds]
+    return _ForcedCalls(calls, reason, [limits[i // n] for i in range(len(seeds))])

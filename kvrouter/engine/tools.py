@@ -12,6 +12,7 @@ Pure: no asyncio, no clock.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,6 +41,8 @@ def plan_tool_call(functions: Sequence[Mapping[str, Any]], seed: str) -> ToolCal
 
 def example_arguments(schema: Any, seed: str) -> str:
     """JSON arguments that fit ``schema`` (an object schema; ``None``: no parameters).
+    Local references (``#/$defs/...``, ``#/definitions/...``) are followed, as the
+    ``openai`` client's pydantic tools write nested models and enums.
 
     >>> example_arguments({"type": "object", "properties": {"unit": {"enum": ["c", "f"]},
     ...     "days": {"type": "integer"}}, "required": ["unit"]}, "r1")
@@ -47,68 +50,98 @@ def example_arguments(schema: Any, seed: str) -> str:
     >>> example_arguments(None, "r1")
     '{}'
     """
-    value = _value(schema, seed, 0) if isinstance(schema, Mapping) else {}
-    if not isinstance(value, dict):
-        value = {}
-    return json.dumps(value, ensure_ascii=False)
+    if not isinstance(schema, Mapping):
+        return "{}"
+    value = _Writer(schema).value(schema, seed, 0)
+    return json.dumps(value if isinstance(value, dict) else {}, ensure_ascii=False)
 
 
-def _value(schema: Mapping[str, Any], seed: str, depth: int) -> Any:
-    for key in ("const", "default"):
-        if key in schema:
-            return schema[key]
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        options = schema.get(key)
-        if isinstance(options, list) and options and isinstance(options[0], Mapping):
-            return _value(options[0], seed, depth)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "string"
-    h = xxh3_64_intdigest(f"{seed}/{depth}".encode())
-    if kind == "object":
-        return _object(schema, seed, depth)
-    if kind == "array":
-        items = schema.get("items")
-        count = max(int(schema.get("minItems", 1) or 0), 1)
-        if depth >= _MAX_DEPTH or not isinstance(items, Mapping):
-            return []
-        return [_value(items, f"{seed}[{i}]", depth + 1) for i in range(min(count, 4))]
-    if kind == "integer":
-        return _bounded(schema, h % 100)
-    if kind == "number":
-        return float(_bounded(schema, h % 1000)) / 10
-    if kind == "boolean":
-        return bool(h & 1)
-    if kind == "null":
-        return None
-    return f"{_WORDS[h % len(_WORDS)]}-{h % 1000}"
+class _Writer:
+    """Values for the parts of one root schema."""
 
+    __slots__ = ("root",)
 
-def _object(schema: Mapping[str, Any], seed: str, depth: int) -> dict[str, Any]:
-    properties = schema.get("properties")
-    if depth >= _MAX_DEPTH or not isinstance(properties, Mapping):
-        return {}
-    required = schema.get("required")
-    names = [n for n in required if n in properties] if isinstance(required, list) else None
-    out: dict[str, Any] = {}
-    for name in names if names is not None else list(properties):
-        sub = properties[name]
-        out[name] = _value(sub, f"{seed}.{name}", depth + 1) if isinstance(sub, Mapping) else None
-    return out
+    def __init__(self, root: Mapping[str, Any]) -> None:
+        self.root = root
+
+    def value(self, schema: Mapping[str, Any], seed: str, depth: int) -> Any:
+        if depth >= _MAX_DEPTH:
+            return None
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            target = self._resolve(ref)
+            return None if target is None else self.value(target, seed, depth + 1)
+        for key in ("const", "default"):
+            if key in schema:
+                return schema[key]
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum:
+            return enum[0]
+        for key in ("anyOf", "oneOf", "allOf"):
+            options = schema.get(key)
+            if isinstance(options, list) and options and isinstance(options[0], Mapping):
+                return self.value(options[0], seed, depth + 1)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if not isinstance(kind, str):
+            kind = "object" if "properties" in schema else "string"
+        h = xxh3_64_intdigest(f"{seed}/{depth}".encode())
+        if kind == "object":
+            return self._object(schema, seed, depth)
+        if kind == "array":
+            items = schema.get("items")
+            if not isinstance(items, Mapping):
+                return []
+            low = schema.get("minItems")
+            count = min(low, 4) if isinstance(low, int) and low > 1 else 1
+            return [self.value(items, f"{seed}[{i}]", depth + 1) for i in range(count)]
+        if kind == "integer":
+            return _bounded(schema, h % 100)
+        if kind == "number":
+            return float(_bounded(schema, h % 1000)) / 10
+        if kind == "boolean":
+            return bool(h & 1)
+        if kind == "null":
+            return None
+        return f"{_WORDS[h % len(_WORDS)]}-{h % 1000}"
+
+    def _object(self, schema: Mapping[str, Any], seed: str, depth: int) -> dict[str, Any]:
+        properties = schema.get("properties")
+        if not isinstance(properties, Mapping):
+            return {}
+        required = schema.get("required")
+        names = list(properties)
+        if isinstance(required, list):
+            names = [n for n in required if isinstance(n, str) and n in properties]
+        out: dict[str, Any] = {}
+        for name in names:
+            sub = properties[name]
+            out[name] = (
+                self.value(sub, f"{seed}.{name}", depth + 1) if isinstance(sub, Mapping) else None
+            )
+        return out
+
+    def _resolve(self, ref: str) -> Mapping[str, Any] | None:
+        """The part of the root schema a local ``ref`` names (``None``: no such part)."""
+        if not ref.startswith("#"):
+            return None
+        node: Any = self.root
+        for part in ref[1:].split("/"):
+            if not part:
+                continue
+            key = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node if isinstance(node, Mapping) else None
 
 
 def _bounded(schema: Mapping[str, Any], value: int) -> int:
     low = schema.get("minimum")
     high = schema.get("maximum")
     if isinstance(low, int | float) and value < low:
-        value = int(low)
+        value = math.ceil(low)
     if isinstance(high, int | float) and value > high:
-        value = int(high)
+        value = math.floor(high)
     return value
 
 

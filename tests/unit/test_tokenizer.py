@@ -265,3 +265,20 @@ def test_incremental_byte_decoding_joins_to_the_whole_text(text: str, step: int)
 
 def test_incremental_decoding_hands_out_an_unfinished_character_at_the_end() -> None:
     assert feed_one_by_one(ByteTokenizer(), [0xC3 + 3]) == ["", "\ufffd"]
+
+
+def test_assistant_turns_reach_templates_as_vllm_hands_them_over() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning": "why"},
+        {"role": "assistant", "content": "plain", "tool_calls": []},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "g"}}]},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "h", "arguments": "{oops"}}]},
+    ]
+    out = normalize_messages(messages)
+    assert out[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert out[0]["reasoning"] == out[0]["reasoning_content"] == "why"
+    assert "tool_calls" not in out[1]  # an empty list keeps the plain assistant path
+    assert out[2]["tool_calls"][0]["function"]["arguments"] == {}
+    assert out[3]["tool_calls"][0]["function"]["arguments"] == "{oops"  # left as sent
+    assert call["function"]["arguments"] == '{"a": 1}'  # the request is not changed

@@ -7,6 +7,7 @@ Every test runs the real :class:`EngineCore` (at a high speedup ratio) and the r
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from typing import Any
 
 import aiohttp
 import openai
+import pydantic
 import pytest
 
 from kvrouter.engine import EngineConfig, EngineCore
+from kvrouter.engine.generation import Generation
 from kvrouter.engine.server import EngineServer, ServerConfig
 from kvrouter.events.model import Stored
 from kvrouter.events.vllm import VllmEventDecoder
@@ -568,6 +571,17 @@ async def test_a_forced_tool_choice_is_answered_with_a_call(harness: Harness) ->
         reasons += [chunk.choices[0].finish_reason] if chunk.choices[0].finish_reason else []
     assert names == ["get_weather"] and reasons == ["stop"]
     assert "".join(pieces) == call.function.arguments  # type: ignore[union-attr]
+    # Logprobs come with a streamed call too, one per generated token.
+    scored = await harness.client.chat.completions.create(
+        **args, tool_choice=named, stream=True, logprobs=True
+    )
+    entries = [
+        entry
+        async for chunk in scored
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert len(entries) == 6
     # "required": one of the tools, ended with "tool_calls".
     required = await harness.client.chat.completions.create(**args, tool_choice="required")
     assert required.choices[0].finish_reason == "tool_calls"
@@ -576,6 +590,38 @@ async def test_a_forced_tool_choice_is_answered_with_a_call(harness: Harness) ->
     # "auto" leaves the answer to the model, which here writes text.
     auto = await harness.client.chat.completions.create(**args, tool_choice="auto")
     assert auto.choices[0].message.tool_calls is None and auto.choices[0].message.content
+
+
+class _Unit(enum.Enum):
+    C = "c"
+    F = "f"
+
+
+class _Place(pydantic.BaseModel):
+    lat: float
+    lon: float
+
+
+class _GetWeather(pydantic.BaseModel):
+    place: _Place
+    unit: _Unit
+    days: int
+
+
+async def test_a_pydantic_tool_from_the_openai_client_parses(harness: Harness) -> None:
+    # The client's pydantic tools put nested models and enums behind $ref.
+    tool = openai.pydantic_function_tool(_GetWeather)
+    result = await harness.client.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "_GetWeather"}},
+        max_tokens=4,
+    )
+    calls = result.choices[0].message.tool_calls
+    assert calls is not None
+    parsed = calls[0].function.parsed_arguments  # validated by the client against the model
+    assert isinstance(parsed, _GetWeather) and parsed.unit is _Unit.C
 
 
 async def test_a_tool_choice_that_cannot_be_met_is_refused(harness: Harness) -> None:
@@ -673,7 +719,8 @@ TOOL_TURNS_TEMPLATE = (
     "{% if m['reasoning_content'] %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
     "{{ m['content'] }}"
     "{% for c in m['tool_calls'] or [] %}<call>{{ c['function']['name'] }}"
-    "{{ c['function']['arguments'] }}</call>{% endfor %}"
+    "{% for k, v in c['function']['arguments'].items() %} {{ k }}={{ v }}{% endfor %}"
+    "</call>{% endfor %}"
     "{% if m['tool_call_id'] %}<for {{ m['tool_call_id'] }}>{% endif %}{% endfor %}"
 )
 
@@ -694,7 +741,9 @@ async def test_tool_call_turns_render_as_the_gateway_renders_them() -> None:
         status, payload = await h.post("/tokenize", {"messages": messages})
         assert status == 200 and isinstance(payload, dict)
         rendered = tok.apply_chat_template(normalize_messages(messages))
-        assert "<call>lookup" in rendered and "<for call-1>" in rendered and "<think>r" in rendered
+        # Arguments reach the template as an object, as vLLM hands them over.
+        assert "<call>lookup q=x</call>" in rendered and "<for call-1>" in rendered
+        assert "<think>r" in rendered
         assert payload["tokens"] == tok.encode(rendered, add_special_tokens=False)
     finally:
         await h.aclose()
@@ -1008,28 +1057,36 @@ async def test_two_requests_with_one_client_id_both_run(harness: Harness) -> Non
     assert harness.server.stats().num_active == 0
 
 
-async def test_a_finished_request_does_not_abort_a_later_one_with_its_id(
-    harness: Harness,
-) -> None:
-    # The race behind a hang seen under load: A finishes (its id is free again), B comes
-    # with the same client id and takes it, and only then does A's handler clean up.
-    # The clean-up must leave B alone. Driven through the server's own steps, since the
+async def test_a_reused_client_id_never_reaches_an_earlier_request(harness: Harness) -> None:
+    # Races behind a hang seen under load: a request finishes or is aborted, which frees
+    # its client id, and another with the same id arrives before the first one's clean-up
+    # ran or its abort output came. Driven through the server's own steps, since the
     # window between them is too narrow to hit reliably over HTTP.
     server = harness.server
     req = CompletionRequest(model=MODEL, prompt=PROMPT, max_tokens=4)
     prompt = list(PROMPT.encode())
+
+    async def outputs(gen: Generation) -> tuple[list[int], str | None]:
+        tokens: list[int] = []
+        while True:
+            _, output = await asyncio.wait_for(gen.queue.get(), 10)
+            tokens += output.new_token_ids
+            if output.finished:
+                return tokens, output.finish_reason
+
     first = server._submit("same", [prompt], req, None, [4])
     while first.sub_ids[0] in server._waiters:  # finished, its output not yet read
         await asyncio.sleep(0.001)
     second = server._submit("same", [prompt], req, None, [4])
-    assert second.sub_ids == first.sub_ids  # the id was free, so B runs under it
-    server._release(first)  # A's handler ends
-    while True:
-        _, output = await asyncio.wait_for(second.queue.get(), 10)
-        if output.finished:
-            break
-    assert output.finish_reason != "abort"
-    assert server.stats().num_aborted == 0
+    assert second.sub_ids != first.sub_ids  # each runs under an engine id of its own
+    server._release(first)  # the first handler ends late: the second runs on
+    third = server._submit("same", [prompt], req, None, [4])
+    server._release(third)  # its client left: its abort output is still on its way
+    fourth = server._submit("same", [prompt], req, None, [4])
+    expected = await outputs(first)
+    assert expected[1] == "length"
+    assert await outputs(second) == expected == await outputs(fourth)  # same id, same text
+    assert server.stats().num_aborted == 1 and server.stats().num_active == 0
 
 
 async def test_stop_strings_and_stop_token_ids_end_a_choice(harness: Harness) -> None:

@@ -59,3 +59,43 @@ def test_a_streamed_call_names_itself_first_and_adds_up_to_the_whole() -> None:
     assert all(d is None or d[0].id is None for d in deltas[1:])  # named once
     pieces = [d[0].function.arguments or "" for d in deltas if d is not None]
     assert "".join(pieces) == call.function.arguments
+
+
+def test_local_references_are_followed() -> None:
+    schema = {
+        "$defs": {
+            "Loc": {
+                "type": "object",
+                "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                "required": ["lat", "lon"],
+            },
+            "Unit": {"enum": ["c", "f"], "type": "string"},
+            "Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}},
+        },
+        "type": "object",
+        "properties": {
+            "loc": {"$ref": "#/$defs/Loc"},
+            "unit": {"$ref": "#/$defs/Unit"},
+            "chain": {"$ref": "#/$defs/Node"},  # recursive: cut off at a depth
+            "lost": {"$ref": "#/$defs/Missing"},
+        },
+    }
+    args = json.loads(example_arguments(schema, "r"))
+    assert set(args["loc"]) == {"lat", "lon"} and args["unit"] == "c"
+    assert args["lost"] is None
+    depth, node = 0, args["chain"]
+    while isinstance(node, dict) and "next" in node:
+        depth, node = depth + 1, node["next"]
+    assert depth < 10
+
+
+def test_malformed_schemas_do_not_raise() -> None:
+    odd: list[dict[str, object]] = [
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": [["a"], 3]},
+        {"type": "object", "properties": {"a": {"type": "array", "minItems": "x", "items": {}}}},
+        {"type": "object", "properties": {"a": {"type": 7}, "b": "not a schema"}},
+        {"type": "object", "properties": {"a": {"type": "integer", "minimum": 2.5}}},
+    ]
+    for schema in odd:
+        assert isinstance(json.loads(example_arguments(schema, "r")), dict)
+    assert json.loads(example_arguments(odd[3], "r"))["a"] >= 3
