@@ -803,7 +803,9 @@ class CompletionFormat:
         usage: Usage | None = None,
         stop_reason: str | int | None = None,
         logprobs: Logprobs | None = None,
+        tool_calls: list[DeltaToolCall] | None = None,
     ) -> bytes:
+        _no_tool_calls(tool_calls)
         choice = CompletionChoice(
             index=index,
             text=text,
@@ -841,8 +843,7 @@ class CompletionFormat:
         logprobs: Sequence[Logprobs | None] | None = None,
         tool_calls: Sequence[ToolCall | None] | None = None,
     ) -> bytes:
-        if tool_calls is not None and any(tool_calls):
-            raise TypeError("a completion has no tool calls")
+        _no_tool_calls(tool_calls)
         stops = stop_reasons or [None] * len(texts)
         scores = logprobs or [None] * len(texts)
         choices = [
@@ -968,6 +969,11 @@ def _chat_message(text: str, call: ToolCall | None) -> ChatResponseMessage:
 
 # A choice's logprobs in either API's shape; each format takes its own.
 Logprobs = CompletionLogprobs | ChatLogprobs
+
+
+def _no_tool_calls(calls: Sequence[object] | None) -> None:
+    if calls is not None and any(calls):
+        raise TypeError("a completion has no tool calls")
 
 
 def _completion_logprobs(value: Logprobs | None) -> CompletionLogprobs | None:

@@ -666,10 +666,14 @@ class EngineServer(AsyncLifecycle):
         return _answer(gen, body)
 
     def _stop_checks(
-        self, req: CompletionRequest | ChatCompletionRequest, num_choices: int
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        num_choices: int,
+        *,
+        apply_stops: bool = True,
     ) -> list[StopCheck]:
-        stops = req.stop_strings()
-        ids = frozenset(req.stop_token_ids or ())
+        stops = req.stop_strings() if apply_stops else ()
+        ids = frozenset(req.stop_token_ids or ()) if apply_stops else frozenset()
         include = req.include_stop_str_in_output
         return [StopCheck(self._tokenizer, stops, ids, include=include) for _ in range(num_choices)]
 
@@ -706,12 +710,14 @@ class EngineServer(AsyncLifecycle):
         rid, created = gen.response_id, gen.created
         continuous = req.include_continuous_usage()
         num_choices = len(gen.sub_ids)
-        # Without stop sequences a check is the incremental decoder alone.
-        checks = self._stop_checks(req, num_choices)
+        # Without stop sequences a check is the incremental decoder alone. Forced tool
+        # calls stand in for the text, so stop strings do not apply to them.
+        checks = self._stop_checks(req, num_choices, apply_stops=forced is None)
         calls = None
-        if forced is not None:  # the calls stand in for the text; stop strings do not apply
-            checks = [StopCheck(self._tokenizer, (), frozenset(), include=False) for _ in checks]
+        tool_reason = ""
+        if forced is not None:
             calls = [ToolCallStream(c, n) for c, n in zip(forced.calls, forced.limits, strict=True)]
+            tool_reason = forced.reason
         stopped = [False] * num_choices
         echoed = [False] * num_choices
         num_tokens = [0] * num_choices
@@ -749,34 +755,26 @@ class EngineServer(AsyncLifecycle):
                         piece = output.new_token_ids[: num_tokens[index] - before]
                         scores = scorer.score(index, piece, num_chars[index])
                     num_chars[index] += len(text)
-                    if calls is not None and isinstance(fmt, ChatFormat) and forced is not None:
-                        delta = None  # an aborted choice's call is not finished
-                        if reason != "abort":
-                            reason = forced.reason if reason is not None else None
+                    delta = None
+                    if calls is not None:  # the call stands in for the text
+                        text = ""
+                        if reason is not None and reason != "abort":
+                            reason = tool_reason
+                        if reason != "abort":  # an aborted choice's call is not finished
                             delta = calls[index].delta(num_tokens[index], final=reason is not None)
                         if delta is None and reason is None and scores is None:
                             continue  # nothing new to send yet
-                        chunk = fmt.chunk(
-                            rid,
-                            created,
-                            index,
-                            "",
-                            reason,
-                            usage=usage,
-                            logprobs=scores,
-                            tool_calls=delta,
-                        )
-                    else:
-                        chunk = fmt.chunk(
-                            rid,
-                            created,
-                            index,
-                            text,
-                            reason,
-                            usage=usage,
-                            stop_reason=stop,
-                            logprobs=scores,
-                        )
+                    chunk = fmt.chunk(
+                        rid,
+                        created,
+                        index,
+                        text,
+                        reason,
+                        usage=usage,
+                        stop_reason=stop,
+                        logprobs=scores,
+                        tool_calls=delta,
+                    )
                     await response.write(sse(chunk))
             if req.include_usage():
                 await response.write(sse(fmt.usage_chunk(rid, created, gen.usage())))

@@ -28,6 +28,7 @@ from kvrouter.gateway.top import fetch_dashboard_data
 from kvrouter.hashing import hash_request, make_salt
 from kvrouter.routing import ScheduleRequest
 from kvrouter.tokenizer import ByteTokenizer
+from tests.integration.apps import serve_app
 
 pytestmark = pytest.mark.integration
 
@@ -146,13 +147,9 @@ async def start_backend(stack: AsyncExitStack, backend: Backend) -> Backend:
     app.router.add_get("/health", backend.health)
     app.router.add_get("/metrics", backend.metrics)
     app.router.add_get("/v1/models", backend.models)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    backend.url = f"http://127.0.0.1:{port}"
+    backend.url = await serve_app(
+        stack, app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1
+    )
     return backend
 
 

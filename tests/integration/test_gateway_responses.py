@@ -20,6 +20,7 @@ from aiohttp import web
 
 from kvrouter.gateway.config import GatewayConfig, WorkerSpec
 from kvrouter.gateway.server import GatewayServer
+from tests.integration.apps import serve_app
 
 pytestmark = pytest.mark.integration
 
@@ -99,13 +100,7 @@ async def start_worker(stack: AsyncExitStack) -> ResponsesWorker:
     app.router.add_get("/v1/responses/{id}", worker.get)
     app.router.add_post("/v1/responses/{id}/cancel", worker.cancel)
     app.router.add_get("/health", worker.health)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    worker.url = f"http://127.0.0.1:{port}"
+    worker.url = await serve_app(stack, app, access_log=None, shutdown_timeout=0.1)
     return worker
 
 

@@ -12,6 +12,7 @@ from kvrouter.bench.replay import ReplayConfig, replay
 from kvrouter.bench.results import FIGURE_KEYS, results_document
 from kvrouter.bench.workloads import Arrivals, Request, shared_prefix_requests
 from kvrouter.engine.cli import MockerOptions, start_workers
+from tests.integration.apps import serve_app
 
 pytestmark = pytest.mark.integration
 
@@ -102,13 +103,7 @@ async def _server_without_cache_report(stack: AsyncExitStack) -> str:
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stack.push_async_callback(runner.cleanup)
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    return f"http://127.0.0.1:{port}"
+    return await serve_app(stack, app)
 
 
 async def test_a_server_that_reports_no_cached_tokens_gives_unknown_reuse() -> None:
